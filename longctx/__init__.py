@@ -1,0 +1,31 @@
+"""longctx: long-context evaluation of parameter-efficient adapters.
+
+Importing the package does no work: no model loading, no downloads, no registration beyond
+cheap table entries. Public entry points are re-exported lazily from their modules.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "default_base_path": "longctx.models",
+    "load_base": "longctx.models",
+    "wrap": "longctx.adapters",
+    "load_adapter": "longctx.adapters",
+    "ADAPTERS": "longctx.adapters",
+    "chunked_forward": "longctx.runner",
+    "score_continuation": "longctx.runner",
+    "greedy_generate": "longctx.runner",
+    "LongctxError": "longctx.errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'longctx' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)
