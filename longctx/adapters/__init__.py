@@ -1,0 +1,118 @@
+"""Adapter methods behind one visible table, and the two ways to get an adapted model.
+
+    adapted = wrap(model, "ssmlora")          # fresh adapter from adapters/ssmlora.yaml
+    adapted = load_adapter(model, "runs/x")   # a saved directory (ours or PEFT's LoRA)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from longctx.adapters.base import (CONFIG_NAME, WEIGHTS_NAME, AdaptedModel, AdapterMethod, Recipe,
+                                   load_recipe, make_recipe)
+from longctx.adapters.dense import Dense
+from longctx.adapters.frozen import FrozenBase
+from longctx.adapters.lora import Lora, recipe_fields_from_peft
+from longctx.adapters.ssmlora import SSMLoRA
+from longctx.adapters.ssmlora_scan import SSMLoRAScan
+from longctx.adapters.state import SequenceState, StateBinding
+from longctx.errors import LongctxError, choice_error
+from longctx.models import fingerprint
+
+ADAPTERS: dict[str, AdapterMethod] = {
+    "base": FrozenBase(),
+    "dense": Dense(),
+    "lora": Lora(),
+    "ssmlora": SSMLoRA(),
+    "ssmlora-scan": SSMLoRAScan(),
+}
+
+__all__ = ["ADAPTERS", "AdaptedModel", "Recipe", "SequenceState", "get_adapter", "load_adapter",
+           "load_recipe", "wrap"]
+
+
+def get_adapter(name: str) -> AdapterMethod:
+    if name not in ADAPTERS:
+        raise choice_error("method", name, ADAPTERS)
+    return ADAPTERS[name]
+
+
+def wrap(model: nn.Module, method: str, recipe: Recipe | None = None, seed: int = 0,
+         **overrides: Any) -> AdaptedModel:
+    """Insert `method` into `model` (in place), freezing the base's own weights.
+
+    The recipe defaults to `adapters/<method>.yaml` with `overrides` on top. Adapter weights are
+    initialised from `seed` without disturbing the global RNG.
+    """
+    impl = get_adapter(method)
+    recipe = recipe or load_recipe(method, overrides)
+    base_fp = fingerprint(model)
+    base_name = str(getattr(model.config, "longctx_base_name", getattr(model.config, "_name_or_path", "")))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    binding, training = StateBinding(), model.training
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapted_model, points = impl.apply(model, recipe, binding)
+    adapted_model.train(training)  # inserted modules follow the base's train/eval mode
+    return AdaptedModel(adapted_model, impl, recipe, points, base_fp, base_name, binding)
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """The adapter_config.json of `directory`, or a one-line error saying what is wrong."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise LongctxError(f"adapter directory {str(directory)!r} does not exist")
+    try:
+        config = json.loads((path / CONFIG_NAME).read_text())
+    except OSError:
+        raise LongctxError(f"adapter directory {str(directory)!r} has no {CONFIG_NAME}") from None
+    except json.JSONDecodeError as err:
+        raise LongctxError(f"{path / CONFIG_NAME} is corrupt: {err}") from None
+    if not isinstance(config, dict):
+        raise LongctxError(f"{path / CONFIG_NAME} is corrupt: expected a JSON object")
+    return config
+
+
+def _method_and_recipe(config: dict[str, Any], directory: Path) -> tuple[str, Recipe, str | None]:
+    ours = config.get("longctx")
+    if isinstance(ours, dict) and "method" in ours:
+        method = ours["method"]
+        get_adapter(method)
+        fields = {k: v for k, v in ours.get("recipe", {}).items() if k != "method"}
+        return method, make_recipe(method, fields), ours.get("base_fingerprint")
+    if config.get("peft_type") == "LORA":  # written by PEFT's save_pretrained
+        try:
+            return "lora", make_recipe("lora", recipe_fields_from_peft(config)), None
+        except ValueError as err:
+            raise LongctxError(f"{directory / CONFIG_NAME}: {err}") from None
+    raise LongctxError(f"{directory / CONFIG_NAME} names no method (no 'longctx' block and peft_type "
+                       f"{config.get('peft_type')!r}); valid methods: {', '.join(ADAPTERS)}")
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> AdaptedModel:
+    """Rebuild the adapter saved in `directory` on `model`, refusing a different base."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    method, recipe, saved_fp = _method_and_recipe(read_adapter_config(directory), directory)
+    actual_fp = fingerprint(model)
+    if saved_fp is not None and saved_fp != actual_fp:
+        raise LongctxError(f"adapter {str(directory)!r} was made for base {saved_fp}, but the given "
+                           f"base has fingerprint {actual_fp}: load it on the base it was trained on")
+    try:
+        weights = load_file(str(directory / WEIGHTS_NAME))
+    except (OSError, SafetensorError) as err:
+        raise LongctxError(f"cannot read {directory / WEIGHTS_NAME}: {err}") from None
+    adapted = wrap(model, method, recipe)
+    try:
+        adapted.method.load_weights(adapted.model, weights)
+    except RuntimeError as err:
+        raise LongctxError(f"adapter weights in {str(directory)!r} do not fit the model: "
+                           f"{str(err).splitlines()[0]}") from None
+    return adapted

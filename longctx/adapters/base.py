@@ -1,0 +1,190 @@
+"""The interface every adapter method shares: recipe, wrapping, parameter report, save/load.
+
+An adapted model is the HF causal LM with the method's modules inserted, plus what is needed to
+reproduce and check it: the recipe, the insertion points and a fingerprint of the base it was
+built on. Directories use PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`);
+the config's `longctx` block records method, recipe and base fingerprint (SPEC §4).
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from longctx.adapters.state import SequenceState, StateBinding
+from longctx.errors import LongctxError
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "adapters"
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Hyper-parameters of one adapter method, as read from `adapters/<method>.yaml`.
+
+    insertion: a preset name (`sparse-qv`, `reference-all`, `every-qv`) or a list of module-name
+    suffixes (`["q_proj", "v_proj"]`). `train` holds training settings used by `longctx train`.
+    """
+
+    method: str
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    insertion: str | tuple[str, ...] = "sparse-qv"
+    learning_rate: float = 1e-4
+    detach_state: bool = True
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.insertion, list):
+            object.__setattr__(self, "insertion", tuple(self.insertion))
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise LongctxError(f"recipe field rank must be a positive integer, got {self.rank!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise LongctxError(f"recipe field dropout must be in [0, 1), got {self.dropout!r}")
+        if float(self.alpha) <= 0:
+            raise LongctxError(f"recipe field alpha must be positive, got {self.alpha!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["insertion"] = self.insertion if isinstance(self.insertion, str) else list(self.insertion)
+        return out
+
+
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
+def make_recipe(method: str, values: dict[str, Any]) -> Recipe:
+    """Build a recipe, naming any unknown field and the valid ones."""
+    unknown = sorted(set(values) - set(RECIPE_FIELDS))
+    if unknown:
+        raise LongctxError(f"unknown recipe field {unknown[0]!r} for method {method!r}; "
+                           f"valid fields: {', '.join(RECIPE_FIELDS)}")
+    return Recipe(**{**values, "method": method})
+
+
+def load_recipe(method: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """`adapters/<method>.yaml` with `overrides` applied on top."""
+    path = RECIPE_DIR / f"{method}.yaml"
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except OSError:
+        raise LongctxError(f"no recipe for method {method!r} at {path}") from None
+    except yaml.YAMLError as err:
+        raise LongctxError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    values.pop("method", None)
+    return make_recipe(method, {**values, **(overrides or {})})
+
+
+class AdapterMethod(abc.ABC):
+    """One adapter method: how to insert it, which weights are its own, how to restore them."""
+
+    name: ClassVar[str]
+    stateful: ClassVar[bool] = False  # carries a state from chunk to chunk
+
+    @abc.abstractmethod
+    def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
+        """Insert the method into `model` (whose weights are already frozen); return the model to
+        run and the insertion points."""
+
+    def weights(self, model: nn.Module) -> dict[str, Tensor]:
+        """The tensors `save` writes: by default, every trainable parameter."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_weights(self, model: nn.Module, weights: dict[str, Tensor]) -> None:
+        own = dict(model.named_parameters())
+        expected = set(self.weights(model))
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        if missing or unexpected:
+            bad = (missing or unexpected)[0]
+            raise LongctxError(f"adapter weights do not fit the model: {'missing' if missing else 'unexpected'} "
+                               f"tensor {bad!r} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                if own[name].shape != tensor.shape:
+                    raise LongctxError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                       f"the model expects {tuple(own[name].shape)}")
+                own[name].copy_(tensor)
+
+    def config_fields(self, adapted: "AdaptedModel") -> dict[str, Any]:
+        """Extra top-level fields of adapter_config.json (PEFT's own, for `lora`)."""
+        return {}
+
+
+@dataclass
+class AdaptedModel:
+    """A base model with one adapter method inserted; call it like the HF model it wraps."""
+
+    model: nn.Module
+    method: AdapterMethod
+    recipe: Recipe
+    insertion_points: list[str]
+    base_fingerprint: str
+    base_name: str
+    binding: StateBinding
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def new_state(self) -> SequenceState:
+        return SequenceState()
+
+    def bind(self, state: SequenceState) -> contextlib.AbstractContextManager[SequenceState]:
+        """Run forward calls inside this block as chunks of the sequence owning `state`."""
+        return self.binding.bound(state)
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the adapter directory atomically (temporary directory, then rename)."""
+        from safetensors.torch import save_file
+
+        config = {**self.method.config_fields(self), "longctx": {
+            "format_version": FORMAT_VERSION, "method": self.method.name,
+            "recipe": self.recipe.to_dict(), "base_fingerprint": self.base_fingerprint,
+            "base_name": self.base_name, "insertion_points": self.insertion_points,
+            "trainable_parameters": self.trainable_parameters(),
+            "total_parameters": self.total_parameters()}}
+        weights = {n: t.contiguous().cpu() for n, t in self.method.weights(self.model).items()}
+        with _atomic_directory(Path(directory)) as tmp:
+            save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=list) + "\n")
+        return Path(directory)
+
+
+@contextlib.contextmanager
+def _atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `target`; on success it replaces `target` by renames."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

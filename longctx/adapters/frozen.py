@@ -1,0 +1,14 @@
+"""`base`: the frozen base model with nothing inserted — the zero-shot reference."""
+from __future__ import annotations
+
+from torch import nn
+
+from longctx.adapters.base import AdapterMethod, Recipe
+from longctx.adapters.state import StateBinding
+
+
+class FrozenBase(AdapterMethod):
+    name = "base"
+
+    def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
+        return model, []

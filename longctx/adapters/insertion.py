@@ -1,0 +1,76 @@
+"""Where adapters go: insertion points by module-name pattern per model family.
+
+Presets (SPEC §4, from the SSMLoRA reference code):
+- `sparse-qv`: q_proj in even layers, v_proj in odd layers, each point with its own state key.
+- `reference-all`: `sparse-qv` plus o_proj of every layer sharing one key, gate/up/down_proj of
+  every layer sharing one key each, and a classification head (`score`) if present.
+- `every-qv`: q_proj and v_proj in every layer (LoRA's default), each with its own key.
+A list of module-name suffixes selects every linear module ending in one of them.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from torch import nn
+
+from longctx.errors import LongctxError
+from longctx.models import model_family
+
+PRESETS = ("sparse-qv", "reference-all", "every-qv")
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _layer_index(name: str) -> int | None:
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def resolve_points(model: nn.Module, insertion: str | tuple[str, ...]) -> dict[str, str]:
+    """Map each insertion point (module name) to its state key, in layer order."""
+    family = model_family(model)
+    linears = linear_modules(model)
+    if isinstance(insertion, str):
+        if insertion not in PRESETS:
+            raise LongctxError(f"unknown insertion preset {insertion!r}; valid choices: "
+                               f"{', '.join(PRESETS)}, or a list of module-name suffixes")
+        points = _preset_points(family, insertion, linears)
+    else:
+        points = {n: n for n in linears if n.rsplit(".", 1)[-1] in insertion}
+    if not points:
+        found = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise LongctxError(f"insertion {insertion!r} matched no module of this {family} model; "
+                           f"linear modules found: {', '.join(found) or 'none'}")
+    return points
+
+
+def _preset_points(family: str, preset: str, linears: dict[str, nn.Linear]) -> dict[str, str]:
+    if family != "llama":
+        raise LongctxError(f"insertion preset {preset!r} is defined for llama-family models, "
+                           f"not {family}; give a list of module-name suffixes instead")
+    points: dict[str, str] = {}
+    for name in linears:
+        layer, leaf = _layer_index(name), name.rsplit(".", 1)[-1]
+        if layer is None:
+            if preset == "reference-all" and leaf == "score":
+                points[name] = "score"
+            continue
+        if preset == "every-qv" and leaf in ("q_proj", "v_proj"):
+            points[name] = name
+        elif preset != "every-qv" and leaf == ("q_proj" if layer % 2 == 0 else "v_proj"):
+            points[name] = name
+        elif preset == "reference-all" and leaf in ("o_proj", "gate_proj", "up_proj", "down_proj"):
+            points[name] = leaf  # one shared key per projection type, chained across layers
+    return points
+
+
+def replace_modules(model: nn.Module, names: list[str], build: Callable[[str, nn.Linear], nn.Module]) -> None:
+    """Swap each named linear module for `build(name, module)`."""
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, build(name, getattr(parent, leaf)))

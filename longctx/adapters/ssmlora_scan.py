@@ -1,0 +1,77 @@
+"""`ssmlora-scan`: SSMLoRA with its state running along the token axis (our extension).
+
+    z   = x A                                  (T, r)
+    s_t = λ ⊙ s_{t-1} + (z_t D)                λ ∈ (0,1)^r learned, input-independent
+    y   = W x + (alpha / r) · (z + s C) B      B = 0 at start: the adapted model equals the base
+
+λ = exp(-1/τ) with time scales τ initialised log-spaced from 1 to `max_timescale` tokens; D
+starts at diag(1 - λ) (each channel a unit-gain moving average of z) and C at 0. The scan is
+parallel (`scan.linear_scan`); padding tokens feed nothing into it, and the final state s_T is
+carried into the next chunk, so a chunked run equals an unchunked one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from longctx.adapters.base import AdapterMethod, Recipe
+from longctx.adapters.insertion import replace_modules, resolve_points
+from longctx.adapters.scan import linear_scan
+from longctx.adapters.state import StateBinding
+
+MAX_TIMESCALE = 4096.0
+
+
+class SSMLoRAScanLinear(nn.Module):
+    """A frozen linear layer plus a low-rank branch whose state scans along the tokens."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float,
+                 state_key: str, binding: StateBinding, detach_state: bool = True) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.rank, self.scale, self.state_key = rank, float(alpha) / rank, state_key
+        self.detach_state = detach_state
+        self.binding = binding
+        w = base_layer.weight
+        kw = dict(device=w.device, dtype=w.dtype)
+        tau = torch.logspace(0.0, math.log10(MAX_TIMESCALE), rank, device=w.device, dtype=torch.float32)
+        self.scan_log_tau = nn.Parameter(tau.log().to(w.dtype))  # (r,)
+        self.scan_A = nn.Parameter(torch.randn(base_layer.in_features, rank, **kw) / math.sqrt(rank))
+        self.scan_B = nn.Parameter(torch.zeros(rank, base_layer.out_features, **kw))
+        self.scan_C = nn.Parameter(torch.zeros(rank, rank, **kw))
+        self.scan_D = nn.Parameter(torch.diag(1.0 - torch.exp(-1.0 / tau)).to(**kw))
+        self.scan_dropout = nn.Dropout(dropout)
+
+    def log_decay(self) -> Tensor:
+        return -torch.exp(-self.scan_log_tau)  # (r,) log λ = -1/τ
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
+        y = self.base_layer(x)  # (B, T, d_out)
+        state = self.binding.current()
+        z = self.scan_dropout(x.to(self.scan_A.dtype)) @ self.scan_A  # (B, T, r)
+        u = z @ self.scan_D  # (B, T, r)
+        if state.token_mask is not None:
+            u = u * state.token_mask[..., None].to(u.dtype)  # padding feeds nothing
+        s = linear_scan(u, self.log_decay(), state.carry.get(self.state_key))  # (B, T, r)
+        last = s[:, -1]  # (B, r)
+        state.live[self.state_key] = last.detach() if self.detach_state else last
+        branch = (z + s @ self.scan_C) @ self.scan_B  # (B, T, d_out)
+        return y + (self.scale * branch).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale}, state_key={self.state_key!r}"
+
+
+class SSMLoRAScan(AdapterMethod):
+    name = "ssmlora-scan"
+    stateful = True
+
+    def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
+        points = resolve_points(model, recipe.insertion)
+        # Each point scans its own state along the tokens: keys are the module names.
+        replace_modules(model, list(points), lambda name, layer: SSMLoRAScanLinear(
+            layer, recipe.rank, recipe.alpha, recipe.dropout, name, binding, recipe.detach_state))
+        binding.install(model)
+        return model, list(points)

@@ -1,0 +1,165 @@
+"""Base models: resolve a name or path, load it, pick the attention backend, know its limits.
+
+`longctx-tiny` (the embedded base built by `longctx pretrain`) is accepted wherever a base is
+named; everything else is an ordinary HuggingFace causal LM loaded through the same code.
+Adapter insertion points are resolved by module-name patterns per model family (SPEC §3).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from longctx.errors import LongctxError, choice_error
+
+EMBEDDED_BASES = {"longctx-tiny": "llama"}  # name -> architecture of the recipe
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ATTN_CHOICES = ("auto", "eager", "sdpa", "flash_attention_2")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
+# Weight shapes of well-known models, built on the meta device for parameter tables.
+META_SHAPES = {
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096),
+}
+
+
+def default_base_path(name: str = "longctx-tiny") -> Path:
+    """Directory of an embedded base (HF format), building it with the recipe if it is absent.
+
+    The committed copy under `longctx/assets/` is used when present; otherwise the recipe runs
+    once into `$LONGCTX_CACHE` (default `~/.cache/longctx`).
+    """
+    if name not in EMBEDDED_BASES:
+        raise choice_error("embedded base", name, EMBEDDED_BASES)
+    committed = ASSETS_DIR / name
+    if (committed / "config.json").is_file():
+        return committed
+    cache = Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx")) / name
+    if not (cache / "config.json").is_file():
+        from longctx.pretrain import pretrain
+
+        pretrain(cache, arch=EMBEDDED_BASES[name])
+    return cache
+
+
+def resolve_base(name_or_path: str) -> str:
+    """Map an embedded name to its directory; pass local directories and hub ids through."""
+    if name_or_path in EMBEDDED_BASES:
+        return str(default_base_path(name_or_path))
+    return str(name_or_path)
+
+
+def choose_attn_implementation(requested: str = "auto") -> str:
+    """`auto`: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa."""
+    if requested not in ATTN_CHOICES:
+        raise choice_error("attn_implementation", requested, ATTN_CHOICES)
+    if requested != "auto":
+        return requested
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise choice_error("dtype", dtype, DTYPES)
+    return DTYPES[dtype]
+
+
+def load_base(name_or_path: str, dtype: str | torch.dtype = "float32",
+              attn_implementation: str = "auto", device: str | None = None,
+              trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) in eval mode. Hub ids load only from the local cache offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_base(name_or_path)
+    attn = choose_attn_implementation(attn_implementation)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=parse_dtype(dtype), attn_implementation=attn,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if isinstance(err, LongctxError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LongctxError(
+            f"cannot load base model {name_or_path!r}: {first} (give a local HF directory, a "
+            f"cached hub id, or one of: {', '.join(EMBEDDED_BASES)})") from None
+    if device:
+        model.to(device)
+    model.eval()
+    model.config.longctx_base_name = str(name_or_path)
+    return model, tok
+
+
+def meta_model(shape: str) -> nn.Module:
+    """A model with the weight shapes of a well-known checkpoint, on the meta device (no memory)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape not in META_SHAPES:
+        raise choice_error("model shape", shape, META_SHAPES)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**META_SHAPES[shape]))
+    model.config.longctx_base_name = f"shape:{shape}"
+    return model
+
+
+def model_family(model: nn.Module) -> str:
+    """`llama` (q/k/v/o_proj, gate/up/down_proj) or `mamba`; anything else is refused loudly."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in LLAMA_FAMILY:
+        return "llama"
+    if model_type in ("mamba", "mamba2"):
+        return "mamba"
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    raise LongctxError(
+        f"unsupported model family {model_type!r}: found linear modules {', '.join(names) or 'none'}; "
+        f"supported families: {', '.join(LLAMA_FAMILY)}, mamba")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """Largest number of positions the model supports, or None when it has no such limit."""
+    config = getattr(model, "config", None)
+    if model_family(model) == "mamba":
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_length(model: nn.Module, n_tokens: int) -> None:
+    """Refuse an input longer than the position limit, naming the limit and the remedies."""
+    limit = position_limit(model)
+    if limit is not None and n_tokens > limit:
+        raise LongctxError(
+            f"input of {n_tokens} tokens exceeds the model's position limit of {limit} "
+            f"(max_position_embeddings); remedies: set rope_scaling in model_args, use a model "
+            f"with a longer context, or ask for truncation=left|middle")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Hash of the base's architecture, parameter names/shapes and leading weight values.
+
+    Cheap (a few values per tensor) yet distinguishes two checkpoints of one architecture, so an
+    adapter trained on one base is refused on another. Meta tensors contribute shapes only.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        digest.update(f"{key}={getattr(config, key, None)};".encode())
+    for name, param in model.named_parameters():
+        clean = re.sub(r"(base_model\.model\.|\.base_layer)", "", name)
+        digest.update(f"{clean}:{tuple(param.shape)};".encode())
+        if param.device.type != "meta":
+            head = param.detach().reshape(-1)[:16].to(torch.float32).cpu()
+            digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:16]

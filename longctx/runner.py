@@ -1,0 +1,140 @@
+"""Chunk-wise execution of long inputs (SPEC §5).
+
+A forward over N tokens runs in chunks of `chunk_size` tokens, carrying the model's KV cache
+and each adapter's `SequenceState` from chunk to chunk. Logits are computed only at the
+positions a score or a next token needs, never as an N × vocab tensor. For every method whose
+state is exact under chunking (all but paper-faithful `ssmlora`, whose chunk carry is part of
+its definition) a chunked run equals the unchunked run.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from longctx.adapters.base import AdaptedModel
+from longctx.adapters.state import SequenceState
+from longctx.errors import LongctxError, choice_error, positive_int
+from longctx.models import check_length
+
+CARRY_CHOICES = ("chunk", "reset")
+
+
+@dataclass
+class ChunkedOutput:
+    logits: Tensor  # (B, K, V) float32, at `positions`
+    positions: Tensor  # (K,) absolute positions whose next-token logits were kept
+    cache: Any  # the KV cache after the last chunk (None for models without one)
+    state: SequenceState  # adapter state after the last chunk
+    n_chunks: int
+
+
+def _model_of(adapted: AdaptedModel | nn.Module) -> nn.Module:
+    return adapted.model if isinstance(adapted, AdaptedModel) else adapted
+
+
+def _bind(adapted: AdaptedModel | nn.Module, state: SequenceState) -> contextlib.AbstractContextManager:
+    return adapted.bind(state) if isinstance(adapted, AdaptedModel) else contextlib.nullcontext(state)
+
+
+def _new_cache(model: nn.Module) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids that skip left padding: (B, N) -> (B, N)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _validate(chunk_size: Any, ssm_carry: str, n_tokens: int) -> int:
+    if ssm_carry not in CARRY_CHOICES:
+        raise choice_error("ssm_carry", ssm_carry, CARRY_CHOICES)
+    return n_tokens if chunk_size is None else positive_int("chunk_size", chunk_size)
+
+
+def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    chunk_size: int | None = None, keep: Tensor | None = None,
+                    state: SequenceState | None = None, ssm_carry: str = "chunk") -> ChunkedOutput:
+    """Run `input_ids` (B, N) in chunks; return next-token logits at the `keep` positions.
+
+    keep: absolute positions (K,) whose logits are needed (default: the last one).
+    attention_mask: (B, N), 0 on left padding. state: the sequence's adapter state (fresh if
+    None). `ssm_carry=reset` starts every chunk's adapter state from zeros.
+    """
+    model = _model_of(adapted)
+    n = input_ids.shape[1]
+    size = _validate(chunk_size, ssm_carry, n)
+    check_length(model, n)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    positions = _positions(mask)  # (B, N)
+    keep = torch.tensor([n - 1]) if keep is None else keep.to(torch.long).cpu()
+    state = state if state is not None else SequenceState()
+    cache, kept, n_chunks = _new_cache(model), [], 0
+    for start in range(0, n, size):
+        end = min(start + size, n)
+        local = keep[(keep >= start) & (keep < end)] - start  # (K_chunk,)
+        if ssm_carry == "reset":
+            state.reset()
+        with _bind(adapted, state), torch.no_grad():
+            out = model(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
+                        position_ids=positions[:, start:end], past_key_values=cache, use_cache=True,
+                        logits_to_keep=local.to(input_ids.device))
+        cache, n_chunks = out.past_key_values, n_chunks + 1
+        if local.numel():
+            kept.append(out.logits.float())  # (B, K_chunk, V)
+    logits = torch.cat(kept, dim=1) if kept else torch.empty(input_ids.shape[0], 0, 0)
+    return ChunkedOutput(logits, keep, cache, state, n_chunks)
+
+
+def score_continuation(adapted: AdaptedModel | nn.Module, context: list[int], continuation: list[int],
+                       chunk_size: int | None = None, ssm_carry: str = "chunk") -> tuple[float, bool]:
+    """(log p(continuation | context), whether it is the greedy continuation), chunked."""
+    if not context or not continuation:
+        raise LongctxError("score_continuation needs a non-empty context and continuation")
+    ids = torch.tensor([context + continuation])  # (1, N)
+    device = next(_model_of(adapted).parameters()).device
+    keep = torch.arange(len(context) - 1, ids.shape[1] - 1)  # positions predicting the continuation
+    out = chunked_forward(adapted, ids.to(device), chunk_size=chunk_size, keep=keep, ssm_carry=ssm_carry)
+    logprobs = torch.log_softmax(out.logits[0], dim=-1)  # (K, V)
+    target = torch.tensor(continuation, device=logprobs.device)
+    total = logprobs.gather(-1, target[:, None]).sum().item()
+    return total, bool((logprobs.argmax(-1) == target).all())
+
+
+def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_new_tokens: int,
+                    attention_mask: Tensor | None = None, chunk_size: int | None = None,
+                    eos_token_id: int | None = None, ssm_carry: str = "chunk") -> Tensor:
+    """Greedy decoding after a chunked prefill; returns the new tokens (B, <= max_new_tokens).
+
+    Rows that produced `eos_token_id` are padded with it until every row has finished.
+    """
+    model = _model_of(adapted)
+    max_new = positive_int("max_new_tokens", max_new_tokens)
+    check_length(model, input_ids.shape[1] + max_new)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    out = chunked_forward(adapted, input_ids, mask, chunk_size, ssm_carry=ssm_carry)
+    cache, state = out.cache, out.state
+    token = out.logits[:, -1].argmax(-1)  # (B,)
+    done = torch.zeros_like(token, dtype=torch.bool)
+    new, position = [], _positions(mask)[:, -1:]  # (B, 1)
+    for _ in range(max_new):
+        if eos_token_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_token_id), token)
+            done |= token == eos_token_id
+        new.append(token)
+        if len(new) == max_new or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, N + t)
+        position = position + 1
+        if ssm_carry == "reset":
+            state.reset()
+        with _bind(adapted, state), torch.no_grad():
+            step = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, token = step.past_key_values, step.logits[:, -1].argmax(-1)
+    return torch.stack(new, dim=1)  # (B, T_new)
