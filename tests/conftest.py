@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny Llama models built locally from a config (no downloads)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+METHODS = ["base", "dense", "lora", "ssmlora", "ssmlora-scan"]
+# Methods whose chunked run must equal the unchunked run (SPEC §5).
+EXACT_UNDER_CHUNKING = ["base", "dense", "lora", "ssmlora-scan"]
+# Name filter of each method's own (trainable) parameters.
+OWN_PARAMS = {"base": None, "dense": "", "lora": "lora_", "ssmlora": "ssmlora_", "ssmlora-scan": "scan_"}
+VOCAB = 300
+
+
+def tiny_llama(seed: int = 0, layers: int = 4, max_positions: int = 512):
+    """A random 4-layer Llama (d=64, GQA) in eval mode; same seed, same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def perturb(adapted, seed: int = 1, scale: float = 0.05) -> None:
+    """Give an adapter random non-zero weights, so it no longer equals its base."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in adapted.model.named_parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return random_ids(2, 96)
