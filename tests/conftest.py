@@ -45,3 +45,25 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return random_ids(2, 96)
+
+
+def save_tiny_base(directory, seed: int = 0, max_positions: int = 512):
+    """A tiny Llama plus a byte-level BPE tokenizer (≤ VOCAB entries), saved in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["The grass is green. The sky is blue. The pass key is 12345."] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(directory)
+    tiny_llama(seed, max_positions=max_positions).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))

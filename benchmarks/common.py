@@ -1,0 +1,38 @@
+"""Helpers shared by the benchmarks: a benchmark-sized random Llama and a timer."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def bench_llama(layers: int = 4, hidden: int = 256, vocab: int = 32000, heads: int = 8,
+                max_positions: int = 65536, seed: int = 0):
+    """A randomly initialised Llama of benchmark size (fp32, eval mode, sdpa attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_positions, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def kv_cache_bytes(model, n_tokens: int) -> int:
+    """Bytes of the KV cache for `n_tokens` tokens: 2 (K,V) × layers × kv_heads × head_dim × N."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * n_tokens * itemsize
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Best wall time in seconds of `repeats` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)

@@ -1,0 +1,43 @@
+"""P3: tokens/s with `ssmlora` and `ssmlora-scan` adapters vs the bare base model at 4K tokens.
+
+One process, same input, same chunking; best of several runs each. Targets: ≥ 0.85× (ssmlora)
+and ≥ 0.8× (ssmlora-scan).
+Usage: python benchmarks/p3_adapter_throughput.py [--length 4096] [--chunk-size 4096]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_time, bench_llama  # noqa: E402
+
+TARGETS = {"ssmlora": 0.85, "ssmlora-scan": 0.80}
+
+
+def main() -> None:
+    from longctx.adapters import wrap
+    from longctx.runner import chunked_forward
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    ids = torch.randint(0, 32000, (1, args.length), generator=torch.Generator().manual_seed(0))
+    speed = {}
+    for method in ("base", "ssmlora", "ssmlora-scan"):
+        adapted = wrap(bench_llama(), method)
+        seconds = best_time(lambda: chunked_forward(adapted, ids, chunk_size=args.chunk_size), args.repeats)
+        speed[method] = args.length / seconds
+        print(f"{method:>13}: {speed[method]:9.0f} tok/s ({seconds:.3f} s for {args.length} tokens)")
+    for method, target in TARGETS.items():
+        ratio = speed[method] / speed["base"]
+        print(f"P3 {method} / base = {ratio:.3f} (target >= {target}) {'PASS' if ratio >= target else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The `longctx` command: real runs, and bad input as one line with exit status 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_llama
+from longctx.adapters import wrap
+
+
+def longctx(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "longctx.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_params_on_llama_2_7b_shapes_shows_the_ssmlora_to_lora_ratio():
+    code, out, err = longctx("params", "--base", "shape:llama-2-7b", "--method", "lora,ssmlora")
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines()[2:]}
+    assert "4,194,304" in lines["lora"] and "2,105,344" in lines["ssmlora"]
+    assert lines["ssmlora"].rstrip().endswith("0.50")
+
+
+def test_forward_runs_every_method_chunked_and_matches_unchunked(tiny_base_dir):
+    code, out, err = longctx("forward", "--base", str(tiny_base_dir), "--length", "300",
+                             "--chunk-size", "64", "--init", "random")
+    assert code == 0, err
+    rows = out.splitlines()[2:]
+    assert [r.split()[0] for r in rows] == ["base", "dense", "lora", "ssmlora", "ssmlora-scan"]
+    for row in rows:
+        delta = float(row.split()[-1])
+        assert delta < 1e-3 or row.startswith("ssmlora "), row
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["forward", "--method", "lorax"], ["unknown method 'lorax'", "valid choices: base, dense, lora"]),
+    (["forward", "--chunk-size", "0"], ["chunk_size must be a positive integer, got '0'"]),
+    (["forward", "--chunk-size", "abc"], ["chunk_size must be a positive integer, got 'abc'"]),
+    (["forward", "--ssm-carry", "keep"], ["unknown ssm_carry 'keep'"]),
+    (["params", "--base", "shape:gpt-9"], ["unknown model shape 'gpt-9'", "llama-2-7b"]),
+    (["params", "--base", "/no/such/model"], ["cannot load base model '/no/such/model'"]),
+    (["pretrain", "--out", "x", "--arch", "rwkv"], ["rwkv", "llama"]),
+    (["frobnicate"], ["invalid choice: 'frobnicate'"]),
+])
+def test_bad_input_is_one_line_exit_2(args, fragments, tiny_base_dir):
+    args = [*args, "--base", str(tiny_base_dir)] if args[0] == "forward" else args
+    code, _, err = longctx(*args)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_missing_corrupt_or_foreign_adapter_directory(tiny_base_dir, tmp_path):
+    base = ["forward", "--base", str(tiny_base_dir), "--length", "200", "--adapter"]
+    assert_one_line_error(*longctx(*base, str(tmp_path / "none"))[::2], "does not exist")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{")
+    assert_one_line_error(*longctx(*base, str(tmp_path / "bad"))[::2], "corrupt")
+    wrap(tiny_llama(seed=5), "ssmlora").save(tmp_path / "foreign")
+    assert_one_line_error(*longctx(*base, str(tmp_path / "foreign"))[::2], "fingerprint")
+
+
+def test_length_beyond_the_position_limit(tiny_base_dir):
+    code, _, err = longctx("forward", "--base", str(tiny_base_dir), "--length", "4096")
+    assert_one_line_error(code, err, "position limit of 512", "rope_scaling")
