@@ -8,7 +8,7 @@ import torch
 
 
 def bench_llama(layers: int = 4, hidden: int = 256, vocab: int = 32000, heads: int = 8,
-                max_positions: int = 65536, seed: int = 0):
+                max_positions: int = 65536, seed: int = 0, device: str = "cpu"):
     """A randomly initialised Llama of benchmark size (fp32, eval mode, sdpa attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -16,7 +16,7 @@ def bench_llama(layers: int = 4, hidden: int = 256, vocab: int = 32000, heads: i
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=max_positions, attn_implementation="sdpa")
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval().to(device)
 
 
 def kv_cache_bytes(model, n_tokens: int) -> int:

@@ -20,15 +20,16 @@ from common import bench_llama, kv_cache_bytes  # noqa: E402
 TARGET = 1.1
 
 
-def child(length: int, chunk_size: int, method: str) -> dict:
+def child(length: int, chunk_size: int, method: str, device: str, layers: int, hidden: int) -> dict:
     from longctx.adapters import wrap
     from longctx.memory import PeakMemory
     from longctx.runner import chunked_forward
 
-    model = bench_llama()
+    model = bench_llama(layers=layers, hidden=hidden, device=device)
     adapted = wrap(model, method)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    with PeakMemory(torch.device("cpu")) as mem:
+    ids = ids.to(device)
+    with PeakMemory(torch.device(device)) as mem:
         chunked_forward(adapted, ids, chunk_size=chunk_size)
     return {"length": length, "delta_bytes": mem.delta_bytes, "kv_bytes": kv_cache_bytes(model, length),
             "method": mem.method}
@@ -39,15 +40,19 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs=2, default=[1024, 32768])
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--method", default="ssmlora")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.chunk_size, args.method)))
+        print(json.dumps(child(args.child, args.chunk_size, args.method, args.device, args.layers, args.hidden)))
         return
     runs = []
     for length in args.lengths:
         cmd = [sys.executable, __file__, "--child", str(length), "--chunk-size", str(args.chunk_size),
-               "--method", args.method]
+               "--method", args.method, "--device", args.device, "--layers", str(args.layers),
+               "--hidden", str(args.hidden)]
         runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         r = runs[-1]
         print(f"{args.method} N={length:>6}  chunk={args.chunk_size}  peak delta {r['delta_bytes'] / 2**20:8.1f} MiB"

@@ -20,7 +20,7 @@ from longctx.errors import LongctxError, choice_error
 
 EMBEDDED_BASES = {"longctx-tiny": "llama"}  # name -> architecture of the recipe
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-ATTN_CHOICES = ("auto", "eager", "sdpa", "flash_attention_2")
+ATTN_CHOICES = ("auto", "longctx_sdpa", "sdpa", "eager", "flash_attention_2")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
@@ -59,13 +59,18 @@ def resolve_base(name_or_path: str) -> str:
 
 
 def choose_attn_implementation(requested: str = "auto") -> str:
-    """`auto`: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa."""
+    """`auto`: flash_attention_2 when flash-attn imports and CUDA is present, else `longctx_sdpa`
+    (SDPA whose chunked prefill needs no mask; see `longctx.attention`)."""
     if requested not in ATTN_CHOICES:
         raise choice_error("attn_implementation", requested, ATTN_CHOICES)
-    if requested != "auto":
-        return requested
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
+    if requested == "auto":
+        has_flash = importlib.util.find_spec("flash_attn") is not None
+        requested = "flash_attention_2" if has_flash and torch.cuda.is_available() else "longctx_sdpa"
+    if requested == "longctx_sdpa":
+        from longctx.attention import register
+
+        register()
+    return requested
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

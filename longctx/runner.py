@@ -40,10 +40,11 @@ def _bind(adapted: AdaptedModel | nn.Module, state: SequenceState) -> contextlib
     return adapted.bind(state) if isinstance(adapted, AdaptedModel) else contextlib.nullcontext(state)
 
 
-def _new_cache(model: nn.Module) -> Any:
-    from transformers import DynamicCache
+def _new_cache(model: nn.Module, capacity: int) -> Any:
+    """KV cache preallocated for `capacity` tokens (no concatenation copies while it fills)."""
+    from longctx.cache import preallocated_cache
 
-    return DynamicCache(config=model.config)
+    return preallocated_cache(model.config, capacity)
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -59,12 +60,14 @@ def _validate(chunk_size: Any, ssm_carry: str, n_tokens: int) -> int:
 
 def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
                     chunk_size: int | None = None, keep: Tensor | None = None,
-                    state: SequenceState | None = None, ssm_carry: str = "chunk") -> ChunkedOutput:
+                    state: SequenceState | None = None, ssm_carry: str = "chunk",
+                    reserve: int = 0) -> ChunkedOutput:
     """Run `input_ids` (B, N) in chunks; return next-token logits at the `keep` positions.
 
     keep: absolute positions (K,) whose logits are needed (default: the last one).
     attention_mask: (B, N), 0 on left padding. state: the sequence's adapter state (fresh if
-    None). `ssm_carry=reset` starts every chunk's adapter state from zeros.
+    None). `ssm_carry=reset` starts every chunk's adapter state from zeros. `reserve`: extra
+    cache room for tokens that will follow (generation).
     """
     model = _model_of(adapted)
     n = input_ids.shape[1]
@@ -74,7 +77,7 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
     positions = _positions(mask)  # (B, N)
     keep = torch.tensor([n - 1]) if keep is None else keep.to(torch.long).cpu()
     state = state if state is not None else SequenceState()
-    cache, kept, n_chunks = _new_cache(model), [], 0
+    cache, kept, n_chunks = _new_cache(model, n + reserve), [], 0
     for start in range(0, n, size):
         end = min(start + size, n)
         local = keep[(keep >= start) & (keep < end)] - start  # (K_chunk,)
@@ -117,7 +120,7 @@ def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_ne
     max_new = positive_int("max_new_tokens", max_new_tokens)
     check_length(model, input_ids.shape[1] + max_new)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    out = chunked_forward(adapted, input_ids, mask, chunk_size, ssm_carry=ssm_carry)
+    out = chunked_forward(adapted, input_ids, mask, chunk_size, ssm_carry=ssm_carry, reserve=max_new)
     cache, state = out.cache, out.state
     token = out.logits[:, -1].argmax(-1)  # (B,)
     done = torch.zeros_like(token, dtype=torch.bool)

@@ -13,9 +13,9 @@ from longctx.models import (check_length, choose_attn_implementation, default_ba
 
 def test_auto_attention_is_sdpa_without_cuda_and_bad_choice_is_named():
     if not torch.cuda.is_available():
-        assert choose_attn_implementation("auto") == "sdpa"
+        assert choose_attn_implementation("auto") == "longctx_sdpa"
     assert choose_attn_implementation("eager") == "eager"
-    with pytest.raises(LongctxError, match="unknown attn_implementation 'flash'; valid choices: auto, eager"):
+    with pytest.raises(LongctxError, match="unknown attn_implementation 'flash'; valid choices: auto, longctx_sdpa, sdpa"):
         choose_attn_implementation("flash")
 
 
@@ -56,6 +56,6 @@ def test_unknown_embedded_name_and_unloadable_base():
 
 def test_local_directory_loads_through_the_same_path(tiny_base_dir):
     model, tok = load_base(str(tiny_base_dir))
-    assert not model.training and model.config._attn_implementation == "sdpa"
+    assert not model.training and model.config._attn_implementation == "longctx_sdpa"
     ids = tok("The sky is blue.", return_tensors="pt").input_ids
     assert model(ids).logits.shape[-1] == model.config.vocab_size
