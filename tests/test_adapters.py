@@ -65,11 +65,13 @@ def test_same_input_twice_gives_same_logits(method, ids):
     torch.testing.assert_close(logits(adapted, ids), logits(adapted, ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("chunk_size", [None, 16])
+# ssmlora is checked in one forward only: its chunk carry is position-aligned by definition
+# (SPEC §4), so left padding shifts which token inherits which state between chunks.
+PADDING_CASES = [(m, c) for m in METHODS for c in (None, 16) if not (m == "ssmlora" and c)]
+
+
+@pytest.mark.parametrize("method, chunk_size", PADDING_CASES)
 def test_left_padding_does_not_change_real_tokens(method, chunk_size):
-    if method == "ssmlora" and chunk_size:
-        pytest.skip("ssmlora's chunk carry is position-aligned by definition (SPEC §4): padding shifts it")
     adapted = wrap(tiny_llama(), method)
     perturb(adapted)
     short, long = random_ids(1, 40, seed=2), random_ids(1, 64, seed=3)
