@@ -20,12 +20,12 @@ from common import bench_llama, kv_cache_bytes  # noqa: E402
 TARGET = 1.1
 
 
-def child(length: int, chunk_size: int, method: str, device: str, layers: int, hidden: int) -> dict:
+def child(length: int, chunk_size: int, method: str, device: str, layers: int, hidden: int, attn: str) -> dict:
     from longctx.adapters import wrap
     from longctx.memory import PeakMemory
     from longctx.runner import chunked_forward
 
-    model = bench_llama(layers=layers, hidden=hidden, device=device)
+    model = bench_llama(layers=layers, hidden=hidden, device=device, attn=attn)
     adapted = wrap(model, method)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
@@ -41,18 +41,19 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--method", default="ssmlora")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attn", default="auto", help="auto | longctx_sdpa | sdpa | eager | flash_attention_2")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.chunk_size, args.method, args.device, args.layers, args.hidden)))
+        print(json.dumps(child(args.child, args.chunk_size, args.method, args.device, args.layers, args.hidden, args.attn)))
         return
     runs = []
     for length in args.lengths:
         cmd = [sys.executable, __file__, "--child", str(length), "--chunk-size", str(args.chunk_size),
                "--method", args.method, "--device", args.device, "--layers", str(args.layers),
-               "--hidden", str(args.hidden)]
+               "--hidden", str(args.hidden), "--attn", args.attn]
         runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         r = runs[-1]
         print(f"{args.method} N={length:>6}  chunk={args.chunk_size}  peak delta {r['delta_bytes'] / 2**20:8.1f} MiB"
