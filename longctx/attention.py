@@ -3,9 +3,10 @@
 HF's `sdpa` path builds a (C × N) mask for a chunk of C queries over N cached keys, and PyTorch's
 CPU kernel expands it to floats: O(C·N) bytes per layer, growing with the input. Without padding
 the chunk's pattern is simple — every past key, plus causal within the chunk — so it runs as two
-flash-attention calls (past keys: no mask; the chunk itself: causal) merged exactly through
-their log-sum-exp, O(C·d) memory. Padded batches, gradients through the merge, and other
-devices fall back to an explicit mask with `scaled_dot_product_attention`.
+fused-attention calls (past keys: no mask; the chunk itself: causal) merged exactly through
+their log-sum-exp, O(C·d) memory (CPU: PyTorch's flash kernel; CUDA: its memory-efficient one).
+Padded batches, gradients through the merge, and other devices fall back to an explicit mask
+with `scaled_dot_product_attention`.
 """
 from __future__ import annotations
 
@@ -33,14 +34,24 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)  # (B, H, N, d)
 
 
+def _attention_with_lse(query: Tensor, key: Tensor, value: Tensor, causal: bool,
+                        scale: float | None) -> tuple[Tensor, Tensor]:
+    """(output (B, H, C, d), log-sum-exp of the scores (B, H, C)) from PyTorch's fused kernels."""
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, causal, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, None, True, 0.0, causal, scale=scale)[:2]
+    return out, lse[..., : query.shape[2]]  # the kernel may pad the LSE's query axis
+
+
 def _merged_flash(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
     """Bottom-right-aligned causal attention of C queries over N = P + C keys, via two calls."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     past = key.shape[2] - query.shape[2]
-    out_local, lse_local = flash(query, key[:, :, past:], value[:, :, past:], 0.0, True, scale=scale)
+    out_local, lse_local = _attention_with_lse(query, key[:, :, past:], value[:, :, past:], True, scale)
     if past == 0:
         return out_local  # (B, H, C, d)
-    out_past, lse_past = flash(query, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scale)
+    out_past, lse_past = _attention_with_lse(query, key[:, :, :past], value[:, :, :past], False, scale)
     top = torch.maximum(lse_past, lse_local)  # (B, H, C)
     w_past, w_local = (lse_past - top).exp()[..., None], (lse_local - top).exp()[..., None]
     return (out_past * w_past + out_local * w_local) / (w_past + w_local)  # (B, H, C, d)
@@ -64,7 +75,7 @@ def chunked_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
     needs_merge_grad = torch.is_grad_enabled() and key.shape[2] > query.shape[2]
-    fast = (attention_mask is None and query.device.type == "cpu" and dropout == 0.0
+    fast = (attention_mask is None and query.device.type in ("cpu", "cuda") and dropout == 0.0
             and not needs_merge_grad and query.dtype in (torch.float32, torch.bfloat16, torch.float16))
     if fast:
         out = _merged_flash(query, key, value, scaling)
