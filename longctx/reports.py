@@ -84,8 +84,12 @@ def forward_rows(base: str, methods: list[str], length: int, chunk_size: Any, ad
     from longctx.errors import choice_error, positive_int
     from longctx.models import check_length, load_base
 
+    from longctx.runner import CARRY_CHOICES
+
     if init not in ("zero", "random"):
         raise choice_error("init", init, ("zero", "random"))
+    if ssm_carry not in CARRY_CHOICES:
+        raise choice_error("ssm_carry", ssm_carry, CARRY_CHOICES)
     size = positive_int("chunk_size", chunk_size)
     positive_int("length", length)
     rows = []
@@ -127,8 +131,8 @@ def _probe_row(adapted: Any, tok: Any, context: list[int], answer: list[int], si
     generated = greedy_generate(adapted, ids, len(answer), chunk_size=size, ssm_carry=ssm_carry)
     row = {"method": adapted.method.name, "trainable": adapted.trainable_parameters(),
            "tokens": len(context) + len(answer), "chunks": -(-(len(context) + len(answer)) // size),
-           "logp(answer)": logprob, "greedy": tok.decode(generated[0]).strip(),
-           "expected": tok.decode(answer).strip(), "peak MiB": mem.peak_bytes / 2**20,
+           "logp(answer)": logprob, "greedy": repr(tok.decode(generated[0]).strip()),
+           "expected": repr(tok.decode(answer).strip()), "peak MiB": mem.peak_bytes / 2**20,
            "tok/s": (len(context) + len(answer)) / wall}
     if compare:
         unchunked, _ = score_continuation(adapted, context, answer, None, ssm_carry)
