@@ -19,6 +19,12 @@ from common import best_time, bench_llama  # noqa: E402
 TARGETS = {"ssmlora": 0.85, "ssmlora-scan": 0.80}
 
 
+def _synced(result: object) -> object:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result
+
+
 def main() -> None:
     from longctx.adapters import wrap
     from longctx.runner import chunked_forward
@@ -27,14 +33,17 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
     args = parser.parse_args()
-    ids = torch.randint(0, 32000, (1, args.length), generator=torch.Generator().manual_seed(0))
-    models = {m: wrap(bench_llama(), m)
+    ids = torch.randint(0, 32000, (1, args.length), generator=torch.Generator().manual_seed(0)).to(args.device)
+    models = {m: wrap(bench_llama(layers=args.layers, hidden=args.hidden, device=args.device), m)
               for m in ("base", "ssmlora", "ssmlora-scan")}
     best = {m: float("inf") for m in models}
     for _ in range(args.repeats):
         for method, adapted in models.items():
-            seconds = best_time(lambda: chunked_forward(adapted, ids, chunk_size=args.chunk_size), 1)
+            seconds = best_time(lambda: _synced(chunked_forward(adapted, ids, chunk_size=args.chunk_size)), 1)
             best[method] = min(best[method], seconds)
     speed = {m: args.length / s for m, s in best.items()}
     for method, seconds in best.items():

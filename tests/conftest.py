@@ -35,7 +35,7 @@ def perturb(adapted, seed: int = 1, scale: float = 0.05) -> None:
     with torch.no_grad():
         for _, p in adapted.model.named_parameters():
             if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=gen))
+                p.add_(scale * torch.randn(p.shape, generator=gen).to(p))
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:

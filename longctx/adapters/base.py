@@ -11,11 +11,9 @@ import abc
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 import yaml
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 
 from longctx.adapters.state import SequenceState, StateBinding
 from longctx.errors import LongctxError
+from longctx.fileio import atomic_directory
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "adapters"
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -165,26 +164,7 @@ class AdaptedModel:
             "trainable_parameters": self.trainable_parameters(),
             "total_parameters": self.total_parameters()}}
         weights = {n: t.contiguous().cpu() for n, t in self.method.weights(self.model).items()}
-        with _atomic_directory(Path(directory)) as tmp:
+        with atomic_directory(Path(directory)) as tmp:
             save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=list) + "\n")
         return Path(directory)
-
-
-@contextlib.contextmanager
-def _atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `target`; on success it replaces `target` by renames."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
