@@ -53,13 +53,28 @@ def cmd_forward(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    """Build an embedded base model with the project's recipe."""
+    """Build an embedded base model with the project's recipe (or check the committed one)."""
+    import json
+    import tempfile
     from pathlib import Path
 
-    from longctx.pretrain import pretrain
+    from longctx.models import ASSETS_DIR
+    from longctx.pretrain import EMBEDDED_NAME, pretrain
 
-    out = pretrain(Path(args.out), arch=args.arch, steps=args.steps, seed=args.seed)
-    print(f"wrote {out}")
+    if not args.verify:
+        if not args.out:
+            raise LongctxError("pretrain needs --out DIR (or --verify to rebuild and compare the committed base)")
+        out = pretrain(Path(args.out), arch=args.arch, steps=args.steps, seed=args.seed)
+        print(f"wrote {out}")
+        return
+    committed = json.loads((ASSETS_DIR / EMBEDDED_NAME / "manifest.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        rebuilt = json.loads((pretrain(Path(tmp) / "rebuilt", arch=args.arch) / "manifest.json").read_text())
+    same = rebuilt["model_sha256"] == committed["model_sha256"]
+    print(f"committed {committed['model_sha256'][:16]}  rebuilt {rebuilt['model_sha256'][:16]}  "
+          f"{'identical' if same else 'DIFFERENT'}")
+    if not same:
+        raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-compare", action="store_true", help="skip the unchunked reference run")
     f.set_defaults(run=cmd_forward)
     t = sub.add_parser("pretrain", help="build an embedded base model with the project's recipe")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", default=None, help="output directory")
+    t.add_argument("--verify", action="store_true", help="rebuild the committed base and compare its hash")
     t.add_argument("--arch", default="llama")
     t.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     t.add_argument("--seed", type=int, default=0)
