@@ -13,8 +13,9 @@ import io
 import random
 import re
 
-# Source of each synthetic document kind and its share of the synthetic documents.
-SYNTHETIC_KINDS = ("copy", "recall", "needle")
+# Synthetic document kinds and their shares: copying dominates, since induction (find the
+# earlier occurrence, continue from it) is what recall and needle retrieval build on.
+SYNTHETIC_KINDS = {"copy": 0.5, "recall": 0.3, "needle": 0.2}
 
 
 def python_prose() -> str:
@@ -44,8 +45,9 @@ def _number(rng: random.Random, digits: int) -> str:
 def copy_document(rng: random.Random, words: list[str]) -> str:
     """A random span of words and numbers, then the instruction to repeat it, then the span."""
     span = " ".join(rng.choice(words) if rng.random() < 0.6 else _number(rng, rng.randint(2, 5))
-                    for _ in range(rng.randint(4, 24)))
-    return f"Sequence: {span}. Repeat the sequence: {span}."
+                    for _ in range(rng.randint(4, 30)))
+    repeats = " ".join(f"Again: {span}." for _ in range(rng.randint(1, 5)))  # most tokens copyable
+    return f"Sequence: {span}. Repeat the sequence: {span}. {repeats}".strip()
 
 
 def recall_document(rng: random.Random, words: list[str]) -> str:
@@ -68,8 +70,9 @@ def needle_document(rng: random.Random, words: list[str], prose: str) -> str:
 
 
 def synthetic_documents(n: int, seed: int, words: list[str], prose: str) -> list[str]:
-    """`n` synthetic documents, kinds drawn uniformly, from `random.Random(seed)`."""
+    """`n` synthetic documents, kinds drawn by their shares, from `random.Random(seed)`."""
     rng = random.Random(seed)
     makers = {"copy": lambda: copy_document(rng, words), "recall": lambda: recall_document(rng, words),
               "needle": lambda: needle_document(rng, words, prose)}
-    return [makers[rng.choice(SYNTHETIC_KINDS)]() for _ in range(n)]
+    kinds = rng.choices(list(SYNTHETIC_KINDS), weights=list(SYNTHETIC_KINDS.values()), k=n)
+    return [makers[kind]() for kind in kinds]

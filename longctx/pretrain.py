@@ -2,9 +2,10 @@
 
 A byte-level BPE tokenizer (digits split one by one, so numbers are copied digit by digit) and a
 small Llama are trained with HF `Trainer` on prose that ships with Python mixed with synthetic
-copy, associative-recall and needle-in-prose documents (`longctx.corpus`), so the base can copy
-and retrieve a little before any adapter is trained. Same seed, same machine, same threads:
-byte-identical weights. The output directory is written atomically, with a manifest.
+copy, associative-recall and needle-in-prose documents (`longctx.corpus`), after a warm-up on
+random-span repeats; the aim is a base that can copy and retrieve a little before any adapter is
+trained (measured by `evaluate_capability`, recorded in the manifest). Same seed, same machine,
+same threads: byte-identical weights. The output directory is written atomically.
 """
 from __future__ import annotations
 
@@ -41,10 +42,13 @@ class PretrainRecipe:
     max_positions: int = 4096
     seq_len: int = 512
     batch_size: int = 8
-    steps: int = 2000
-    learning_rate: float = 2e-3
+    steps: int = 1500
+    learning_rate: float = 3e-3
     warmup_steps: int = 60
-    prose_share: float = 0.35  # fraction of training documents that are prose windows
+    prose_share: float = 0.15  # fraction of training documents that are prose windows
+    induction_steps: int = 300  # warm-up on random-span repeats, so induction heads form first
+    induction_span: int = 32
+    induction_batch: int = 32
     seed: int = 0
     threads: int = 2
 
@@ -101,24 +105,41 @@ def _documents(recipe: PretrainRecipe, prose: str, words: list[str], n_tokens: i
     return stream[:n_tokens]
 
 
-class _Blocks(torch.utils.data.Dataset):
+def _induction_blocks(recipe: PretrainRecipe, tokenizer: Any) -> torch.Tensor:
+    """Warm-up sequences: a random-token span followed by its repeat, (n, 2 · span).
+
+    The second half is predictable only by finding the earlier occurrence and copying what
+    followed it (an induction head). Seen here: on text alone this model learned no copying in
+    2,000 steps, and on longer packed or periodic repeats none in 200; on these short pairs the
+    warm-up loss halves (8.3 -> 4.2) within 300 steps. The text phase does not yet keep that
+    ability on text (manifest `capability`: 0 on recall and copy probes) — an open problem.
+    """
+    gen = torch.Generator().manual_seed(recipe.seed + 2)
+    n = recipe.induction_steps * recipe.induction_batch
+    span = torch.randint(len(SPECIAL_TOKENS), len(tokenizer), (n, recipe.induction_span), generator=gen)
+    return torch.cat([span, span], dim=1)  # (n, 2·span)
+
+
+class _Blocks(torch.utils.data.IterableDataset):
+    """Blocks in a fixed order (an iterable dataset: Trainer does not reshuffle it)."""
+
     def __init__(self, blocks: torch.Tensor) -> None:
         self.blocks = blocks  # (n, seq_len)
 
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+    def __iter__(self):
+        for block in self.blocks:
+            yield {"input_ids": block, "labels": block}
 
 
-def _train(model: nn.Module, blocks: torch.Tensor, recipe: PretrainRecipe, progress: bool, workdir: str) -> list[dict]:
+def _train(model: nn.Module, blocks: torch.Tensor, recipe: PretrainRecipe, progress: bool, workdir: str,
+           steps: int, batch_size: int, schedule: str = "cosine") -> list[dict]:
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=workdir, max_steps=recipe.steps, per_device_train_batch_size=recipe.batch_size,
-        learning_rate=recipe.learning_rate, lr_scheduler_type="cosine", warmup_steps=recipe.warmup_steps,
-        weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, recipe.steps // 20), save_strategy="no",
+        output_dir=workdir, max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=recipe.learning_rate, lr_scheduler_type=schedule,
+        warmup_steps=recipe.warmup_steps if schedule == "cosine" else 0,
+        weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, steps // 20), save_strategy="no",
         report_to=[], use_cpu=True, seed=recipe.seed, data_seed=recipe.seed, dataloader_num_workers=0,
         disable_tqdm=not progress)
     trainer = Trainer(model=model, args=args, train_dataset=_Blocks(blocks))
@@ -131,7 +152,7 @@ def _recall_probe(rng: random.Random, words: list[str], pairs: int) -> tuple[str
     values = {k: "".join(rng.choice("0123456789") for _ in range(4)) for k in keys}
     query = rng.choice(keys)
     table = "; ".join(f"{k} = {values[k]}" for k in keys)
-    return f"Table: {table}. The value of {query} is", values[query]
+    return f"Table: {table}. The value of {query} is", f" {values[query]}"
 
 
 def _copy_probe(rng: random.Random, words: list[str], length: int) -> tuple[str, str]:
@@ -152,7 +173,7 @@ def evaluate_capability(model: nn.Module, tokenizer: Any, seed: int = 1234, n: i
     for name, make in probes.items():
         hits = 0
         for _ in range(n):
-            prompt, answer = make()
+            prompt, answer = make()  # answers start with a space, as in training text
             ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
             target = tokenizer(answer, add_special_tokens=False)["input_ids"]
             out = greedy_generate(model, ids, len(target))
@@ -185,8 +206,11 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
     n_tokens = recipe.steps * recipe.batch_size * recipe.seq_len
     stream = _documents(recipe, prose, words, n_tokens, tokenizer)
     blocks = torch.tensor(stream, dtype=torch.long).view(-1, recipe.seq_len)  # (steps·batch, seq_len)
+    warmup_steps = min(recipe.induction_steps, recipe.steps)
     with tempfile.TemporaryDirectory() as workdir:
-        losses = _train(model, blocks, recipe, progress, workdir)
+        _train(model, _induction_blocks(dataclasses.replace(recipe, induction_steps=warmup_steps), tokenizer),
+               recipe, progress, workdir, warmup_steps, recipe.induction_batch, schedule="constant")
+        losses = _train(model, blocks, recipe, progress, workdir, recipe.steps, recipe.batch_size)
     model.eval()
     capability = evaluate_capability(model, tokenizer, n=30 if recipe.steps >= 100 else 2)
     with atomic_directory(Path(out_dir)) as tmp:
