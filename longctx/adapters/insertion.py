@@ -10,12 +10,16 @@ A list of module-name suffixes selects every linear module ending in one of them
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
 from longctx.errors import LongctxError
 from longctx.models import model_family
+
+if TYPE_CHECKING:
+    from longctx.adapters.base import Recipe
+    from longctx.adapters.state import StateBinding
 
 PRESETS = ("sparse-qv", "reference-all", "every-qv")
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -66,6 +70,21 @@ def _preset_points(family: str, preset: str, linears: dict[str, nn.Linear]) -> d
         elif preset == "reference-all" and leaf in ("o_proj", "gate_proj", "up_proj", "down_proj"):
             points[name] = leaf  # one shared key per projection type, chained across layers
     return points
+
+
+def insert_stateful_layers(model: nn.Module, recipe: "Recipe", binding: "StateBinding", layer_cls: type,
+                           own_keys: bool = False) -> list[str]:
+    """Wrap every insertion point in `layer_cls(layer, rank, alpha, dropout, key, binding, detach)`.
+
+    Keys come from the preset (shared keys chain points), or are the module names (`own_keys`).
+    The binding's hooks are installed on `model`; returns the insertion points in layer order.
+    """
+    points = resolve_points(model, recipe.insertion)
+    replace_modules(model, list(points), lambda name, layer: layer_cls(
+        layer, recipe.rank, recipe.alpha, recipe.dropout, name if own_keys else points[name], binding,
+        recipe.detach_state))
+    binding.install(model)
+    return list(points)
 
 
 def replace_modules(model: nn.Module, names: list[str], build: Callable[[str, nn.Linear], nn.Module]) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe
-from longctx.adapters.insertion import replace_modules, resolve_points
+from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.state import StateBinding
 
 NORM_EPS = 1e-8
@@ -67,8 +67,4 @@ class SSMLoRA(AdapterMethod):
     stateful = True
 
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
-        points = resolve_points(model, recipe.insertion)  # name -> state key
-        replace_modules(model, list(points), lambda name, layer: SSMLoRALinear(
-            layer, recipe.rank, recipe.alpha, recipe.dropout, points[name], binding, recipe.detach_state))
-        binding.install(model)
-        return model, list(points)
+        return model, insert_stateful_layers(model, recipe, binding, SSMLoRALinear)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe
-from longctx.adapters.insertion import replace_modules, resolve_points
+from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.scan import linear_scan
 from longctx.adapters.state import StateBinding
 
@@ -69,9 +69,5 @@ class SSMLoRAScan(AdapterMethod):
     stateful = True
 
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
-        points = resolve_points(model, recipe.insertion)
         # Each point scans its own state along the tokens: keys are the module names.
-        replace_modules(model, list(points), lambda name, layer: SSMLoRAScanLinear(
-            layer, recipe.rank, recipe.alpha, recipe.dropout, name, binding, recipe.detach_state))
-        binding.install(model)
-        return model, list(points)
+        return model, insert_stateful_layers(model, recipe, binding, SSMLoRAScanLinear, own_keys=True)
