@@ -90,7 +90,6 @@ class AdapterMethod(abc.ABC):
     """One adapter method: how to insert it, which weights are its own, how to restore them."""
 
     name: ClassVar[str]
-    stateful: ClassVar[bool] = False  # carries a state from chunk to chunk
 
     @abc.abstractmethod
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:

@@ -64,7 +64,6 @@ class SSMLoRALinear(nn.Module):
 
 class SSMLoRA(AdapterMethod):
     name = "ssmlora"
-    stateful = True
 
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
         return model, insert_stateful_layers(model, recipe, binding, SSMLoRALinear)

@@ -66,7 +66,6 @@ class SSMLoRAScanLinear(nn.Module):
 
 class SSMLoRAScan(AdapterMethod):
     name = "ssmlora-scan"
-    stateful = True
 
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
         # Each point scans its own state along the tokens: keys are the module names.
