@@ -1,7 +1,7 @@
 """P4: ssmlora-scan's parallel scan vs the sequential reference loop at 16K tokens, r=8.
 
 Checks the two agree, then prints the speed-up (target ≥ 20×).
-Usage: python benchmarks/p4_scan.py [--length 16384] [--rank 8] [--batch 1] [--block 32]
+Usage: python benchmarks/p4_scan.py [--length 16384] [--rank 8] [--batch 1] [--block 32] [--repeats 5]
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ tracemalloc is no use here: it does not see tensor storage.
 """
 from __future__ import annotations
 
-import resource
+import sys
 from pathlib import Path
 from types import TracebackType
 
@@ -30,6 +30,16 @@ def _status_bytes(field: str) -> int | None:
 def current_rss_bytes() -> int:
     """Resident set size of this process now (0 where /proc is unavailable)."""
     return _status_bytes("VmRSS") or 0
+
+
+def _max_rss_bytes() -> int:
+    """The process's lifetime peak resident size (never resets); 0 where unavailable."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB on Linux
 
 
 def _reset_cpu_peak() -> bool:
@@ -74,5 +84,5 @@ class PeakMemory:
         elif self.method == "proc_vmhwm":
             self.peak_bytes = _status_bytes("VmHWM") or 0
         else:
-            self.peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+            self.peak_bytes = _max_rss_bytes()
         self.delta_bytes = max(0, self.peak_bytes - self.baseline_bytes)

@@ -4,23 +4,58 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longctx import memory
 from longctx.memory import PeakMemory, current_rss_bytes
 
 MiB = 2**20
 
 
-def test_a_region_that_allocates_shows_it_and_the_next_region_does_not():
+def touch_300_mib() -> None:
+    """Allocate a ~300 MiB tensor and write every page, so it is resident, then free it."""
+    block = torch.ones(300 * MiB // 4)  # float32: 300 MiB, every element written
+    assert block[-1].item() == 1.0
+    del block
+
+
+def test_a_region_that_allocates_shows_it() -> None:
     with PeakMemory("cpu") as big:
-        block = torch.ones(300 * MiB // 4)  # touched: 300 MiB resident
-        del block
-    assert big.delta_bytes >= 250 * MiB, big.__dict__
+        touch_300_mib()
+    assert big.method in ("proc_vmhwm", "ru_maxrss")
+    assert big.delta_bytes >= 250 * MiB, vars(big)
     assert big.peak_bytes >= big.baseline_bytes > 0
+
+
+def test_the_next_region_starts_from_a_reset_peak() -> None:
+    with PeakMemory("cpu") as big:
+        touch_300_mib()  # the process's high-water mark is now ≥ 300 MiB above what follows
     if not big.resettable:
-        pytest.fail(f"peak not resettable here (method {big.method}): /proc/self/clear_refs unwritable")
+        pytest.skip(f"/proc/self/clear_refs is not writable here (method {big.method}): "
+                    "the peak only rises, so a reset cannot be checked")
     with PeakMemory("cpu") as small:
         torch.ones(1024).sum()
-    assert small.method == "proc_vmhwm" and small.delta_bytes < 50 * MiB, small.__dict__
+    assert small.method == "proc_vmhwm" and small.resettable
+    assert small.delta_bytes < 50 * MiB, vars(small)
+    assert small.peak_bytes < big.peak_bytes - 200 * MiB, (vars(big), vars(small))
 
 
-def test_current_rss_is_positive():
+def test_without_clear_refs_the_fallback_says_it_cannot_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "_reset_cpu_peak", lambda: False)
+    with PeakMemory("cpu") as pm:
+        touch_300_mib()
+    assert pm.method == "ru_maxrss" and pm.resettable is False
+    assert pm.peak_bytes >= 250 * MiB
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_region_uses_the_allocator_peak() -> None:
+    with PeakMemory("cuda") as big:
+        block = torch.ones(64 * MiB // 4, device="cuda")
+        del block
+    with PeakMemory("cuda") as small:
+        torch.ones(16, device="cuda").sum()
+    assert big.method == "cuda_allocator" and big.delta_bytes >= 64 * MiB
+    assert small.delta_bytes < 1 * MiB and small.reserved_bytes is not None
+
+
+def test_current_rss_is_positive() -> None:
     assert current_rss_bytes() > 10 * MiB

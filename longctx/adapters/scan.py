@@ -41,21 +41,23 @@ def _powers(log_decay: Tensor, q: int) -> Tensor:
 
 
 def linear_scan(u: Tensor, log_decay: Tensor, s0: Tensor | None = None, block: int = 32) -> Tensor:
-    """Parallel scan: u (B, T, r), log_decay (r,) (= log λ < 0), s0 (B, r) -> s (B, T, r)."""
+    """Parallel scan: u (B, T, r), log_decay (r,) (= log λ < 0), s0 (B, r) -> s (B, T, r).
+
+    `block` is Q (values below 2 act as 2); 32 was fastest at 16K tokens, r = 8 on a 2-core CPU.
+    """
     b, t, r = u.shape
     log_decay = log_decay.to(u.dtype)
-    q = max(1, min(block, t))
+    q = max(1, min(max(block, 2), t))  # Q ≥ 2 so that each recursion level shrinks
     n_blocks = -(-t // q)
     padded = torch.nn.functional.pad(u, (0, 0, 0, n_blocks * q - t))  # (B, nQ, r)
-    blocks = padded.view(b, n_blocks, q, r)  # (B, n, Q, r)
+    blocks = padded.reshape(b, n_blocks, q, r)  # (B, n, Q, r)
     local = torch.einsum("kij,bnjk->bnik", _decay_matrix(log_decay, q), blocks)  # (B, n, Q, r)
     if n_blocks > 1 or s0 is not None:
-        ends = local[:, :, -1]  # (B, n, r): each block's end state from zero
-        carried = linear_scan(ends, q * log_decay, s0, block) if n_blocks > 1 else None  # (B, n, r)
-        incoming = s0[:, None] if carried is None else carried[:, :-1]
-        if carried is not None and s0 is not None:
-            incoming = torch.cat([s0[:, None].to(u.dtype), incoming], dim=1)  # (B, n, r)
-        elif carried is not None:
-            incoming = torch.nn.functional.pad(incoming, (0, 0, 1, 0))  # first block starts at zero
-        local = local + incoming.to(u.dtype)[:, :, None] * _powers(log_decay, q)[None, None]
+        start = torch.zeros_like(local[:, 0, 0]) if s0 is None else s0.to(u.dtype)  # (B, r)
+        incoming = start[:, None]  # (B, 1, r): state entering block 0
+        if n_blocks > 1:
+            # True state at the end of blocks 0..n-2: same recurrence, decay λ^Q, one item per block.
+            ends = linear_scan(local[:, :-1, -1], q * log_decay, s0, block)  # (B, n-1, r)
+            incoming = torch.cat([incoming, ends], dim=1)  # (B, n, r)
+        local = local + incoming[:, :, None] * _powers(log_decay, q)[None, None]  # (B, n, Q, r)
     return local.reshape(b, n_blocks * q, r)[:, :t]
