@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -111,10 +111,12 @@ def score_continuation(adapted: AdaptedModel | nn.Module, context: list[int], co
 
 def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_new_tokens: int,
                     attention_mask: Tensor | None = None, chunk_size: int | None = None,
-                    eos_token_id: int | None = None, ssm_carry: str = "chunk") -> Tensor:
+                    eos_token_id: int | None = None, ssm_carry: str = "chunk",
+                    stop: Callable[[Tensor], bool] | None = None) -> Tensor:
     """Greedy decoding after a chunked prefill; returns the new tokens (B, <= max_new_tokens).
 
     Rows that produced `eos_token_id` are padded with it until every row has finished.
+    `stop(new_tokens)` (B, t) -> True ends decoding early (e.g. a stop string was produced).
     """
     model = _model_of(adapted)
     max_new = positive_int("max_new_tokens", max_new_tokens)
@@ -130,7 +132,7 @@ def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_ne
             token = torch.where(done, torch.full_like(token, eos_token_id), token)
             done |= token == eos_token_id
         new.append(token)
-        if len(new) == max_new or bool(done.all()):
+        if len(new) == max_new or bool(done.all()) or (stop is not None and stop(torch.stack(new, dim=1))):
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, N + t)
         position = position + 1

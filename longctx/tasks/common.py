@@ -1,0 +1,173 @@
+"""What every long-input task shares: the example record, exact sizing in the evaluated model's
+tokens, haystacks, split-disjoint needles and depth placement (SPEC §6).
+
+Sizing: a task renders its prompt from a filler count `n` (haystack words, list entries, pairs);
+`fit_to_length` finds the largest `n` whose prompt has at most L tokens by interpolation search
+on the real tokenizer, stopping as soon as the prompt is within the tolerance
+L − max(8, L/200) … L. Filler is added word by word, so one step is a few tokens even for a
+character-level tokenizer. Everything is a pure function of (tokenizer, length, seed, split).
+"""
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from longctx.errors import LongctxError, choice_error
+
+TEXT_DIR = Path(__file__).resolve().parent.parent / "assets" / "text"
+SPLITS = ("train", "validation", "test")
+HAYSTACKS = ("noise", "essay")
+# RULER's noise haystack: the same five sentences repeated.
+NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+         "There and back again.")
+
+
+@dataclass
+class Example:
+    """One prompt: `input` ends where the answer starts; `target` is the log-likelihood form's
+    continuation (greedy-exact match), `outputs` the strings the generation form must contain."""
+
+    task: str
+    split: str
+    index: int
+    max_length: int  # the requested length L
+    n_tokens: int  # the prompt's exact length in the evaluated tokenizer
+    depth: float  # fraction of the prompt's tokens before the (first queried) needle
+    input: str
+    target: str
+    outputs: list[str]
+    seed: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tolerance(length: int) -> int:
+    """How far below L a prompt may fall (SPEC §6): max(8, L/200) tokens."""
+    return max(8, length // 200)
+
+
+def token_counter(tokenizer: Any) -> Callable[[str], int]:
+    """Number of tokens of a text, without special tokens (what a prompt costs the model)."""
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return count
+
+
+def fit_to_length(render: Callable[[int], str], count: Callable[[str], int], length: int,
+                  task: str, upper: int = 1 << 22) -> tuple[str, int]:
+    """(prompt, tokens) for a filler count whose prompt has between L − tolerance and L tokens.
+
+    Interpolation search over `n` (monotone: more filler, more tokens), aiming at the middle of
+    the tolerance band; usually two or three tokenizations. Raises when even `n = 0` is too long
+    or one filler step jumps over the whole band.
+    """
+    floor = length - tolerance(length)
+    aim = (floor + length) / 2
+    lo_n, lo_text = 0, render(0)
+    lo_c = base = count(lo_text)
+    if base > length:
+        raise LongctxError(f"length {length} is too short for {task}: its prompt without filler "
+                           f"already has {base} tokens (use a length of at least {base + tolerance(base)})")
+    rate = max((count(render(64)) - base) / 64, 1e-3)  # tokens per filler unit
+    hi_n = hi_c = None
+    while lo_c < floor:
+        if hi_n is None:
+            guess = lo_n + max(1, round((aim - lo_c) / rate))
+        else:
+            guess = lo_n + round((hi_n - lo_n) * (aim - lo_c) / max(hi_c - lo_c, 1))
+            guess = min(max(guess, lo_n + 1), hi_n - 1)
+        if guess > upper:
+            raise LongctxError(f"{task} cannot fill {length} tokens (filler limit {upper} reached)")
+        text = render(guess)
+        c = count(text)
+        if c <= length:
+            lo_n, lo_text, lo_c = guess, text, c
+            rate = max((c - base) / guess, 1e-3)
+        else:
+            hi_n, hi_c = guess, c
+        if hi_n is not None and hi_n - lo_n <= 1:
+            break
+    if lo_c < floor:
+        raise LongctxError(f"{task}: cannot size a prompt within {floor}..{length} tokens with this "
+                           f"tokenizer (one filler step adds {hi_c - lo_c} tokens)")
+    return lo_text, lo_c
+
+
+@functools.lru_cache(maxsize=None)
+def word_pool() -> tuple[str, ...]:
+    """The project's key words (sorted, shipped in `assets/text/words.txt`)."""
+    return tuple((TEXT_DIR / "words.txt").read_text().split())
+
+
+def split_words(split: str) -> list[str]:
+    """Key words of one split: the pool dealt round-robin into three disjoint parts."""
+    return list(word_pool()[SPLITS.index(check_split(split))::len(SPLITS)])
+
+
+def split_number(rng: random.Random, digits: int, split: str) -> str:
+    """A `digits`-digit number (no leading zero) whose residue mod 3 is the split's index, so
+    no value occurs in two splits."""
+    low, high = 10 ** (digits - 1), 10 ** digits - 1
+    value = rng.randint(low, high - 3)
+    value += (SPLITS.index(split) - value) % 3
+    return str(value)
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise choice_error("split", split, SPLITS)
+    return split
+
+
+@functools.lru_cache(maxsize=None)
+def _essay_words() -> tuple[str, ...]:
+    return tuple((TEXT_DIR / "essay.txt").read_text().split())
+
+
+@functools.lru_cache(maxsize=None)
+def _noise_words() -> tuple[str, ...]:
+    return tuple(NOISE.split())
+
+
+def haystack_words(kind: str, n: int, offset: int = 0) -> list[str]:
+    """`n` words of the `noise` or `essay` haystack, starting at `offset` (wrapping around)."""
+    if kind not in HAYSTACKS:
+        raise choice_error("haystack", kind, HAYSTACKS)
+    pool = _noise_words() if kind == "noise" else _essay_words()
+    start = offset % len(pool)
+    reps = (start + n) // len(pool) + 1
+    return list((pool * reps)[start:start + n])
+
+
+def insert_at_depths(words: list[str], needles: list[str], depths: list[float]) -> str:
+    """Join `words` with each needle inserted at its depth (a fraction of the words), snapped back
+    to the preceding sentence end when one is within 30 words."""
+    cuts = []
+    for depth in depths:
+        cut = round(depth * len(words))
+        for back in range(min(30, cut) + 1):
+            if cut - back == 0 or words[cut - back - 1].endswith("."):
+                cut -= back
+                break
+        cuts.append(cut)
+    pieces, last = [], 0
+    for i in sorted(range(len(needles)), key=lambda i: (cuts[i], i)):
+        pieces += words[last:cuts[i]] + [needles[i]]
+        last = cuts[i]
+    return " ".join(pieces + words[last:])
+
+
+def example_rng(task: str, split: str, seed: int, length: int, index: int) -> random.Random:
+    """The random stream of one example: independent of every other example's."""
+    return random.Random(f"{task}|{split}|{seed}|{length}|{index}")
+
+
+def measured_depth(prompt: str, offset: int, count: Callable[[str], int], n_tokens: int) -> float:
+    """Fraction of the prompt's tokens that come before the character `offset`."""
+    return round(count(prompt[:offset]) / max(n_tokens, 1), 4)
+

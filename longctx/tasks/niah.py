@@ -1,0 +1,88 @@
+"""Needle-in-a-haystack tasks: `passkey` (Mohtashami & Jaggi's pass-key retrieval) and RULER's
+`niah_single`, `niah_multikey`, `niah_multivalue`, `niah_multiquery` (Hsieh et al., 2024).
+
+A needle binds a key word to a number; the prompt ends where the answer starts, so the answer is
+both the log-likelihood target and the string the generation form must produce.
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from longctx.tasks.common import (Example, fit_to_length, haystack_words, insert_at_depths, measured_depth,
+                                  split_number, split_words)
+
+NIAH_PREFIX = ("Some special magic numbers are hidden within the following text. Make sure to "
+               "memorize it. I will quiz you about the numbers afterwards.\n")
+PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+                  "memorize it. I will quiz you about the important information there.\n")
+N_NEEDLES = 4  # multikey distractors + 1, multivalue values, multiquery queries
+
+
+def _needle(key: str, value: str) -> str:
+    return f"One of the special magic numbers for {key} is: {value}."
+
+
+def _join_keys(keys: list[str]) -> str:
+    return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + f" and {keys[-1]}"
+
+
+def _layout(variant: str, rng: random.Random, split: str, depth: float) -> dict:
+    """Needles, their depths, the queried keys and the answers of one example."""
+    words, n = split_words(split), N_NEEDLES
+    if variant == "passkey":
+        key = split_number(rng, 5, split)
+        return {"needles": [f"The pass key is {key}. Remember it. {key} is the pass key."], "depths": [depth],
+                "question": "\nWhat is the pass key? The pass key is", "answers": [key], "first": 0}
+    if variant == "single":
+        keys, values = rng.sample(words, 1), [split_number(rng, 7, split)]
+    elif variant == "multivalue":
+        keys = rng.sample(words, 1) * n
+        values = [split_number(rng, 7, split) for _ in range(n)]
+    else:  # multikey, multiquery
+        keys, values = rng.sample(words, n), [split_number(rng, 7, split) for _ in range(n)]
+    later = [rng.random() for _ in range(len(keys) - 1)]
+    if variant == "multivalue":  # the other values follow the first, so the example's depth is `depth`
+        later = [depth + (1 - depth) * d for d in later]
+    depths = [depth] + later
+    needles = [_needle(k, v) for k, v in zip(keys, values)]
+    if variant == "multivalue":  # answers in order of appearance; depth of the first one
+        order = sorted(range(n), key=lambda i: depths[i])
+        answers, first = [values[i] for i in order], order[0]
+        question = (f"\nWhat are all the special magic numbers for {keys[0]} mentioned in the provided "
+                    f"text? The special magic numbers for {keys[0]} mentioned in the provided text are")
+    elif variant == "multiquery":
+        asked = rng.sample(range(n), n)
+        answers, first = [values[i] for i in asked], asked[0]
+        depths[first], depths[0] = depths[0], depths[first]
+        names = _join_keys([keys[i] for i in asked])
+        question = (f"\nWhat are all the special magic numbers for {names} mentioned in the provided text? "
+                    f"The special magic numbers for {names} mentioned in the provided text are")
+    else:
+        answers, first = [values[0]], 0
+        question = (f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? "
+                    f"The special magic number for {keys[0]} mentioned in the provided text is")
+    return {"needles": needles, "depths": depths, "question": question, "answers": answers, "first": first}
+
+
+def make(variant: str) -> Callable[..., Example]:
+    """The generator of one NIAH variant (`passkey`, `single`, `multikey`, `multivalue`, `multiquery`)."""
+    task = "passkey" if variant == "passkey" else f"niah_{variant}"
+
+    def generate(count: Callable[[str], int], length: int, rng: random.Random, split: str,
+                 haystack: str, depth: float) -> Example:
+        spec = _layout(variant, rng, split, depth)
+        prefix = PASSKEY_PREFIX if variant == "passkey" else NIAH_PREFIX
+        offset = rng.randrange(1 << 20)
+
+        def render(n: int) -> str:
+            body = insert_at_depths(haystack_words(haystack, n, offset), spec["needles"], spec["depths"])
+            return prefix + body + spec["question"]
+
+        prompt, n_tokens = fit_to_length(render, count, length, task)
+        where = prompt.index(spec["needles"][spec["first"]])
+        return Example(task=task, split=split, index=0, max_length=length, n_tokens=n_tokens,
+                       depth=measured_depth(prompt, where, count, n_tokens), input=prompt,
+                       target=" " + ", ".join(spec["answers"]), outputs=spec["answers"], seed=0)
+
+    return generate
