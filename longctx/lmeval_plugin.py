@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 from typing import Any
 
@@ -45,8 +46,22 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _one_line_errors(kind: type, value: BaseException, tb: Any) -> None:
+    """In the `lm_eval` command: a longctx error (bad model_args, metadata, length) is one line
+    on stderr and exit status 2, as in `longctx` itself; anything else keeps its traceback."""
+    bad_json = issubclass(kind, ValueError) and str(value).startswith("Invalid JSON")  # lm-eval's --metadata
+    if getattr(kind, "__module__", "") == "longctx.errors" or bad_json:
+        sys.stderr.write(f"lm_eval: error: {value}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(2)
+    sys.__excepthook__(kind, value, tb)
+
+
 def install() -> None:
     """Start-up entry point (from the .pth line): cheap, never imports lm-eval itself."""
+    if os.path.basename(sys.argv[0] if sys.argv else "") == "lm_eval":
+        sys.excepthook = _one_line_errors
     if TRIGGER in sys.modules:
         register()
     elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):

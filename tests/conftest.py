@@ -67,3 +67,35 @@ def save_tiny_base(directory, seed: int = 0, max_positions: int = 512):
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
     return save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+def save_char_tokenizer(directory):
+    """A character-level tokenizer (one token per character), saved in HF format."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer_dir(tmp_path_factory):
+    return save_char_tokenizer(tmp_path_factory.mktemp("char-tok"))
+
+
+@pytest.fixture(scope="session")
+def tokenizers(char_tokenizer_dir):
+    """The two tokenizers every length property is checked with: embedded BPE and characters."""
+    from transformers import AutoTokenizer
+
+    from longctx.models import default_base_path
+
+    return {"bpe": AutoTokenizer.from_pretrained(default_base_path()),
+            "char": AutoTokenizer.from_pretrained(char_tokenizer_dir)}

@@ -63,8 +63,8 @@ def fit_to_length(render: Callable[[int], str], count: Callable[[str], int], len
     """(prompt, tokens) for a filler count whose prompt has between L − tolerance and L tokens.
 
     Interpolation search over `n` (monotone: more filler, more tokens), aiming at the middle of
-    the tolerance band; usually two or three tokenizations. Raises when even `n = 0` is too long
-    or one filler step jumps over the whole band.
+    the tolerance band; usually two or three tokenizations. Where one filler step jumps over the
+    whole band, " ." units before the question close the gap. Raises when even `n = 0` is too long.
     """
     floor = length - tolerance(length)
     aim = (floor + length) / 2
@@ -92,10 +92,22 @@ def fit_to_length(render: Callable[[int], str], count: Callable[[str], int], len
             hi_n, hi_c = guess, c
         if hi_n is not None and hi_n - lo_n <= 1:
             break
-    if lo_c < floor:
-        raise LongctxError(f"{task}: cannot size a prompt within {floor}..{length} tokens with this "
-                           f"tokenizer (one filler step adds {hi_c - lo_c} tokens)")
+    if lo_c < floor:  # one filler step jumps over the band (long words, character tokenizers)
+        lo_text, lo_c = _pad_into_band(lo_text, count, floor, length, task)
     return lo_text, lo_c
+
+
+def _pad_into_band(text: str, count: Callable[[str], int], floor: int, length: int, task: str) -> tuple[str, int]:
+    """Insert " ." units before the prompt's last line (the question) until it is in the band."""
+    cut = text.rfind("\n")
+    for k in range(1, 4 * (length - floor) + 1):
+        padded = text[:cut] + " ." * k + text[cut:]
+        c = count(padded)
+        if floor <= c <= length:
+            return padded, c
+        if c > length:
+            break
+    raise LongctxError(f"{task}: cannot size a prompt within {floor}..{length} tokens with this tokenizer")
 
 
 @functools.lru_cache(maxsize=None)

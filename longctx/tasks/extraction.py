@@ -41,10 +41,8 @@ def cwe(count: Callable[[str], int], length: int, rng: random.Random, split: str
         def render(n: int) -> str:
             entries = common * repeats + rare[:n]
             random.Random(seed + n).shuffle(entries)
-            return (f"Below is a numbered list of words. In these words, some appear more often than others. "
-                    f"Memorize the ones that appear most often.\n{_numbered(entries)}\nQuestion: What are the "
-                    f"{n_common} most common words in the above list, in order of first appearance? Answer: The "
-                    f"{n_common} words that appear most often in the list are:")
+            return (f"Words:\n{_numbered(entries)}\nQuestion: Which {n_common} words appear most often above, "
+                    f"in order of first appearance? Answer:")
         try:
             prompt, n_tokens = fit_to_length(render, count, length, "cwe", upper=len(rare))
         except LongctxError:
@@ -87,10 +85,8 @@ def fwe(count: Callable[[str], int], length: int, rng: random.Random, split: str
         entries = [w for w, c in zip(top, counts) for _ in range(c)]
         entries += [others[i // 2] for i in range(n)]  # every other word at most twice
         random.Random(seed + n).shuffle(entries)
-        return ("Read the following coded text and track the frequency of each coded word. Find the three "
-                f"most frequently appearing coded words.\n{' '.join(entries)}\nQuestion: What are the three most "
-                "frequently appearing words in the above coded text, most frequent first? Answer: According to "
-                "the coded text above, the three most frequently appearing words are:")
+        return (f"Coded text:\n{' '.join(entries)}\nQuestion: Which three coded words appear most often above, "
+                "most frequent first? Answer:")
 
     prompt, n_tokens = fit_to_length(render, count, length, "fwe")
     return Example(task="fwe", split=split, index=0, max_length=length, n_tokens=n_tokens, depth=0.0,

@@ -9,27 +9,30 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+from longctx.errors import LongctxError
+
 from longctx.tasks.common import (Example, fit_to_length, haystack_words, insert_at_depths, measured_depth,
                                   split_number, split_words)
 
-NIAH_PREFIX = ("Some special magic numbers are hidden within the following text. Make sure to "
-               "memorize it. I will quiz you about the numbers afterwards.\n")
+NIAH_PREFIX = "Memorize the magic numbers hidden in this text.\n"
 PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                   "memorize it. I will quiz you about the important information there.\n")
-N_NEEDLES = 4  # multikey distractors + 1, multivalue values, multiquery queries
+# Needles of the multi-needle variants (multikey: 1 + distractors; multivalue: values; multiquery:
+# queries), most first; fewer only where the prompt cannot hold more (short lengths, char tokenizers).
+NEEDLE_LADDER = (4, 3, 2)
 
 
 def _needle(key: str, value: str) -> str:
-    return f"One of the special magic numbers for {key} is: {value}."
+    return f"The magic number for {key} is {value}."
 
 
 def _join_keys(keys: list[str]) -> str:
     return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + f" and {keys[-1]}"
 
 
-def _layout(variant: str, rng: random.Random, split: str, depth: float) -> dict:
-    """Needles, their depths, the queried keys and the answers of one example."""
-    words, n = split_words(split), N_NEEDLES
+def _layout(variant: str, rng: random.Random, split: str, depth: float, n: int) -> dict:
+    """Needles, their depths, the queried keys and the answers of one example (`n` needles)."""
+    words = split_words(split)
     if variant == "passkey":
         key = split_number(rng, 5, split)
         return {"needles": [f"The pass key is {key}. Remember it. {key} is the pass key."], "depths": [depth],
@@ -49,20 +52,18 @@ def _layout(variant: str, rng: random.Random, split: str, depth: float) -> dict:
     if variant == "multivalue":  # answers in order of appearance; depth of the first one
         order = sorted(range(n), key=lambda i: depths[i])
         answers, first = [values[i] for i in order], order[0]
-        question = (f"\nWhat are all the special magic numbers for {keys[0]} mentioned in the provided "
-                    f"text? The special magic numbers for {keys[0]} mentioned in the provided text are")
+        question = f"\nWhat are all the magic numbers for {keys[0]}? The magic numbers for {keys[0]} are"
     elif variant == "multiquery":
         asked = rng.sample(range(n), n)
         answers, first = [values[i] for i in asked], asked[0]
         depths[first], depths[0] = depths[0], depths[first]
         names = _join_keys([keys[i] for i in asked])
-        question = (f"\nWhat are all the special magic numbers for {names} mentioned in the provided text? "
-                    f"The special magic numbers for {names} mentioned in the provided text are")
+        question = f"\nWhat are the magic numbers for {names}, in that order? They are"
     else:
         answers, first = [values[0]], 0
-        question = (f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text? "
-                    f"The special magic number for {keys[0]} mentioned in the provided text is")
-    return {"needles": needles, "depths": depths, "question": question, "answers": answers, "first": first}
+        question = f"\nWhat is the magic number for {keys[0]}? The magic number for {keys[0]} is"
+    return {"needles": needles, "depths": depths, "question": question, "answers": answers, "first": first,
+            "values": values}
 
 
 def make(variant: str) -> Callable[..., Example]:
@@ -71,18 +72,35 @@ def make(variant: str) -> Callable[..., Example]:
 
     def generate(count: Callable[[str], int], length: int, rng: random.Random, split: str,
                  haystack: str, depth: float) -> Example:
-        spec = _layout(variant, rng, split, depth)
-        prefix = PASSKEY_PREFIX if variant == "passkey" else NIAH_PREFIX
-        offset = rng.randrange(1 << 20)
-
-        def render(n: int) -> str:
-            body = insert_at_depths(haystack_words(haystack, n, offset), spec["needles"], spec["depths"])
-            return prefix + body + spec["question"]
-
-        prompt, n_tokens = fit_to_length(render, count, length, task)
-        where = prompt.index(spec["needles"][spec["first"]])
-        return Example(task=task, split=split, index=0, max_length=length, n_tokens=n_tokens,
-                       depth=measured_depth(prompt, where, count, n_tokens), input=prompt,
-                       target=" " + ", ".join(spec["answers"]), outputs=spec["answers"], seed=0)
+        ladder = NEEDLE_LADDER if variant in ("multikey", "multivalue", "multiquery") else (1,)
+        for n_needles in ladder:
+            try:
+                return _sized(variant, task, count, length, random.Random(rng.random()), split, haystack,
+                              depth, n_needles)
+            except LongctxError:
+                if n_needles == ladder[-1]:
+                    raise
+        raise AssertionError("unreachable")
 
     return generate
+
+
+def _sized(variant: str, task: str, count: Callable[[str], int], length: int, rng: random.Random,
+           split: str, haystack: str, depth: float, n_needles: int) -> Example:
+    spec = _layout(variant, rng, split, depth, n_needles)
+    prefix = PASSKEY_PREFIX if variant == "passkey" else NIAH_PREFIX
+    offset = rng.randrange(1 << 20)
+
+    def render(n: int) -> str:
+        body = insert_at_depths(haystack_words(haystack, n, offset), spec["needles"], spec["depths"])
+        return prefix + body + spec["question"]
+
+    prompt, n_tokens = fit_to_length(render, count, length, task)
+    if variant == "multivalue":  # answers in order of appearance in the prompt itself
+        order = sorted(range(len(spec["needles"])), key=lambda i: prompt.index(spec["needles"][i]))
+        spec["answers"], spec["first"] = [spec["values"][i] for i in order], order[0]
+    where = prompt.index(spec["needles"][spec["first"]])
+    return Example(task=task, split=split, index=0, max_length=length, n_tokens=n_tokens,
+                   depth=measured_depth(prompt, where, count, n_tokens), input=prompt,
+                   target=" " + ", ".join(spec["answers"]), outputs=spec["answers"], seed=0,
+                   extra={"needles": len(spec["needles"])})

@@ -9,7 +9,7 @@ from typing import Callable
 
 from longctx.tasks.common import Example, fit_to_length, haystack_words, insert_at_depths, measured_depth, split_number
 
-PREFIX = "Memorize and track the chain of variable assignments hidden in the following text.\n"
+PREFIX = "Track the variable assignments in this text.\n"
 HOPS = 4  # assignments after the first: five names in all
 
 
@@ -29,9 +29,7 @@ def generate(count: Callable[[str], int], length: int, rng: random.Random, split
     statements = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, HOPS + 1)]
     later = sorted(depth + (1 - depth) * rng.random() for _ in range(HOPS))  # the chain keeps its order
     depths = [depth, *later]
-    question = (f"\nQuestion: Find all variables that are assigned the value {value} in the text above. "
-                f"Answer: According to the chain of variable assignments in the text above, {HOPS + 1} "
-                f"variables are assigned the value {value}, they are:")
+    question = f"\nWhich variables hold the value {value}, in order? They are:"
     offset = rng.randrange(1 << 20)
 
     def render(n: int) -> str:
