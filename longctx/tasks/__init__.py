@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 from longctx.errors import LongctxError, choice_error
 from longctx.tasks import extraction, mqar, niah, vt
-from longctx.tasks.common import HAYSTACKS, SPLITS, Example, check_split, example_rng, token_counter
+from longctx.tasks.common import HAYSTACKS, SPLITS, Example, check_split, example_rng
+from longctx.tasks.counting import TokenCounter
 
 # name -> (generator, default haystack)
 TASKS: dict[str, tuple[Callable[..., Example], str]] = {
@@ -59,7 +60,7 @@ def generate(task: str, tokenizer: Any, length: int, n: int, seed: int = 0, spli
     check_split(split)
     check_length_value(length)
     depths = _check_depths(list(depths))
-    count = token_counter(tokenizer)
+    count = TokenCounter(tokenizer)
     out = []
     for i in range(n):
         rng = example_rng(task, split, seed, length, i)

@@ -146,29 +146,45 @@ def _noise_words() -> tuple[str, ...]:
     return tuple(NOISE.split())
 
 
-def haystack_words(kind: str, n: int, offset: int = 0) -> list[str]:
-    """`n` words of the `noise` or `essay` haystack, starting at `offset` (wrapping around)."""
+def pool_words(kind: str) -> tuple[str, ...]:
+    """All words of the `noise` or `essay` haystack, in order."""
     if kind not in HAYSTACKS:
         raise choice_error("haystack", kind, HAYSTACKS)
-    pool = _noise_words() if kind == "noise" else _essay_words()
+    return _noise_words() if kind == "noise" else _essay_words()
+
+
+def haystack_words(kind: str, n: int, offset: int = 0) -> list[str]:
+    """`n` words of the `noise` or `essay` haystack, starting at `offset` (wrapping around)."""
+    pool = pool_words(kind)
     start = offset % len(pool)
     reps = (start + n) // len(pool) + 1
     return list((pool * reps)[start:start + n])
 
 
-def insert_at_depths(words: list[str], needles: list[str], depths: list[float]) -> str:
-    """Join `words` with each needle inserted at its depth (a fraction of the words), snapped back
-    to the preceding sentence end when one is within 30 words."""
+def needle_cuts(n_words: int, words: list[str], depths: list[float]) -> list[int]:
+    """Word index before which each needle goes: its depth (a fraction of the words), snapped
+    back to the preceding sentence end when one is within 30 words."""
     cuts = []
     for depth in depths:
-        cut = round(depth * len(words))
+        cut = round(depth * n_words)
         for back in range(min(30, cut) + 1):
             if cut - back == 0 or words[cut - back - 1].endswith("."):
                 cut -= back
                 break
         cuts.append(cut)
+    return cuts
+
+
+def needle_order(cuts: list[int]) -> list[int]:
+    """Needle indices in the order they appear in the text."""
+    return sorted(range(len(cuts)), key=lambda i: (cuts[i], i))
+
+
+def insert_at_depths(words: list[str], needles: list[str], depths: list[float]) -> str:
+    """`words` joined by spaces with each needle inserted at its depth (see `needle_cuts`)."""
+    cuts = needle_cuts(len(words), words, depths)
     pieces, last = [], 0
-    for i in sorted(range(len(needles)), key=lambda i: (cuts[i], i)):
+    for i in needle_order(cuts):
         pieces += words[last:cuts[i]] + [needles[i]]
         last = cuts[i]
     return " ".join(pieces + words[last:])
@@ -180,6 +196,7 @@ def example_rng(task: str, split: str, seed: int, length: int, index: int) -> ra
 
 
 def measured_depth(prompt: str, offset: int, count: Callable[[str], int], n_tokens: int) -> float:
-    """Fraction of the prompt's tokens that come before the character `offset`."""
-    return round(count(prompt[:offset]) / max(n_tokens, 1), 4)
+    """Fraction of the prompt's tokens before the needle starting at character `offset` (the
+    space that precedes a needle counts as the needle's)."""
+    return round(count(prompt[:offset].removesuffix(" ")) / max(n_tokens, 1), 4)
 

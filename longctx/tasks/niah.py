@@ -11,6 +11,7 @@ from typing import Callable
 
 from longctx.errors import LongctxError
 
+from longctx.tasks.counting import fit_haystack
 from longctx.tasks.common import (Example, fit_to_length, haystack_words, insert_at_depths, measured_depth,
                                   split_number, split_words)
 
@@ -90,17 +91,20 @@ def _sized(variant: str, task: str, count: Callable[[str], int], length: int, rn
     spec = _layout(variant, rng, split, depth, n_needles)
     prefix = PASSKEY_PREFIX if variant == "passkey" else NIAH_PREFIX
     offset = rng.randrange(1 << 20)
+    if getattr(count, "additive", False):  # sized from per-word counts (longctx.tasks.counting)
+        prompt, n_tokens, depths = fit_haystack(count, prefix, spec["needles"], spec["depths"], spec["question"],
+                                                haystack, offset, length, task)
+    else:
+        def render(n: int) -> str:
+            body = insert_at_depths(haystack_words(haystack, n, offset), spec["needles"], spec["depths"])
+            return prefix + " " + body + spec["question"]
 
-    def render(n: int) -> str:
-        body = insert_at_depths(haystack_words(haystack, n, offset), spec["needles"], spec["depths"])
-        return prefix + body + spec["question"]
-
-    prompt, n_tokens = fit_to_length(render, count, length, task)
+        prompt, n_tokens = fit_to_length(render, count, length, task)
+        depths = [measured_depth(prompt, prompt.index(nd), count, n_tokens) for nd in spec["needles"]]
     if variant == "multivalue":  # answers in order of appearance in the prompt itself
         order = sorted(range(len(spec["needles"])), key=lambda i: prompt.index(spec["needles"][i]))
         spec["answers"], spec["first"] = [spec["values"][i] for i in order], order[0]
-    where = prompt.index(spec["needles"][spec["first"]])
     return Example(task=task, split=split, index=0, max_length=length, n_tokens=n_tokens,
-                   depth=measured_depth(prompt, where, count, n_tokens), input=prompt,
+                   depth=depths[spec["first"]], input=prompt,
                    target=" " + ", ".join(spec["answers"]), outputs=spec["answers"], seed=0,
                    extra={"needles": len(spec["needles"])})
