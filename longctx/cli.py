@@ -77,6 +77,72 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Fine-tune one adapter on a task's train split."""
+    from longctx.train import TrainConfig, train_adapter
+
+    overrides = {k: v for k, v in {"rank": args.rank, "alpha": args.alpha}.items() if v is not None}
+    cfg = TrainConfig(method=args.method, task=args.task, train_length=args.train_length, out=args.out,
+                      base=args.base, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                      seed=args.seed, overrides=overrides)
+    print(f"adapter written to {train_adapter(cfg, progress=not args.quiet)}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Run (or resume) a sweep from a YAML config."""
+    from longctx.sweep import load_config, run_sweep
+
+    cfg = load_config(args.config)
+    out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet)
+    print(f"results: {out / 'results.jsonl'} and {out / 'results.csv'}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    """Figures and the effective-length table from a results directory."""
+    from longctx.plots import plot_all
+
+    paths, table = plot_all(args.results, threshold=args.threshold)
+    print(table.to_string(index=False))
+    print("wrote " + ", ".join(str(p) for p in paths if p.suffix != ".pdf"))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The README's main command: a small sweep on the embedded base, then plots and a summary."""
+    from longctx.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("train", help="fine-tune one adapter on a task's train split (HF Trainer)")
+    r.add_argument("--method", required=True)
+    r.add_argument("--task", required=True)
+    r.add_argument("--train-length", type=int, required=True, help="prompt length in tokens")
+    r.add_argument("--base", default="longctx-tiny")
+    r.add_argument("--out", required=True, help="run directory (adapter/, train_log.json, checkpoints/)")
+    r.add_argument("--steps", type=int, default=100)
+    r.add_argument("--batch-size", type=int, default=4)
+    r.add_argument("--lr", type=float, default=None, help="override the recipe's learning rate")
+    r.add_argument("--rank", type=int, default=None, help="override the recipe's rank")
+    r.add_argument("--alpha", type=float, default=None, help="override the recipe's alpha")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(run=cmd_train)
+    w = sub.add_parser("sweep", help="methods x tasks x lengths: train, evaluate through lm-eval, tabulate")
+    w.add_argument("config", help="sweep YAML (see configs/)")
+    w.add_argument("--out", default=None, help="results directory (default: the config's `out`)")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(run=cmd_sweep)
+    p = sub.add_parser("plot", help="figures and effective-length table from a results directory")
+    p.add_argument("results", help="directory holding results.jsonl or results.csv")
+    p.add_argument("--threshold", type=float, default=0.5, help="accuracy defining the effective length")
+    p.set_defaults(run=cmd_plot)
+    d = sub.add_parser("demo", help="a small sweep of all methods on the embedded base, with plots")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="fewer samples and steps (for trying it out)")
+    d.set_defaults(run=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="longctx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -104,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(run=cmd_pretrain)
+    _add_run_commands(sub)
     return parser
 
 

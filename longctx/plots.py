@@ -1,0 +1,211 @@
+"""`longctx plot RESULTS_DIR` (SPEC §8): the figures a length-scaling paper needs, from the sweep's
+results table, as PNG and PDF under `RESULTS_DIR/plots/`.
+
+accuracy vs length (line per method, log₂ axis, 95% Wilson bands, facet per task); peak memory
+vs length (chunked solid, unchunked dashed); needle depth × length heatmaps; the effective
+context length table (largest length up to which accuracy stays ≥ a threshold); trainable
+parameters vs effective length.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+DEFAULT_THRESHOLD = 0.5
+METHOD_ORDER = ("base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs", "sdlora")
+
+
+def length_label(n: int | float) -> str:
+    """1024 -> '1K', 1536 -> '1.5K', 300 -> '300'."""
+    n = int(n)
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}K"
+    if n >= 1024:
+        return f"{n / 1024:.1f}K"
+    return str(n)
+
+
+def wilson(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (well-behaved at 0, 1 and small n)."""
+    if not n:
+        return (0.0, 1.0)
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _methods(frame: Any) -> list[str]:
+    present = list(dict.fromkeys(frame["method"]))
+    return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
+
+
+def _ok(frame: Any) -> Any:
+    return frame[frame["status"] == "ok"].copy()
+
+
+def _length_axis(ax: Any, lengths: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([length_label(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("input length (tokens)")
+
+
+def _save(fig: Any, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return paths
+
+
+def accuracy_vs_length(frame: Any, out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    ok, tasks = _ok(frame), list(dict.fromkeys(frame["task"]))
+    lengths = sorted(set(frame["length"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False, sharey=True,
+                             constrained_layout=True)
+    for ax, task in zip(axes[0], tasks):
+        for method in _methods(frame):
+            cells = ok[(ok["task"] == task) & (ok["method"] == method) & ok["chunk_size"].notna()]
+            cells = cells.groupby("length").agg(acc=("acc", "mean"), n=("n", "sum")).reset_index()
+            if cells.empty:
+                continue
+            band = [wilson(a, int(n)) for a, n in zip(cells["acc"], cells["n"])]
+            line = ax.plot(cells["length"], cells["acc"], marker="o", label=method)[0]
+            ax.fill_between(cells["length"], [b[0] for b in band], [b[1] for b in band], alpha=0.15,
+                            color=line.get_color())
+        _length_axis(ax, lengths)
+        ax.set_title(task)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (answer = greedy continuation)")
+    axes[0][-1].legend(title="method", fontsize=8, loc="best")
+    fig.suptitle("Accuracy vs input length (95% Wilson bands)")
+    paths = _save(fig, out, "accuracy_vs_length")
+    plt.close(fig)
+    return paths
+
+
+def memory_vs_length(frame: Any, out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    ok = _ok(frame)
+    lengths = sorted(set(frame["length"]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    for method in _methods(ok):
+        for chunked, style in ((True, "-"), (False, "--")):
+            rows = ok[(ok["method"] == method) & (ok["chunk_size"].notna() == chunked)]
+            rows = rows.groupby("length")["peak_memory_bytes"].max().reset_index()
+            if rows.empty:
+                continue
+            label = f"{method} ({'chunked' if chunked else 'unchunked'})"
+            ax.plot(rows["length"], rows["peak_memory_bytes"] / 2**20, style, marker="o", label=label)
+    _length_axis(ax, lengths)
+    ax.set_ylabel("peak memory per request (MiB)")
+    ax.set_title("Peak memory vs input length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths = _save(fig, out, "memory_vs_length")
+    plt.close(fig)
+    return paths
+
+
+def depth_heatmaps(frame: Any, out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = _ok(frame)
+    ok = ok[ok["depth_acc"].map(lambda d: isinstance(d, dict) and bool(d)) & ok["chunk_size"].notna()]
+    if ok.empty:
+        return []
+    tasks, methods = list(dict.fromkeys(ok["task"])), _methods(ok)
+    lengths = sorted(set(ok["length"]))
+    bins = sorted({b for d in ok["depth_acc"] for b in d}, key=lambda b: int(b.split("_")[1].split("-")[0]))
+    fig, axes = plt.subplots(len(tasks), len(methods), figsize=(2.4 * len(methods) + 1.6, 2.3 * len(tasks) + 0.6),
+                             squeeze=False, constrained_layout=True)
+    for i, task in enumerate(tasks):
+        for j, method in enumerate(methods):
+            grid = np.full((len(bins), len(lengths)), np.nan)
+            for _, row in ok[(ok["task"] == task) & (ok["method"] == method)].iterrows():
+                for b, value in row["depth_acc"].items():
+                    grid[bins.index(b), lengths.index(row["length"])] = value
+            ax = axes[i][j]
+            image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(bins)), [b.removeprefix("depth_") + "%" if j == 0 else "" for b in bins],
+                          fontsize=7)
+            ax.set_title(f"{method} · {task}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("needle depth")
+            if i == len(tasks) - 1:
+                ax.set_xlabel("input length (tokens)")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
+    fig.suptitle("Accuracy by needle depth and input length")
+    paths = _save(fig, out, "depth_heatmaps")
+    plt.close(fig)
+    return paths
+
+
+def effective_length(frame: Any, threshold: float = DEFAULT_THRESHOLD) -> Any:
+    """Per (task, method): the largest length up to which accuracy stays ≥ `threshold` at every
+    evaluated length (0 when the shortest already falls below), with trainable parameters."""
+    import pandas as pd
+
+    ok = _ok(frame)
+    ok = ok[ok["chunk_size"].notna()]
+    rows = []
+    for (task, method), cells in ok.groupby(["task", "method"], sort=False):
+        by_length = cells.groupby("length")["acc"].mean().sort_index()
+        effective = 0
+        for length, acc in by_length.items():
+            if acc < threshold:
+                break
+            effective = int(length)
+        rows.append({"task": task, "method": method, "effective_length": effective,
+                     "max_evaluated": int(by_length.index.max()),
+                     "trainable_parameters": int(cells["trainable_parameters"].max() or 0)})
+    return pd.DataFrame(rows)
+
+
+def params_vs_effective(table: Any, out: Path, threshold: float) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), constrained_layout=True)
+    for task, rows in table.groupby("task", sort=False):
+        ax.scatter(rows["trainable_parameters"] + 1, rows["effective_length"], label=task, s=40)
+        for _, r in rows.iterrows():
+            ax.annotate(r["method"], (r["trainable_parameters"] + 1, r["effective_length"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (+1, log scale)")
+    ax.set_ylabel(f"effective length (tokens; acc ≥ {threshold:g})")
+    ax.set_title("Trainable parameters vs effective context length")
+    ax.grid(alpha=0.3)
+    ax.legend(title="task", fontsize=8)
+    paths = _save(fig, out, "params_vs_effective_length")
+    plt.close(fig)
+    return paths
+
+
+def plot_all(results_dir: str | Path, threshold: float = DEFAULT_THRESHOLD) -> tuple[list[Path], Any]:
+    """Every figure plus `effective_length.csv`; returns (written paths, effective-length table)."""
+    import matplotlib
+
+    from longctx.fileio import atomic_write_text
+    from longctx.results import load_table
+
+    matplotlib.use("Agg")
+    if not 0 <= threshold <= 1:
+        from longctx.errors import LongctxError
+
+        raise LongctxError(f"threshold {threshold!r} is not in [0, 1]")
+    frame = load_table(Path(results_dir))
+    out = Path(results_dir) / "plots"
+    paths = accuracy_vs_length(frame, out) + memory_vs_length(frame, out) + depth_heatmaps(frame, out)
+    table = effective_length(frame, threshold)
+    paths += params_vs_effective(table, out, threshold)
+    atomic_write_text(out / "effective_length.csv", table.to_csv(index=False))
+    return paths + [out / "effective_length.csv"], table

@@ -1,0 +1,151 @@
+"""`longctx train` (SPEC §8): fine-tune one adapter on a task's train split with HF `Trainer`.
+
+The loss covers the answer tokens only (prompt positions are labelled -100). Hyper-parameters
+come from `adapters/<method>.yaml`, overridable; `Trainer` brings the progress bar, gradient
+clipping, checkpoints (resumed automatically from `OUT/checkpoints`) and, under `accelerate
+launch`, DDP/FSDP/DeepSpeed. Validation accuracy (greedy-exact answers on the validation split)
+is logged every `eval_every` steps. The adapter directory and `train_log.json` are written
+atomically; the base's own weights are never saved.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longctx.errors import LongctxError, positive_int
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    task: str
+    train_length: int
+    out: str
+    base: str = "longctx-tiny"
+    steps: int = 100
+    batch_size: int = 4
+    learning_rate: float | None = None  # None: the recipe's
+    seed: int = 0
+    n_validation: int = 16
+    eval_every: int = 50
+    overrides: dict[str, Any] = field(default_factory=dict)  # recipe fields (rank, alpha, …)
+
+    def validate(self) -> None:
+        from longctx.adapters import ADAPTERS
+        from longctx.errors import choice_error
+        from longctx.tasks import TASKS
+
+        if self.method not in ADAPTERS:
+            raise choice_error("method", self.method, ADAPTERS)
+        if self.task not in TASKS:
+            raise choice_error("task", self.task, TASKS)
+        for name in ("train_length", "steps", "batch_size", "n_validation", "eval_every"):
+            positive_int(name, getattr(self, name))
+
+
+def encode_examples(tokenizer: Any, examples: list[Any]) -> list[dict[str, list[int]]]:
+    """input_ids = prompt + answer; labels = -100 on the prompt, the answer's ids after it."""
+    rows = []
+    for ex in examples:
+        prompt = tokenizer(ex.input, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return rows
+
+
+def pad_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: (B, T) input_ids, attention_mask and labels (-100 on padding)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def answer_accuracy(adapted: Any, tokenizer: Any, examples: list[Any]) -> float:
+    """Fraction of examples whose whole answer is the model's greedy continuation."""
+    from longctx.runner import score_continuation
+
+    model = adapted.model
+    was_training = model.training
+    model.eval()
+    hits = 0
+    for ex in examples:
+        prompt = tokenizer(ex.input, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(ex.target, add_special_tokens=False)["input_ids"]
+        hits += score_continuation(adapted, prompt, answer)[1]
+    model.train(was_training)
+    return hits / max(len(examples), 1)
+
+
+def _validation_callback(adapted: Any, tokenizer: Any, examples: list[Any], every: int) -> Any:
+    from transformers import TrainerCallback
+
+    class Validate(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % every == 0 or state.global_step == state.max_steps:
+                acc = answer_accuracy(adapted, tokenizer, examples)
+                state.log_history.append({"step": state.global_step, "validation_accuracy": acc})
+    return Validate()
+
+
+def _arguments(cfg: TrainConfig, lr: float, workdir: Path, progress: bool) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(workdir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=lr, lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, cfg.steps // 10),
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=max(1, min(10, cfg.steps // 10)),
+        save_strategy="steps", save_steps=max(1, min(50, cfg.steps // 2)), save_total_limit=1,
+        report_to=[], seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0,
+        remove_unused_columns=False, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available())
+
+
+def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train, validate and save; returns the adapter directory (`OUT/adapter`)."""
+    from transformers import Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from longctx.adapters import wrap
+    from longctx.fileio import atomic_write_text
+    from longctx.models import load_base
+    from longctx.tasks import generate
+
+    cfg.validate()
+    out = Path(cfg.out)
+    started = time.perf_counter()
+    model, tokenizer = load_base(cfg.base, attn_implementation="sdpa")
+    adapted = wrap(model, cfg.method, seed=cfg.seed, **cfg.overrides)
+    if adapted.trainable_parameters() == 0:
+        raise LongctxError(f"method {cfg.method!r} has no trainable parameters; evaluate it without training")
+    n_train = cfg.steps * cfg.batch_size
+    train = encode_examples(tokenizer, generate(cfg.task, tokenizer, cfg.train_length, n_train, cfg.seed, "train"))
+    validation = generate(cfg.task, tokenizer, cfg.train_length, cfg.n_validation, cfg.seed, "validation")
+    lr = cfg.learning_rate or adapted.recipe.learning_rate
+    adapted.model.train()
+    checkpoints = out / "checkpoints"
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    trainer = Trainer(model=adapted.model, args=_arguments(cfg, lr, checkpoints, progress), train_dataset=train,
+                      data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0),
+                      callbacks=[_validation_callback(adapted, tokenizer, validation, cfg.eval_every)])
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    trainer.train(resume_from_checkpoint=resume)
+    adapted.model.eval()
+    adapter_dir = adapted.save(out / "adapter")
+    log = {"config": asdict(cfg), "learning_rate": lr, "resumed_from": resume,
+           "trainable_parameters": adapted.trainable_parameters(), "total_parameters": adapted.total_parameters(),
+           "validation_accuracy": answer_accuracy(adapted, tokenizer, validation),
+           "seconds": round(time.perf_counter() - started, 1), "history": trainer.state.log_history}
+    atomic_write_text(out / "train_log.json", json.dumps(log, indent=2, default=str) + "\n")
+    return adapter_dir
