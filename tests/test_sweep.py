@@ -1,0 +1,154 @@
+"""Training, sweeps and the demo: answer-only loss, checkpoint resume, a sweep that survives
+SIGKILL at any moment, failing cells recorded, bad configs refused with one line."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from longctx.errors import LongctxError
+from longctx.results import COLUMNS, cell_key, read_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+LONGCTX = [sys.executable, "-m", "longctx.cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+SMOKE = {"methods": ["base", "lora"], "tasks": ["passkey"], "lengths": [256, 320], "train_length": 256,
+         "train_steps": 2, "batch_size": 2, "num_samples": 1, "chunk_size": 128}
+
+
+def _config(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**SMOKE, "out": str(tmp_path / "out"), **changes}))
+    return path
+
+
+def _longctx(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*LONGCTX, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def test_training_loss_covers_answer_tokens_only():
+    from transformers import AutoTokenizer
+
+    from longctx.models import default_base_path
+    from longctx.tasks import generate
+    from longctx.train import encode_examples, pad_batch
+
+    tok = AutoTokenizer.from_pretrained(default_base_path())
+    (example,) = generate("passkey", tok, 256, 1, split="train")
+    (row,) = encode_examples(tok, [example])
+    answer = [t for t in row["labels"] if t != -100]
+    assert tok.decode(answer) == example.target
+    assert row["labels"][-len(answer):] == row["input_ids"][-len(answer):]
+    batch = pad_batch([row, {"input_ids": [5, 6], "labels": [-100, 6]}], pad_id=0)
+    assert batch["labels"].shape == batch["input_ids"].shape and int((batch["labels"][1] != -100).sum()) == 1
+
+
+@pytest.mark.slow
+def test_train_writes_adapter_and_log_and_resumes_from_its_checkpoint(tmp_path):
+    from longctx.train import TrainConfig, train_adapter
+
+    cfg = TrainConfig(method="lora", task="passkey", train_length=128, out=str(tmp_path / "run"), steps=4,
+                      batch_size=2, n_validation=2, eval_every=2)
+    adapter = train_adapter(cfg, progress=False)
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["resumed_from"] is None and any("loss" in h for h in log["history"])
+    assert [h["step"] for h in log["history"] if "validation_accuracy" in h][:2] == [2, 4]
+    cfg.steps = 6
+    train_adapter(cfg, progress=False)
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["resumed_from"] and log["resumed_from"].endswith("checkpoint-4")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": "nope"}, "unknown method 'nope'"),
+    ({"task": "nope"}, "unknown task 'nope'"),
+    ({"method": "base"}, "no trainable parameters"),
+])
+def test_train_refuses_bad_input(change, message, tmp_path):
+    from longctx.train import TrainConfig, train_adapter
+
+    cfg = TrainConfig(**{"method": "lora", "task": "passkey", "train_length": 128, "out": str(tmp_path / "r"),
+                         **change})
+    with pytest.raises(LongctxError, match=message):
+        train_adapter(cfg, progress=False)
+    assert not (tmp_path / "r" / "adapter").exists()
+
+
+def _complete(out: Path, expected: int) -> list[dict]:
+    rows = read_rows(out / "results.jsonl")
+    lines = [line for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    assert len(lines) == len(rows) == expected  # every cell exactly once, every line parses
+    assert all(json.loads(line).keys() == set(COLUMNS) for line in lines)
+    return rows
+
+
+@pytest.mark.slow
+def test_sweep_survives_sigkill_at_several_points(tmp_path):
+    config = _config(tmp_path)
+    out = tmp_path / "out"
+    for delay in (2.0, 6.0, 10.0, 14.0):
+        proc = subprocess.Popen([*LONGCTX, "sweep", str(config), "--quiet"], env=ENV, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its child evaluation, mid-flight
+        proc.wait()
+    final = _longctx("sweep", str(config), "--quiet")
+    assert final.returncode == 0, final.stderr[-2000:]
+    rows = _complete(out, expected=4)
+    assert {cell_key(r)[:3] for r in rows} == {(m, "passkey", n) for m in ("base", "lora") for n in (256, 320)}
+    assert all(r["status"] == "ok" for r in rows)
+    again = _longctx("sweep", str(config), "--quiet")  # nothing left: nothing repeated
+    assert again.returncode == 0 and _complete(out, expected=4) == rows
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].split(",") == list(COLUMNS)
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_recorded_and_the_rest_completes(tmp_path):
+    config = _config(tmp_path, methods=["base"], lengths=[256, 5000], unchunked_methods=["base"])
+    run = _longctx("sweep", str(config), "--quiet")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {(r["length"], r["chunk_size"]): r for r in _complete(tmp_path / "out", expected=4)}
+    assert rows[(256, 128)]["status"] == rows[(256, None)]["status"] == "ok"
+    for chunk in (128, None):
+        failed = rows[(5000, chunk)]
+        assert failed["status"] == "error" and "limit of 4096 tokens" in failed["message"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": None}, "missing the key 'methods'"),
+    ({"methods": ["nope"]}, "unknown method 'nope'"),
+    ({"tasks": ["nope"]}, "unknown task 'nope'"),
+    ({"lengths": []}, "lengths in"),
+    ({"lengths": [-3]}, "length -3"),
+    ({"colour": "blue"}, "unknown key 'colour'"),
+])
+def test_bad_sweep_configs_are_one_line_exit_2_and_write_nothing(change, message, tmp_path):
+    values = {**SMOKE, "out": str(tmp_path / "out"), **change}
+    values = {k: v for k, v in values.items() if v is not None}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(values))
+    run = _longctx("sweep", str(tmp_path / "bad.yaml"), timeout=120)
+    assert run.returncode == 2 and message in run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_directory_is_one_line_exit_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    run = _longctx("sweep", str(_config(tmp_path)), "--out", str(blocker / "out"), timeout=120)
+    assert run.returncode == 2 and "cannot write to output directory" in run.stderr
+    assert run.stderr.count("\n") == 1
+
+
+def test_missing_config_file_is_one_line_exit_2(tmp_path):
+    run = _longctx("sweep", str(tmp_path / "absent.yaml"), timeout=120)
+    assert run.returncode == 2 and "does not exist" in run.stderr
