@@ -64,7 +64,7 @@ def accuracy_vs_length(frame: Any, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     ok, tasks = _ok(frame), list(dict.fromkeys(frame["task"]))
-    lengths = sorted(set(frame["length"]))
+    lengths = sorted(set(ok["length"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False, sharey=True,
                              constrained_layout=True)
     for ax, task in zip(axes[0], tasks):
@@ -93,16 +93,17 @@ def memory_vs_length(frame: Any, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     ok = _ok(frame)
-    lengths = sorted(set(frame["length"]))
+    lengths = sorted(set(ok["length"]))
     fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
-    for method in _methods(ok):
+    for index, method in enumerate(_methods(ok)):
         for chunked, style in ((True, "-"), (False, "--")):
             rows = ok[(ok["method"] == method) & (ok["chunk_size"].notna() == chunked)]
             rows = rows.groupby("length")["peak_memory_bytes"].max().reset_index()
             if rows.empty:
                 continue
             label = f"{method} ({'chunked' if chunked else 'unchunked'})"
-            ax.plot(rows["length"], rows["peak_memory_bytes"] / 2**20, style, marker="o", label=label)
+            ax.plot(rows["length"], rows["peak_memory_bytes"] / 2**20, style, marker="o", label=label,
+                    color=f"C{index}", alpha=0.85)
     _length_axis(ax, lengths)
     ax.set_ylabel("peak memory per request (MiB)")
     ax.set_title("Peak memory vs input length")

@@ -30,7 +30,7 @@ def base_path() -> str:
 def _manager(**metadata):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=TASK_DIR, metadata=metadata)
+    return TaskManager(include_path=TASK_DIR, include_defaults=False, metadata=metadata)
 
 
 def _docs(task: str, base_path: str, lengths=(256,), n=2) -> list[dict]:
