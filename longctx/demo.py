@@ -32,7 +32,8 @@ def summary(frame) -> str:
     frame = frame[frame["chunk_size"].notna()]
     for task, rows in frame.groupby("task", sort=False):
         lengths = sorted(set(rows["length"]))
-        lines.append(f"{task}: accuracy (answer = greedy continuation), n per cell in brackets")
+        n = int(rows["n"].max())
+        lines.append(f"{task}: accuracy (answer = greedy continuation) and answer NLL (nats/token), n={n} per cell")
         lines.append(f"  {'method':<14}" + "".join(f"{length_label(n):>12}" for n in lengths))
         for method in [m for m in METHOD_ORDER if m in set(rows["method"])]:
             cells = rows[rows["method"] == method].set_index("length")
@@ -42,7 +43,10 @@ def summary(frame) -> str:
                     out.append("-")
                     continue
                 cell = cells.loc[n]
-                out.append(f"{cell['acc']:.2f} ({int(cell['n'])})" if cell["status"] == "ok" else str(cell["status"]))
+                ok = cell["status"] == "ok"
+                nll = cell.get("answer_nll")
+                nll_text = f" {nll:.2f}" if ok and nll is not None and nll == nll else ""
+                out.append(f"{cell['acc']:.2f}{nll_text}" if ok else str(cell["status"]))
             lines.append(f"  {method:<14}" + "".join(f"{v:>12}" for v in out))
     return "\n".join(lines)
 

@@ -61,29 +61,38 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
 
 
 def accuracy_vs_length(frame: Any, out: Path) -> list[Path]:
+    """Accuracy (and, where recorded, the answer's NLL per token) vs length, a column per task."""
     import matplotlib.pyplot as plt
 
     ok, tasks = _ok(frame), list(dict.fromkeys(frame["task"]))
+    ok = ok[ok["chunk_size"].notna()]
     lengths = sorted(set(ok["length"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), squeeze=False, sharey=True,
-                             constrained_layout=True)
-    for ax, task in zip(axes[0], tasks):
-        for method in _methods(frame):
-            cells = ok[(ok["task"] == task) & (ok["method"] == method) & ok["chunk_size"].notna()]
-            cells = cells.groupby("length").agg(acc=("acc", "mean"), n=("n", "sum")).reset_index()
+    has_nll = "answer_nll" in ok and ok["answer_nll"].notna().any()
+    fig, axes = plt.subplots(2 if has_nll else 1, len(tasks), figsize=(4.6 * len(tasks), 3.6 * (2 if has_nll else 1)),
+                             squeeze=False, sharey="row", constrained_layout=True)
+    for col, task in enumerate(tasks):
+        for index, method in enumerate(_methods(frame)):
+            cells = ok[(ok["task"] == task) & (ok["method"] == method)]
+            cells = cells.groupby("length").agg(acc=("acc", "mean"), n=("n", "sum"),
+                                                nll=("answer_nll", "mean") if has_nll else ("acc", "size")).reset_index()
             if cells.empty:
                 continue
             band = [wilson(a, int(n)) for a, n in zip(cells["acc"], cells["n"])]
-            line = ax.plot(cells["length"], cells["acc"], marker="o", label=method)[0]
-            ax.fill_between(cells["length"], [b[0] for b in band], [b[1] for b in band], alpha=0.15,
-                            color=line.get_color())
-        _length_axis(ax, lengths)
-        ax.set_title(task)
-        ax.set_ylim(-0.03, 1.03)
-        ax.grid(alpha=0.3)
+            axes[0][col].plot(cells["length"], cells["acc"], marker="o", label=method, color=f"C{index}")
+            axes[0][col].fill_between(cells["length"], [b[0] for b in band], [b[1] for b in band], alpha=0.15,
+                                      color=f"C{index}")
+            if has_nll:
+                axes[1][col].plot(cells["length"], cells["nll"], marker="o", label=method, color=f"C{index}")
+        axes[0][col].set_title(task)
+        axes[0][col].set_ylim(-0.03, 1.03)
+        for ax in axes[:, col]:
+            _length_axis(ax, lengths)
+            ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy (answer = greedy continuation)")
+    if has_nll:
+        axes[1][0].set_ylabel("answer NLL (nats per token, lower is better)")
     axes[0][-1].legend(title="method", fontsize=8, loc="best")
-    fig.suptitle("Accuracy vs input length (95% Wilson bands)")
+    fig.suptitle("Accuracy (95% Wilson bands) and answer likelihood vs input length")
     paths = _save(fig, out, "accuracy_vs_length")
     plt.close(fig)
     return paths

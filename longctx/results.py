@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("method", "base", "task", "length", "seed", "n", "acc", "stderr", "peak_memory_bytes",
+COLUMNS = ("method", "base", "task", "length", "seed", "n", "acc", "stderr", "answer_nll", "peak_memory_bytes",
            "tokens_per_s", "trainable_parameters", "total_parameters", "chunk_size", "train_length",
            "status", "message", "depth_acc", "lm_eval_output", "git_commit", "time")
 STATUSES = ("ok", "oom", "error")

@@ -42,7 +42,7 @@ def evaluate_length(lm: Any, job: dict[str, Any], length: int) -> dict[str, Any]
     record = lm.log.per_length().get(str(length), {})
     depth = {k.split(",")[0]: v for k, v in metrics.items() if k.startswith("depth_") and "stderr" not in k}
     return {"n": int(results["n-samples"][task]["effective"]), "acc": metrics.get("acc,none"),
-            "stderr": _number(metrics.get("acc_stderr,none")), "peak_memory_bytes": record.get("peak_memory_bytes"),
+            "stderr": _number(metrics.get("acc_stderr,none")), "answer_nll": _number(metrics.get("answer_nll,none")), "peak_memory_bytes": record.get("peak_memory_bytes"),
             "tokens_per_s": record.get("tokens_per_s"), "depth_acc": depth or None,
             "lm_eval_output": str(out), "status": "ok", "message": ""}
 

@@ -216,3 +216,13 @@ def test_stock_lm_eval_bad_input_is_one_line_exit_2(args, message, tmp_path):
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("lm_eval: error:") and message in run.stderr
+
+
+def test_loglikelihood_metrics_name_the_length_the_depth_bin_and_the_answer_nll():
+    from longctx.tasks.lmeval import process_generation, process_loglikelihood
+
+    doc = {"task": "passkey", "max_length": 1024, "depth": 0.45, "target_tokens": 6, "outputs": ["12345"]}
+    assert process_loglikelihood(doc, [(-3.0, True)]) == {"acc": 1.0, "1024": 1.0, "depth_40-60": 1.0,
+                                                         "answer_nll": 0.5}
+    assert process_generation(doc, ["The pass key is 12345.\n"]) == {"acc": 1.0, "1024": 1.0, "depth_40-60": 1.0}
+    assert process_generation({**doc, "outputs": ["1", "9"]}, ["1 2"])["acc"] == 0.5

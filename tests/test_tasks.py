@@ -85,6 +85,7 @@ def check_example(task: str, example, tokenizer, length: int) -> None:
     sep = " " if task in ("vt", "cwe", "fwe") else ", "
     assert example.target == " " + sep.join(example.outputs)
     assert 0.0 <= example.depth <= 1.0
+    assert example.target_tokens == len(tokenizer(example.target, add_special_tokens=False)["input_ids"])
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -65,7 +65,7 @@ def generate(task: str, tokenizer: Any, length: int, n: int, seed: int = 0, spli
     for i in range(n):
         rng = example_rng(task, split, seed, length, i)
         example = make(count, length, rng, split, haystack, depths[i % len(depths)])
-        out.append(dataclasses.replace(example, index=i, seed=seed))
+        out.append(dataclasses.replace(example, index=i, seed=seed, target_tokens=count(example.target)))
     return out
 
 

@@ -41,6 +41,7 @@ class Example:
     outputs: list[str]
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)
+    target_tokens: int = 0  # the answer's length in the evaluated tokenizer (for per-token NLL)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -108,9 +108,11 @@ def _metrics(doc: dict[str, Any], score: float) -> dict[str, float]:
 
 
 def process_loglikelihood(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
-    """Accuracy = the answer is the model's greedy continuation (one forward pass)."""
-    _, is_greedy = results[0]
-    return _metrics(doc, float(is_greedy))
+    """Accuracy = the answer is the model's greedy continuation (one forward pass); plus the
+    answer's negative log-likelihood per token (`answer_nll`, nats), which still separates
+    models when every accuracy is 0 or 1."""
+    logprob, is_greedy = results[0]
+    return {**_metrics(doc, float(is_greedy)), "answer_nll": -logprob / max(doc.get("target_tokens") or 1, 1)}
 
 
 def process_generation(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
