@@ -10,7 +10,7 @@ from pathlib import Path
 from longctx.sweep import SweepConfig
 
 DEMO = SweepConfig(
-    methods=["base", "dense", "lora", "ssmlora", "ssmlora-scan"],
+    methods=["base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"],
     tasks=["passkey", "niah_single"],
     lengths=[256, 512, 1024, 2048],
     train_length=256,

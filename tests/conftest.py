@@ -10,11 +10,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-METHODS = ["base", "dense", "lora", "ssmlora", "ssmlora-scan"]
+METHODS = ["base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"]
 # Methods whose chunked run must equal the unchunked run (SPEC §5).
-EXACT_UNDER_CHUNKING = ["base", "dense", "lora", "ssmlora-scan"]
+EXACT_UNDER_CHUNKING = ["base", "dense", "lora", "ssmlora-scan", "lora-xs"]
 # Name filter of each method's own (trainable) parameters.
-OWN_PARAMS = {"base": None, "dense": "", "lora": "lora_", "ssmlora": "ssmlora_", "ssmlora-scan": "scan_"}
+OWN_PARAMS = {"base": None, "dense": "", "lora": "lora_", "ssmlora": "ssmlora_", "ssmlora-scan": "scan_", "lora-xs": "lora_xs_"}
 VOCAB = 300
 
 

@@ -17,6 +17,7 @@ from longctx.adapters.base import (CONFIG_NAME, WEIGHTS_NAME, AdaptedModel, Adap
 from longctx.adapters.dense import Dense
 from longctx.adapters.frozen import FrozenBase
 from longctx.adapters.lora import Lora, recipe_fields_from_peft
+from longctx.adapters.lora_xs import LoraXS
 from longctx.adapters.ssmlora import SSMLoRA
 from longctx.adapters.ssmlora_scan import SSMLoRAScan
 from longctx.adapters.state import SequenceState, StateBinding
@@ -29,6 +30,7 @@ ADAPTERS: dict[str, AdapterMethod] = {
     "lora": Lora(),
     "ssmlora": SSMLoRA(),
     "ssmlora-scan": SSMLoRAScan(),
+    "lora-xs": LoraXS(),
 }
 
 __all__ = ["ADAPTERS", "AdaptedModel", "Recipe", "SequenceState", "get_adapter", "load_adapter",
