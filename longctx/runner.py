@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from longctx.adapters.base import AdaptedModel
 from longctx.adapters.state import SequenceState
 from longctx.errors import LongctxError, choice_error, positive_int
-from longctx.models import check_length
+from longctx.models import check_length, model_family
 
 CARRY_CHOICES = ("chunk", "reset")
 
@@ -41,10 +41,29 @@ def _bind(adapted: AdaptedModel | nn.Module, state: SequenceState) -> contextlib
 
 
 def _new_cache(model: nn.Module, capacity: int) -> Any:
-    """KV cache preallocated for `capacity` tokens (no concatenation copies while it fills)."""
+    """KV cache preallocated for `capacity` tokens (no concatenation copies while it fills);
+    for Mamba, the model's own conv/SSM state cache, with the SSM state carried across chunks."""
+    if model_family(model) == "mamba":
+        from transformers import DynamicCache
+
+        from longctx.mamba import carry_ssm_state
+
+        carry_ssm_state(model)
+        return DynamicCache(config=model.config)
     from longctx.cache import preallocated_cache
 
     return preallocated_cache(model.config, capacity)
+
+
+def _step(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, keep: Any) -> Any:
+    """One forward of a chunk (B, C) after `cache`; `mask` covers every token so far (B, N)."""
+    if model_family(model) == "mamba":  # no positions; the mask covers the chunk's own tokens
+        out = model(input_ids=ids, attention_mask=mask[:, -ids.shape[1]:], cache_params=cache, use_cache=True,
+                    logits_to_keep=keep)
+        out.past_key_values = out.cache_params
+        return out
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=keep)
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -84,9 +103,8 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
         if ssm_carry == "reset":
             state.reset()
         with _bind(adapted, state), torch.no_grad():
-            out = model(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
-                        position_ids=positions[:, start:end], past_key_values=cache, use_cache=True,
-                        logits_to_keep=local.to(input_ids.device))
+            out = _step(model, input_ids[:, start:end], mask[:, :end], positions[:, start:end], cache,
+                        local.to(input_ids.device))
         cache, n_chunks = out.past_key_values, n_chunks + 1
         if local.numel():
             kept.append(out.logits.float())  # (B, K_chunk, V)
@@ -139,7 +157,6 @@ def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_ne
         if ssm_carry == "reset":
             state.reset()
         with _bind(adapted, state), torch.no_grad():
-            step = model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+            step = _step(model, token[:, None], mask, position, cache, 1)
         cache, token = step.past_key_values, step.logits[:, -1].argmax(-1)
     return torch.stack(new, dim=1)  # (B, T_new)

@@ -25,6 +25,10 @@ PRESETS = ("sparse-qv", "reference-all", "every-qv")
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
+# Linear modules whose weight the model reads as a tensor (bypassing any wrapper), per family.
+RAW_WEIGHT_MODULES = {"mamba": {"dt_proj"}}
+
+
 def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
@@ -45,6 +49,11 @@ def resolve_points(model: nn.Module, insertion: str | tuple[str, ...]) -> dict[s
         points = _preset_points(family, insertion, linears)
     else:
         points = {n: n for n in linears if n.rsplit(".", 1)[-1] in insertion}
+    raw = sorted({n.rsplit(".", 1)[-1] for n in points} & RAW_WEIGHT_MODULES.get(family, set()))
+    if raw:
+        raise LongctxError(f"insertion point {raw[0]!r} cannot be adapted on a {family} model: transformers reads its "
+                           f"weight directly instead of calling the module, so an adapter there would be silently "
+                           f"ignored; adaptable: in_proj, x_proj, out_proj")
     if not points:
         found = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise LongctxError(f"insertion {insertion!r} matched no module of this {family} model; "

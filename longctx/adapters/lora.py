@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from longctx.adapters.base import AdapterMethod, AdaptedModel, Recipe
 from longctx.adapters.insertion import resolve_points
 from longctx.adapters.state import StateBinding
+from longctx.errors import LongctxError
 
 
 def recipe_fields_from_peft(config: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +41,10 @@ class Lora(AdapterMethod):
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, self.peft_config(model, recipe))
+        try:
+            peft_model = get_peft_model(model, self.peft_config(model, recipe))
+        except ValueError as err:  # PEFT's own refusals (e.g. out_proj on Mamba), as one line
+            raise LongctxError(f"PEFT refused this LoRA placement: {str(err).splitlines()[0]}") from None
         points = [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
                   if hasattr(m, "lora_A") and len(getattr(m, "lora_A"))]
         return peft_model, points

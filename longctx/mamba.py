@@ -1,0 +1,72 @@
+"""Chunk-wise prefill for Mamba bases (SPEC §5).
+
+transformers' pure-PyTorch `MambaMixer` carries the convolution state into a multi-token chunk,
+but its selective scan restarts from zero (`mamba_selective_scan` takes no initial state), so
+every chunk after the first forgets the ones before it (checked in `tests/test_mamba.py`). The
+scan is linear in its state, so the missing part is exact to add back: with the chunk's step
+sizes Δ and P_t = exp(A · Σ_{s≤t} Δ_s), the state is h_t = h_t⁰ + P_t ⊙ h₀, the output gains
+C_t·(P_t ⊙ h₀) gated by silu(z), and the final state gains P_T ⊙ h₀ (Gu & Dao, 2023, eq. 2).
+`carry_ssm_state(model)` wraps each mixer so that such a chunk runs transformers' own slow-path
+pieces (convolution, zero-state selective scan) plus that term; the first chunk and
+single-token decoding steps are left to transformers entirely.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _chunk_after_state(mixer: nn.Module, hidden_states: Tensor, cache_params: Any, attention_mask: Tensor | None,
+                       h0: Tensor) -> Tensor:
+    """The mixer's slow path for a multi-token chunk whose scan starts from `h0` (B, D, N)."""
+    from transformers.models.mamba.modeling_mamba import (apply_mask_to_padding_states, causal_conv1d_fn,
+                                                          mamba_selective_scan)
+
+    seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
+    hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
+    x, gate = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, D, T) each
+    full = cache_params.update_conv_state(x, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size)  # (B, D, K+T)
+    x = causal_conv1d_fn(full, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+                         activation=mixer.activation)[..., -seq_len:]
+    x = apply_mask_to_padding_states(x.transpose(1, 2), attention_mask)  # (B, T, D)
+    dt, b, c = torch.split(mixer.x_proj(x), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size],
+                           dim=-1)  # (B, T, R), (B, T, N), (B, T, N)
+    dt = mixer.dt_proj.weight @ dt.transpose(1, 2)  # (B, D, T), as transformers computes it
+    a = -torch.exp(mixer.A_log.float())  # (D, N)
+    bias = mixer.dt_proj.bias.float()
+    y, last = mamba_selective_scan(x.transpose(1, 2), dt, a, b.transpose(1, 2), c.transpose(1, 2),
+                                   D=mixer.D.float(), z=gate, delta_bias=bias, delta_softplus=True,
+                                   return_last_state=True)  # (B, D, T), (B, D, N): from a zero state
+    step = F.softplus(dt.float() + bias[:, None])  # (B, D, T): Δ
+    decay = torch.exp(step.cumsum(dim=-1)[..., None] * a[:, None])  # (B, D, T, N): P_t
+    carried = decay * h0.float()[:, :, None]  # (B, D, T, N): P_t ⊙ h0
+    y = y + torch.einsum("bdtn,btn->bdt", carried, c.float()).to(y.dtype) * F.silu(gate)
+    cache_params.update_recurrent_state((last.float() + carried[:, :, -1]).to(last.dtype), mixer.layer_idx)
+    return mixer.out_proj(y.transpose(1, 2).to(dtype))
+
+
+def _stateful(mixer: nn.Module, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def forward(hidden_states: Tensor, cache_params: Any = None, attention_mask: Tensor | None = None,
+                **kwargs: Any) -> Tensor:
+        h0 = None
+        if cache_params is not None and hidden_states.shape[1] > 1:
+            h0 = cache_params.get_recurrent_state(mixer.layer_idx)
+        if h0 is None:  # first chunk, decoding step, or no cache: transformers' own path is right
+            return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        return _chunk_after_state(mixer, hidden_states, cache_params, attention_mask, h0.clone())
+    return forward
+
+
+def carry_ssm_state(model: nn.Module) -> nn.Module:
+    """Make every Mamba mixer of `model` start a multi-token chunk from the cached SSM state
+    (idempotent; the model object carries the change, nothing global)."""
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    for module in model.modules():
+        if isinstance(module, MambaMixer) and not hasattr(module, "_longctx_original_forward"):
+            module._longctx_original_forward = module.forward
+            module.forward = _stateful(module, module.forward)
+    return model

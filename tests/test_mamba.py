@@ -1,0 +1,95 @@
+"""Mamba bases chunk-wise: transformers' own cache restarts the SSM scan at every multi-token
+chunk (shown here), longctx carries the state, and chunked = unchunked."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VOCAB, random_ids
+from longctx.runner import chunked_forward, greedy_generate
+
+
+def tiny_mamba(seed: int = 0):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(vocab_size=VOCAB, hidden_size=48, state_size=8, num_hidden_layers=2, conv_kernel=4,
+                         expand=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return MambaForCausalLM(config).eval()
+
+
+def _logprobs(logits, ids, keep):
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, K, V)
+    return logprobs.gather(-1, ids[:, keep + 1, None])[..., 0]  # (B, K)
+
+
+def test_transformers_alone_forgets_the_ssm_state_between_chunks():
+    model, ids = tiny_mamba(), random_ids(1, 64)
+    with torch.no_grad():
+        whole = model(ids).logits[:, 32:]
+        first = model(ids[:, :32], use_cache=True)
+        second = model(ids[:, 32:], cache_params=first.cache_params, use_cache=True).logits
+    assert (whole - second).abs().max() > 1e-3  # the gap longctx closes
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 32, 45, 99])
+def test_chunked_equals_unchunked(chunk_size):
+    model, ids = tiny_mamba(), random_ids(2, 100)
+    keep = torch.arange(0, 99)
+    with torch.no_grad():
+        reference = model(ids).logits[:, :99]  # (B, 99, V)
+    out = chunked_forward(model, ids, chunk_size=chunk_size, keep=keep)
+    assert out.n_chunks == -(-100 // chunk_size)
+    assert torch.allclose(_logprobs(out.logits, ids, keep), _logprobs(reference, ids, keep), atol=1e-4)
+
+
+def test_greedy_text_after_a_chunked_prefill_matches_the_unchunked_one():
+    model, ids = tiny_mamba(), random_ids(1, 90)
+    whole = greedy_generate(model, ids, max_new_tokens=12)
+    chunked = greedy_generate(model, ids, max_new_tokens=12, chunk_size=25)
+    reference = ids
+    for _ in range(12):  # plain loop without any cache
+        with torch.no_grad():
+            nxt = model(reference).logits[:, -1].argmax(-1, keepdim=True)
+        reference = torch.cat([reference, nxt], dim=1)
+    assert whole.tolist() == chunked.tolist() == reference[:, 90:].tolist()
+
+
+def test_mamba_has_no_position_limit():
+    from longctx.models import check_length, position_limit
+
+    model = tiny_mamba()
+    assert position_limit(model) is None
+    check_length(model, 10**6)  # no error
+
+
+@pytest.mark.parametrize("method, targets", [("lora", ("in_proj", "x_proj")),
+                                             ("ssmlora-scan", ("in_proj", "x_proj", "out_proj")),
+                                             ("lora-xs", ("in_proj", "x_proj", "out_proj"))])
+def test_adapters_on_mamba_projections_chunk_exactly(method, targets):
+    from conftest import perturb
+    from longctx.adapters import wrap
+
+    adapted = wrap(tiny_mamba(), method, insertion=targets)
+    perturb(adapted)
+    assert {p.rsplit(".", 1)[-1] for p in adapted.insertion_points} == set(targets)
+    assert len(adapted.insertion_points) == 2 * len(targets)  # every layer
+    base_out = chunked_forward(tiny_mamba(), random_ids(1, 20)).logits
+    assert (chunked_forward(adapted, random_ids(1, 20)).logits - base_out).abs().max() > 1e-4  # adapters act
+    ids, keep = random_ids(1, 80), torch.arange(0, 79)
+    whole = chunked_forward(adapted, ids, keep=keep)
+    chunked = chunked_forward(adapted, ids, chunk_size=23, keep=keep)
+    assert torch.allclose(_logprobs(whole.logits, ids, keep), _logprobs(chunked.logits, ids, keep), atol=1e-4)
+
+
+@pytest.mark.parametrize("method, targets, message", [
+    ("lora", ("q_proj",), "matched no module of this mamba model.*in_proj"),
+    ("ssmlora-scan", ("dt_proj",), "'dt_proj' cannot be adapted.*silently ignored"),
+    ("lora", ("out_proj",), "PEFT refused this LoRA placement.*out_proj"),
+])
+def test_an_invalid_mamba_target_fails_loudly(method, targets, message):
+    from longctx.adapters import wrap
+    from longctx.errors import LongctxError
+
+    with pytest.raises(LongctxError, match=message):
+        wrap(tiny_mamba(), method, insertion=targets)
