@@ -87,13 +87,16 @@ def load_base(name_or_path: str, dtype: str | torch.dtype = "float32",
     """Load (model, tokenizer) in eval mode. Hub ids load only from the local cache offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers import AutoConfig
+
     path = resolve_base(name_or_path)
     attn = choose_attn_implementation(attn_implementation)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        attention = {} if config.model_type in ("mamba", "mamba2") else {"attn_implementation": attn}  # no attention
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=parse_dtype(dtype), attn_implementation=attn,
-            trust_remote_code=trust_remote_code)
+            path, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code, **attention)
     except (OSError, ValueError) as err:
         if isinstance(err, LongctxError):
             raise

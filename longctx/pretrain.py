@@ -83,7 +83,20 @@ def build_llama(recipe: PretrainRecipe, tokenizer: Any) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-ARCHS: dict[str, Callable[[PretrainRecipe, Any], nn.Module]] = {"llama": build_llama}
+def build_mamba(recipe: PretrainRecipe, tokenizer: Any) -> nn.Module:
+    """A small Mamba (Gu & Dao, 2023) of the recipe's width and depth, tied embeddings."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
+        state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(recipe.seed)
+    return MambaForCausalLM(config)
+
+
+# Architecture name -> builder; both embedded bases come from the same recipe.
+ARCHS: dict[str, Callable[[PretrainRecipe, Any], nn.Module]] = {"llama": build_llama, "mamba": build_mamba}
 
 
 def _documents(recipe: PretrainRecipe, prose: str, words: list[str], n_tokens: int, tokenizer: Any) -> list[int]:

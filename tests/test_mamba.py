@@ -93,3 +93,31 @@ def test_an_invalid_mamba_target_fails_loudly(method, targets, message):
 
     with pytest.raises(LongctxError, match=message):
         wrap(tiny_mamba(), method, insertion=targets)
+
+
+@pytest.fixture(scope="module")
+def mamba_dir(tmp_path_factory):
+    from conftest import save_tiny_base
+
+    directory = save_tiny_base(tmp_path_factory.mktemp("tiny-mamba"))  # tokenizer (and a llama we replace)
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        (directory / name).unlink(missing_ok=True)
+    tiny_mamba().save_pretrained(directory)
+    return directory
+
+
+def test_ssmlora_model_type_on_mamba_has_no_2048_fallback_and_chunks(mamba_dir):
+    from lm_eval.api.instance import Instance
+
+    from longctx.lmeval_model import SsmloraLM
+
+    context = "The grass is green. " * 600
+    requests = [Instance("loglikelihood", {"max_length": 3000}, (context, " The sky"), 0)]
+    whole = SsmloraLM(pretrained=str(mamba_dir), method="base")
+    chunked = SsmloraLM(pretrained=str(mamba_dir), method="ssmlora-scan", chunk_size=300)
+    assert whole.position_limit is None and whole.max_length > 10**6  # lm-eval's 2048 default not applied
+    (a, _), (b, _) = whole.loglikelihood(requests)[0], chunked.loglikelihood(requests)[0]
+    assert abs(a - b) < 1e-3  # fresh adapter = base; chunked = unchunked
+    record = chunked.log.records[0]
+    assert record.input_tokens > 2048 and record.chunks == -(-record.input_tokens // 300)
+    assert chunked.get_model_info()["longctx"]["per_length"]["3000"]["peak_memory_bytes"] > 0

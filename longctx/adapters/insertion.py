@@ -61,10 +61,27 @@ def resolve_points(model: nn.Module, insertion: str | tuple[str, ...]) -> dict[s
     return points
 
 
+# On Mamba the presets mirror their Llama meaning with the mixer's projections that read the token
+# stream: in_proj for q_proj, x_proj for v_proj (every-qv: both in every layer; sparse-qv: in_proj
+# in even layers, x_proj in odd ones; reference-all: in_proj, x_proj and out_proj everywhere).
+MAMBA_PRESETS = {"every-qv": ("in_proj", "x_proj"), "sparse-qv": ("in_proj", "x_proj"),
+                 "reference-all": ("in_proj", "x_proj", "out_proj")}
+
+
+def _mamba_preset_points(preset: str, linears: dict[str, nn.Linear]) -> dict[str, str]:
+    points: dict[str, str] = {}
+    for name in linears:
+        layer, leaf = _layer_index(name), name.rsplit(".", 1)[-1]
+        if layer is None or leaf not in MAMBA_PRESETS[preset]:
+            continue
+        if preset != "sparse-qv" or leaf == ("in_proj" if layer % 2 == 0 else "x_proj"):
+            points[name] = name
+    return points
+
+
 def _preset_points(family: str, preset: str, linears: dict[str, nn.Linear]) -> dict[str, str]:
-    if family != "llama":
-        raise LongctxError(f"insertion preset {preset!r} is defined for llama-family models, "
-                           f"not {family}; give a list of module-name suffixes instead")
+    if family == "mamba":
+        return _mamba_preset_points(preset, linears)
     points: dict[str, str] = {}
     for name in linears:
         layer, leaf = _layer_index(name), name.rsplit(".", 1)[-1]
