@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from longctx.errors import LongctxError
 
-METHOD_ORDER = ("base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs")
+METHOD_ORDER = ("base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs", "sdlora")
 
 
 class _Parser(argparse.ArgumentParser):

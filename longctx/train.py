@@ -109,6 +109,29 @@ def _arguments(cfg: TrainConfig, lr: float, workdir: Path, progress: bool) -> An
         remove_unused_columns=False, disable_tqdm=not progress, use_cpu=not torch.cuda.is_available())
 
 
+def _warm_up_and_select(adapted: Any, cfg: TrainConfig, lr: float, train: list, tokenizer: Any, out: Path,
+                        progress: bool) -> dict[str, int] | None:
+    """Methods that pick what to train after a warm-up (SDLoRA): run it, then select. The warm-up
+    is deterministic, so a resumed run re-selects the same entries before loading its checkpoint."""
+    import dataclasses
+    import tempfile
+
+    from transformers import Trainer
+
+    select = getattr(adapted.method, "select_dimensions", None)
+    if select is None:
+        return None
+    from longctx.adapters.sdlora import WARMUP_STEPS
+
+    warm = dataclasses.replace(cfg, steps=min(WARMUP_STEPS, cfg.steps))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = _arguments(warm, lr, Path(tmp), progress=False)
+        args.save_strategy = "no"
+        Trainer(model=adapted.model, args=args, train_dataset=train[:warm.steps * cfg.batch_size],
+                data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0)).train()
+    return select(adapted.model)
+
+
 def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train, validate and save; returns the adapter directory (`OUT/adapter`)."""
     from transformers import Trainer
@@ -131,6 +154,7 @@ def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
     validation = generate(cfg.task, tokenizer, cfg.train_length, cfg.n_validation, cfg.seed, "validation")
     lr = cfg.learning_rate or adapted.recipe.learning_rate
     adapted.model.train()
+    selection = _warm_up_and_select(adapted, cfg, lr, train, tokenizer, out, progress)
     checkpoints = out / "checkpoints"
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     trainer = Trainer(model=adapted.model, args=_arguments(cfg, lr, checkpoints, progress), train_dataset=train,
@@ -143,7 +167,7 @@ def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
     trainer.train(resume_from_checkpoint=resume)
     adapted.model.eval()
     adapter_dir = adapted.save(out / "adapter")
-    log = {"config": asdict(cfg), "learning_rate": lr, "resumed_from": resume,
+    log = {"config": asdict(cfg), "learning_rate": lr, "resumed_from": resume, "selection": selection,
            "trainable_parameters": adapted.trainable_parameters(), "total_parameters": adapted.total_parameters(),
            "validation_accuracy": answer_accuracy(adapted, tokenizer, validation),
            "seconds": round(time.perf_counter() - started, 1), "history": trainer.state.log_history}

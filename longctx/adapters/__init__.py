@@ -18,6 +18,7 @@ from longctx.adapters.dense import Dense
 from longctx.adapters.frozen import FrozenBase
 from longctx.adapters.lora import Lora, recipe_fields_from_peft
 from longctx.adapters.lora_xs import LoraXS
+from longctx.adapters.sdlora import SDLoRA
 from longctx.adapters.ssmlora import SSMLoRA
 from longctx.adapters.ssmlora_scan import SSMLoRAScan
 from longctx.adapters.state import SequenceState, StateBinding
@@ -31,6 +32,7 @@ ADAPTERS: dict[str, AdapterMethod] = {
     "ssmlora": SSMLoRA(),
     "ssmlora-scan": SSMLoRAScan(),
     "lora-xs": LoraXS(),
+    "sdlora": SDLoRA(),
 }
 
 __all__ = ["ADAPTERS", "AdaptedModel", "Recipe", "SequenceState", "get_adapter", "load_adapter",
