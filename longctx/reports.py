@@ -34,10 +34,10 @@ def _fmt(value: Any) -> str:
 def params_rows(build_base: Callable[[], nn.Module], methods: list[str],
                 insertion: str | None = None) -> list[dict[str, Any]]:
     """Insertion points and trainable/total parameters of each method on a fresh base."""
-    from longctx.adapters import wrap
+    from longctx.adapters import applicable, wrap
 
     rows, lora_trainable = [], None
-    for method in methods:
+    for method in applicable(methods, build_base()):
         overrides = {"insertion": insertion} if insertion and method not in ("base", "dense") else {}
         adapted = wrap(build_base(), method, **overrides)
         trainable, total = adapted.trainable_parameters(), adapted.total_parameters()
@@ -92,8 +92,10 @@ def forward_rows(base: str, methods: list[str], length: int, chunk_size: Any, ad
         raise choice_error("ssm_carry", ssm_carry, CARRY_CHOICES)
     size = positive_int("chunk_size", chunk_size)
     positive_int("length", length)
+    from longctx.adapters import applicable
+
     rows = []
-    for method in ([None] if adapter else methods):
+    for method in ([None] if adapter else applicable(methods, load_base(base, dtype=dtype)[0])):
         model, tok = load_base(base, dtype=dtype)
         check_length(model, length)
         adapted = _adapted(model, method, adapter, init, seed)

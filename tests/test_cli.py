@@ -36,7 +36,7 @@ def test_forward_runs_every_method_chunked_and_matches_unchunked(tiny_base_dir):
                              "--chunk-size", "64", "--init", "random")
     assert code == 0, err
     rows = out.splitlines()[2:]
-    assert [r.split()[0] for r in rows] == ["base", "dense", "lora", "ssmlora", "ssmlora-scan"], out
+    assert [r.split()[0] for r in rows] == ["base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"], out
     for row in rows:
         delta = float(row.split()[-1])
         assert delta < 1e-3 or row.startswith("ssmlora "), row

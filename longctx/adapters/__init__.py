@@ -39,6 +39,15 @@ __all__ = ["ADAPTERS", "AdaptedModel", "Recipe", "SequenceState", "get_adapter",
            "load_recipe", "wrap"]
 
 
+def applicable(methods: list[str], model: nn.Module) -> list[str]:
+    """The methods that apply to `model`'s family; a single method is kept so that it can fail
+    with its own message."""
+    from longctx.models import model_family
+
+    family = model_family(model)
+    return methods if len(methods) == 1 else [m for m in methods if family in get_adapter(m).families]
+
+
 def get_adapter(name: str) -> AdapterMethod:
     if name not in ADAPTERS:
         raise choice_error("method", name, ADAPTERS)

@@ -90,6 +90,7 @@ class AdapterMethod(abc.ABC):
     """One adapter method: how to insert it, which weights are its own, how to restore them."""
 
     name: ClassVar[str]
+    families: ClassVar[tuple[str, ...]] = ("llama", "mamba")  # model families it applies to
 
     @abc.abstractmethod
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:

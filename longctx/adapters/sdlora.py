@@ -79,6 +79,7 @@ def _select(mixer: nn.Module, channels: Tensor | None = None, states: Tensor | N
 
 class SDLoRA(AdapterMethod):
     name = "sdlora"
+    families = ("mamba",)
 
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
         mixers = _mixers(model)
