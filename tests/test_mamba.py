@@ -121,3 +121,27 @@ def test_ssmlora_model_type_on_mamba_has_no_2048_fallback_and_chunks(mamba_dir):
     record = chunked.log.records[0]
     assert record.input_tokens > 2048 and record.chunks == -(-record.input_tokens // 300)
     assert chunked.get_model_info()["longctx"]["per_length"]["3000"]["peak_memory_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_runs_sdlora_on_a_mamba_base_chunked(mamba_dir, tmp_path):
+    import glob
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "ssmlora", "--model_args",
+                          f"pretrained={mamba_dir},method=sdlora,chunk_size=128", "--tasks", "longctx_passkey",
+                          "--include_path", str(root / "tasks"), "--metadata", '{"max_seq_lengths":[300,600]}',
+                          "--limit", "2", "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (results,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+    info = json.loads(Path(results).read_text())["config"]["longctx"]
+    assert info["method"] == "sdlora" and info["position_limit"] is None
+    assert set(info["per_length"]) == {"300", "600"}
+    assert info["per_length"]["600"]["chunks"] >= 5 and info["per_length"]["600"]["peak_memory_bytes"] > 0
