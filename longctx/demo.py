@@ -1,7 +1,7 @@
 """`longctx demo` (SPEC §8): the README's main command. A small sweep on the embedded base — every
 method trained on two retrieval tasks at a short length, evaluated from that length up to 8×
 it through lm-eval (chunked), plus an unchunked `base` run for the memory comparison — then the
-plots, a summary table and where the files are. About 6 minutes on 2 CPU cores."""
+plots, a summary table and where the files are. About 7 minutes on 2 CPU cores."""
 from __future__ import annotations
 
 import dataclasses
