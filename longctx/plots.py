@@ -153,7 +153,7 @@ def depth_heatmaps(frame: Any, out: Path) -> list[Path]:
             if i == len(tasks) - 1:
                 ax.set_xlabel("input length (tokens)")
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
-    fig.suptitle("Accuracy by needle depth and input length")
+    fig.suptitle("Accuracy by needle depth and input length (white: no examples in that bin)")
     paths = _save(fig, out, "depth_heatmaps")
     plt.close(fig)
     return paths
