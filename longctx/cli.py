@@ -113,7 +113,30 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, quick=args.quick)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    """lm-eval's own command line with `--model ssmlora` registered and our tasks included."""
+    from lm_eval.__main__ import cli_evaluate
+
+    from longctx.lmeval_plugin import register
+    from longctx.sweep import TASKS_DIR
+
+    register()
+    forwarded = list(args.args)
+    if "--include_path" not in forwarded and TASKS_DIR.is_dir():
+        forwarded += ["--include_path", str(TASKS_DIR)]
+    saved, sys.argv = sys.argv, ["lm_eval", *forwarded]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="lm-eval's command line with ssmlora and the longctx tasks available",
+                       description="Forwards every argument to lm-eval (e.g. --model ssmlora --model_args ... "
+                                   "--tasks longctx); --include_path defaults to the longctx tasks.")
+    e.add_argument("args", nargs=argparse.REMAINDER)
+    e.set_defaults(run=cmd_eval)
     r = sub.add_parser("train", help="fine-tune one adapter on a task's train split (HF Trainer)")
     r.add_argument("--method", required=True)
     r.add_argument("--task", required=True)
@@ -179,7 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"] and not {"-h", "--help"} & set(argv[1:2]):  # everything after goes to lm-eval
+        args = argparse.Namespace(args=argv[1:], run=cmd_eval)
+    else:
+        args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], None] = args.run
     try:
         run(args)

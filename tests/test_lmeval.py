@@ -226,3 +226,17 @@ def test_loglikelihood_metrics_name_the_length_the_depth_bin_and_the_answer_nll(
                                                          "answer_nll": 0.5}
     assert process_generation(doc, ["The pass key is 12345.\n"]) == {"acc": 1.0, "1024": 1.0, "depth_40-60": 1.0}
     assert process_generation({**doc, "outputs": ["1", "9"]}, ["1 2"])["acc"] == 0.5
+
+
+@pytest.mark.slow
+def test_longctx_eval_forwards_to_lm_eval_with_our_tasks(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "longctx.cli", "eval", "--model", "ssmlora", "--model_args",
+                          "pretrained=longctx-tiny,method=lora-xs,chunk_size=128", "--tasks", "longctx_vt",
+                          "--metadata", '{"max_seq_lengths":[300]}', "--limit", "1"],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert any(re.search(r"\|\s*300\s*\|", line) for line in run.stdout.splitlines())
+    bad = subprocess.run([sys.executable, "-m", "longctx.cli", "eval", "--model", "ssmlora", "--model_args",
+                          "pretrained=longctx-tiny,method=nope", "--tasks", "longctx_vt", "--limit", "1"],
+                         capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
+    assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr and "Traceback" not in bad.stderr
