@@ -11,7 +11,6 @@ wall time and tokens/s are recorded and aggregated per requested length into the
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable
 
 import torch

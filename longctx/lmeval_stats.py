@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -56,9 +56,6 @@ class RequestLog:
             key = str(r.label) if r.label is not None else f"~{1 << max(r.input_tokens - 1, 1).bit_length()}"
             groups.setdefault(key, []).append(r)
         return {key: _aggregate(rs) for key, rs in sorted(groups.items(), key=lambda kv: _order(kv[0]))}
-
-    def as_rows(self) -> list[dict[str, Any]]:
-        return [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in self.records]
 
 
 def _order(key: str) -> float:

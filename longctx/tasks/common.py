@@ -52,13 +52,6 @@ def tolerance(length: int) -> int:
     return max(8, length // 200)
 
 
-def token_counter(tokenizer: Any) -> Callable[[str], int]:
-    """Number of tokens of a text, without special tokens (what a prompt costs the model)."""
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return count
-
-
 def fit_to_length(render: Callable[[int], str], count: Callable[[str], int], length: int,
                   task: str, upper: int = 1 << 22) -> tuple[str, int]:
     """(prompt, tokens) for a filler count whose prompt has between L − tolerance and L tokens.

@@ -13,7 +13,7 @@ import bisect
 import itertools
 from typing import Any
 
-from longctx.tasks.common import HAYSTACKS, pool_words
+from longctx.tasks.common import pool_words
 
 
 class TokenCounter:
@@ -65,7 +65,7 @@ class TokenCounter:
         return n + bisect.bisect_right(extended, target) - 1 - start
 
 
-__all__ = ["TokenCounter", "HAYSTACKS"]
+__all__ = ["TokenCounter", "fit_haystack"]
 
 
 def fit_haystack(counter: TokenCounter, prefix: str, needles: list[str], depths: list[float], question: str,
