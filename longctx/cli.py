@@ -64,12 +64,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     if not args.verify:
         if not args.out:
             raise LongctxError("pretrain needs --out DIR (or --verify to rebuild and compare the committed base)")
-        out = pretrain(Path(args.out), arch=args.arch, steps=args.steps, seed=args.seed)
+        out = pretrain(Path(args.out), arch=args.arch, steps=args.steps, seed=args.seed, device=args.device)
         print(f"wrote {out}")
         return
     committed = json.loads((ASSETS_DIR / EMBEDDED_NAME / "manifest.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        rebuilt = json.loads((pretrain(Path(tmp) / "rebuilt", arch=args.arch) / "manifest.json").read_text())
+        recipe = {**committed["recipe"], "device": args.device}  # the committed base's own recipe
+        rebuilt = json.loads((pretrain(Path(tmp) / "rebuilt", progress=True, **recipe) / "manifest.json").read_text())
     same = rebuilt["model_sha256"] == committed["model_sha256"]
     print(f"committed {committed['model_sha256'][:16]}  rebuilt {rebuilt['model_sha256'][:16]}  "
           f"{'identical' if same else 'DIFFERENT'}")
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", default="llama")
     t.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu",
+                   help="cpu or cuda (the committed bases were built on cuda: see their manifest.json)")
     t.set_defaults(run=cmd_pretrain)
     _add_run_commands(sub)
     return parser

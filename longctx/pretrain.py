@@ -1,11 +1,18 @@
-"""The recipe of the embedded base model `longctx-tiny` (`longctx pretrain`).
+"""The recipe of the embedded base models `longctx-tiny` / `longctx-tiny-mamba` (`longctx pretrain`).
 
 A byte-level BPE tokenizer (digits split one by one, so numbers are copied digit by digit) and a
-small Llama are trained with HF `Trainer` on prose that ships with Python mixed with synthetic
-copy, associative-recall and needle-in-prose documents (`longctx.corpus`), after a warm-up on
-random-span repeats; the aim is a base that can copy and retrieve a little before any adapter is
-trained (measured by `evaluate_capability`, recorded in the manifest). Same seed, same machine,
-same threads: byte-identical weights. The output directory is written atomically.
+small Llama or Mamba are trained with HF `Trainer` in two stages:
+
+1. copy warm-up: blocks of random tokens in which spans reappear at random later offsets; loss
+   only on the predictable copied tokens. This is the cleanest signal for an induction circuit
+   (find the earlier occurrence, continue from it; Olsson et al., 2022). Random *offsets* matter:
+   with a fixed offset a RoPE model learns a positional shortcut instead.
+2. mixed stage: prose that ships with Python, synthetic copy / associative-recall / needle-in-
+   prose documents (`longctx.corpus`) and, so the skill is kept, more copy blocks.
+
+The aim is a base that copies and retrieves a little before any adapter is trained (measured
+on held-out probes by `evaluate_capability`, recorded in the manifest). Same seed, device and
+thread count: identical weights. The output directory is written atomically.
 """
 from __future__ import annotations
 
@@ -19,15 +26,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from longctx.errors import choice_error
+from longctx.errors import LongctxError, choice_error
 
 EMBEDDED_NAME = "longctx-tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -40,17 +48,23 @@ class PretrainRecipe:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     max_positions: int = 4096
-    seq_len: int = 512
-    batch_size: int = 8
-    steps: int = 1500
-    learning_rate: float = 3e-3
-    warmup_steps: int = 60
-    prose_share: float = 0.15  # fraction of training documents that are prose windows
-    induction_steps: int = 300  # warm-up on random-span repeats, so induction heads form first
-    induction_span: int = 32
-    induction_batch: int = 32
+    # stage 1: copy warm-up on random tokens
+    induction_steps: int = 5000
+    induction_batch: int = 128
+    induction_len: int = 256
+    induction_copies: int = 3  # spans per block that reappear later
+    # stage 2: text + synthetic documents + copy blocks
+    steps: int = 3000
+    batch_size: int = 32
+    seq_len: int = 1024
+    copy_share: float = 0.25  # fraction of stage-2 blocks that are copy blocks
+    prose_share: float = 0.15  # fraction of documents that are prose windows
+    pool_tokens: int = 8_000_000  # the stage-2 document stream, cycled
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -66,8 +80,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 30, **SPECIAL_TOKENS)
-    return fast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 30, **SPECIAL_TOKENS)
 
 
 def build_llama(recipe: PretrainRecipe, tokenizer: Any) -> nn.Module:
@@ -84,13 +97,17 @@ def build_llama(recipe: PretrainRecipe, tokenizer: Any) -> nn.Module:
 
 
 def build_mamba(recipe: PretrainRecipe, tokenizer: Any) -> nn.Module:
-    """A small Mamba (Gu & Dao, 2023) of the recipe's width and depth, tied embeddings."""
+    """A small Mamba (Gu & Dao, 2023) of the recipe's width and depth, tied embeddings.
+
+    `use_mambapy` selects transformers' pure-PyTorch parallel scan for training when the CUDA
+    kernels are absent (the sequential fallback is far slower); inference paths are unchanged.
+    """
     from transformers import MambaConfig, MambaForCausalLM
 
     config = MambaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
         state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_mambapy=True)
     torch.manual_seed(recipe.seed)
     return MambaForCausalLM(config)
 
@@ -99,14 +116,33 @@ def build_mamba(recipe: PretrainRecipe, tokenizer: Any) -> nn.Module:
 ARCHS: dict[str, Callable[[PretrainRecipe, Any], nn.Module]] = {"llama": build_llama, "mamba": build_mamba}
 
 
-def _documents(recipe: PretrainRecipe, prose: str, words: list[str], n_tokens: int, tokenizer: Any) -> list[int]:
-    """Token stream (documents joined by EOS) of at least `n_tokens`, deterministic in the seed."""
+def copy_blocks(n: int, length: int, copies: int, low: int, high: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`n` blocks of random tokens in [low, high) where `copies` spans reappear at random later offsets.
+
+    Returns (input_ids, labels), both (n, length); labels are -100 except on copied tokens after
+    a span's first (the only positions an induction circuit can predict).
+    """
+    ids = torch.randint(low, high, (n, length), generator=gen)  # (n, T)
+    labels = torch.full_like(ids, -100)
+    pos = torch.arange(length).expand(n, length)  # (n, T)
+    for _ in range(copies):
+        span = torch.randint(8, max(9, length // 8), (n, 1), generator=gen)  # (n, 1)
+        src = (torch.rand(n, 1, generator=gen) * (length - 2 * span)).long()  # (n, 1)
+        dst = src + span + (torch.rand(n, 1, generator=gen) * (length - 2 * span - src + 1)).long()
+        inside = (pos >= dst) & (pos < dst + span)  # (n, T)
+        ids = ids.gather(1, torch.where(inside, pos - dst + src, pos))
+        labels = torch.where(inside & (pos > dst), ids, torch.where(inside, -100, labels))
+    return ids, torch.where(labels >= 0, ids, -100)
+
+
+def _document_pool(recipe: PretrainRecipe, prose: str, words: list[str], tokenizer: Any) -> Tensor:
+    """Token stream (documents joined by EOS) of `pool_tokens`, deterministic in the seed."""
     from longctx.corpus import synthetic_documents
 
     rng = random.Random(recipe.seed + 1)
     stream: list[int] = []
     batch_seed = recipe.seed * 1000
-    while len(stream) < n_tokens:
+    while len(stream) < recipe.pool_tokens:
         docs = synthetic_documents(256, batch_seed, words, prose)
         batch_seed += 1
         for i in range(len(docs)):
@@ -115,49 +151,73 @@ def _documents(recipe: PretrainRecipe, prose: str, words: list[str], n_tokens: i
                 docs[i] = prose[start:start + rng.randint(500, 4000)]
         for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
             stream.extend(ids + [tokenizer.eos_token_id])
-    return stream[:n_tokens]
-
-
-def _induction_blocks(recipe: PretrainRecipe, tokenizer: Any) -> torch.Tensor:
-    """Warm-up sequences: a random-token span followed by its repeat, (n, 2 · span).
-
-    The second half is predictable only by finding the earlier occurrence and copying what
-    followed it (an induction head). Seen here: on text alone this model learned no copying in
-    2,000 steps, and on longer packed or periodic repeats none in 200; on these short pairs the
-    warm-up loss halves (8.3 -> 4.2) within 300 steps. The text phase does not yet keep that
-    ability on text (manifest `capability`: 0 on recall and copy probes) — an open problem.
-    """
-    gen = torch.Generator().manual_seed(recipe.seed + 2)
-    n = recipe.induction_steps * recipe.induction_batch
-    span = torch.randint(len(SPECIAL_TOKENS), len(tokenizer), (n, recipe.induction_span), generator=gen)
-    return torch.cat([span, span], dim=1)  # (n, 2·span)
+    return torch.tensor(stream[:recipe.pool_tokens], dtype=torch.long)
 
 
 class _Blocks(torch.utils.data.IterableDataset):
-    """Blocks in a fixed order (an iterable dataset: Trainer does not reshuffle it)."""
+    """Training rows in a fixed order (iterable, so Trainer does not reshuffle them).
 
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks  # (n, seq_len)
+    Each row is a copy block with probability `copy_share`, else the next `length` tokens of the
+    (cycled) document pool. Generated lazily in groups, from one seeded generator.
+    """
 
-    def __iter__(self):
-        for block in self.blocks:
-            yield {"input_ids": block, "labels": block}
+    def __init__(self, rows: int, length: int, copy_share: float, copies: int, pool: Tensor | None,
+                 vocab: tuple[int, int], seed: int) -> None:
+        self.rows, self.length, self.copy_share, self.copies = rows, length, copy_share, copies
+        self.pool, self.vocab, self.seed = pool, vocab, seed
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        gen, offset, group = torch.Generator().manual_seed(self.seed), 0, 512
+        for start in range(0, self.rows, group):
+            n = min(group, self.rows - start)
+            ids, labels = copy_blocks(n, self.length, self.copies, *self.vocab, gen)
+            use_text = torch.rand(n, generator=gen) >= self.copy_share  # (n,)
+            for i in range(n):
+                if self.pool is not None and bool(use_text[i]):
+                    if offset + self.length > len(self.pool):
+                        offset = 0
+                    text = self.pool[offset:offset + self.length]
+                    offset += self.length
+                    yield {"input_ids": text, "labels": text}
+                else:
+                    yield {"input_ids": ids[i], "labels": labels[i]}
 
 
-def _train(model: nn.Module, blocks: torch.Tensor, recipe: PretrainRecipe, progress: bool, workdir: str,
-           steps: int, batch_size: int, schedule: str = "cosine") -> list[dict]:
-    from transformers import Trainer, TrainingArguments
+def _copy_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
+    """Greedy next-token accuracy on the copied positions of held-out copy blocks."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(model.device)).logits[:, :-1].float().cpu()  # (n, T-1, V)
+    model.train(was_training)
+    target = labels[:, 1:]
+    hit = (logits.argmax(-1) == target) & (target >= 0)
+    return round(hit.sum().item() / max(1, (target >= 0).sum().item()), 4)
+
+
+def _train(model: nn.Module, data: _Blocks, recipe: PretrainRecipe, steps: int, batch: int, progress: bool,
+           workdir: str, probe: tuple[Tensor, Tensor], stage: str) -> list[dict]:
+    """One stage with HF Trainer (cosine schedule); logs loss and held-out copy accuracy."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    history: list[dict] = []
+
+    class CopyProbe(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "loss" in logs:
+                history.append({"stage": stage, "step": state.global_step, "loss": round(logs["loss"], 4),
+                                "copy_accuracy": _copy_accuracy(model, *probe)})
+                if not progress:
+                    print(json.dumps(history[-1]), flush=True)
 
     args = TrainingArguments(
-        output_dir=workdir, max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=recipe.learning_rate, lr_scheduler_type=schedule,
-        warmup_steps=recipe.warmup_steps if schedule == "cosine" else 0,
+        output_dir=workdir, max_steps=steps, per_device_train_batch_size=batch,
+        learning_rate=recipe.learning_rate, lr_scheduler_type="cosine", warmup_steps=recipe.warmup_steps,
         weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, steps // 20), save_strategy="no",
-        report_to=[], use_cpu=True, seed=recipe.seed, data_seed=recipe.seed, dataloader_num_workers=0,
-        disable_tqdm=not progress)
-    trainer = Trainer(model=model, args=args, train_dataset=_Blocks(blocks))
-    trainer.train()
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
+        report_to=[], use_cpu=recipe.device == "cpu", bf16=recipe.device == "cuda", seed=recipe.seed,
+        data_seed=recipe.seed, dataloader_num_workers=0, disable_tqdm=not progress)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[CopyProbe()]).train()
+    return history
 
 
 def _recall_probe(rng: random.Random, words: list[str], pairs: int) -> tuple[str, str]:
@@ -175,10 +235,11 @@ def _copy_probe(rng: random.Random, words: list[str], length: int) -> tuple[str,
 
 def evaluate_capability(model: nn.Module, tokenizer: Any, seed: int = 1234, n: int = 30) -> dict[str, float]:
     """Greedy exact-match accuracy on held-out associative-recall and copy probes."""
-    from longctx.corpus import python_prose, word_list
     from longctx.runner import greedy_generate
+    from longctx.tasks.common import word_pool
 
-    words, rng, scores = word_list(python_prose()), random.Random(seed), {}
+    # The project's own word list, so the probes do not change with the Python version.
+    words, rng, scores = list(word_pool()), random.Random(seed), {}
     probes = {"recall_8_pairs": lambda: _recall_probe(rng, words, 8),
               "recall_24_pairs": lambda: _recall_probe(rng, words, 24),
               "copy_12_words": lambda: _copy_probe(rng, words, 12)}
@@ -199,42 +260,66 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _recipe(arch: str, seed: int, device: str, overrides: dict[str, Any]) -> PretrainRecipe:
+    if arch not in ARCHS:
+        raise choice_error("architecture", arch, ARCHS)
+    if device not in DEVICES:
+        raise choice_error("device", device, DEVICES)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LongctxError("device 'cuda': no CUDA device is visible here; use --device cpu (much slower)")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PretrainRecipe)})
+    if unknown:
+        raise choice_error("recipe field", unknown[0], [f.name for f in dataclasses.fields(PretrainRecipe)])
+    return dataclasses.replace(PretrainRecipe(arch=arch, seed=seed, device=device), **overrides)
+
+
 def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed: int = 0,
-             seq_len: int | None = None, progress: bool = True) -> Path:
-    """Run the recipe and write an HF model directory (+ manifest.json) to `out_dir` atomically."""
+             seq_len: int | None = None, progress: bool = True, device: str = "cpu", measure: bool = True,
+             **overrides: Any) -> Path:
+    """Run the recipe and write an HF model directory (+ manifest.json) to `out_dir` atomically.
+
+    `overrides` replace recipe fields by name (e.g. `induction_steps=0`, `pool_tokens=...`);
+    `measure=False` leaves the capability probes to `record_capability` (slow for Mamba on CPU).
+    """
     from longctx.corpus import python_prose, synthetic_documents, word_list
     from longctx.fileio import atomic_directory
 
-    if arch not in ARCHS:
-        raise choice_error("architecture", arch, ARCHS)
-    overrides = {k: v for k, v in {"steps": steps, "seq_len": seq_len}.items() if v is not None}
-    recipe = dataclasses.replace(PretrainRecipe(arch=arch, seed=seed), **overrides)
+    overrides.update({k: v for k, v in {"steps": steps, "seq_len": seq_len}.items() if v is not None})
+    recipe = _recipe(arch, seed, device, overrides)
     torch.set_num_threads(recipe.threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     started = time.perf_counter()
     prose = python_prose()
     words = word_list(prose)
     tokenizer = train_tokenizer([prose, *synthetic_documents(2000, recipe.seed + 7, words, prose)], recipe.vocab_size)
     model = ARCHS[arch](recipe, tokenizer)
-    n_tokens = recipe.steps * recipe.batch_size * recipe.seq_len
-    stream = _documents(recipe, prose, words, n_tokens, tokenizer)
-    blocks = torch.tensor(stream, dtype=torch.long).view(-1, recipe.seq_len)  # (steps·batch, seq_len)
-    warmup_steps = min(recipe.induction_steps, recipe.steps)
+    vocab = (len(SPECIAL_TOKENS), len(tokenizer))
+    probe = copy_blocks(64, recipe.induction_len, recipe.induction_copies, *vocab, torch.Generator().manual_seed(99))
+    warmup = _Blocks(recipe.induction_steps * recipe.induction_batch, recipe.induction_len, 1.0,
+                     recipe.induction_copies, None, vocab, recipe.seed + 2)
+    mixed = _Blocks(recipe.steps * recipe.batch_size, recipe.seq_len, recipe.copy_share, recipe.induction_copies,
+                    _document_pool(recipe, prose, words, tokenizer), vocab, recipe.seed + 3)
+    history: list[dict] = []
     with tempfile.TemporaryDirectory() as workdir:
-        _train(model, _induction_blocks(dataclasses.replace(recipe, induction_steps=warmup_steps), tokenizer),
-               recipe, progress, workdir, warmup_steps, recipe.induction_batch, schedule="constant")
-        losses = _train(model, blocks, recipe, progress, workdir, recipe.steps, recipe.batch_size)
-    model.eval()
-    capability = evaluate_capability(model, tokenizer, n=30 if recipe.steps >= 100 else 2)
+        if recipe.induction_steps:
+            history += _train(model, warmup, recipe, recipe.induction_steps, recipe.induction_batch, progress,
+                              workdir, probe, "copy warm-up")
+        history += _train(model, mixed, recipe, recipe.steps, recipe.batch_size, progress, workdir, probe, "mixed")
+    model = model.float().cpu().eval()  # capability is measured on CPU in float32, as tests re-measure it
+    capability = evaluate_capability(model, tokenizer, n=30 if recipe.steps >= 100 else 2) if measure else None
     with atomic_directory(Path(out_dir)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        manifest = {"name": EMBEDDED_NAME, "recipe": dataclasses.asdict(recipe),
+        manifest = {"name": EMBEDDED_NAME if arch == "llama" else f"{EMBEDDED_NAME}-{arch}",
+                    "recipe": dataclasses.asdict(recipe),
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "transformers": __import__("transformers").__version__},
+                    "device": torch.cuda.get_device_name() if recipe.device == "cuda" else platform.processor(),
                     "threads": torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - started, 1),
                     "parameters": sum(p.numel() for p in model.parameters()),
-                    "final_loss": losses[-1]["loss"] if losses else None, "loss_log": losses,
-                    "capability": capability, "model_sha256": _sha256(tmp / "model.safetensors")}
+                    "final_loss": history[-1]["loss"] if history else None, "loss_log": history,
+                    "capability": capability, "capability_measured": f"on CPU in float32, torch {torch.__version__}",
+                    "model_sha256": _sha256(tmp / "model.safetensors")}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)

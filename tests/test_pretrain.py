@@ -10,7 +10,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.models import default_base_path
-from longctx.pretrain import evaluate_capability, pretrain
+from longctx.pretrain import copy_blocks, evaluate_capability, pretrain
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,13 @@ def test_manifest_reports_the_bases_measured_capability(tiny):
     assert manifest["final_loss"] < 0.5 * torch.log(torch.tensor(float(len(tok)))).item()  # far below uniform
 
 
+SMALL = dict(steps=3, seq_len=64, batch_size=4, induction_steps=3, induction_batch=4, induction_len=64,
+             pool_tokens=5000, progress=False)
+
+
 def test_recipe_is_deterministic(tmp_path):
-    first = pretrain(tmp_path / "a", steps=3, seq_len=64, progress=False)
-    second = pretrain(tmp_path / "b", steps=3, seq_len=64, progress=False)
+    first = pretrain(tmp_path / "a", **SMALL)
+    second = pretrain(tmp_path / "b", **SMALL)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temporary left
@@ -59,3 +63,33 @@ def test_unknown_architecture_is_refused(tmp_path):
     with pytest.raises(LongctxError, match="unknown architecture 'rwkv'; valid choices: llama"):
         pretrain(tmp_path / "x", arch="rwkv")
     assert not (tmp_path / "x").exists()
+
+
+def test_bad_recipe_fields_and_devices_are_refused(tmp_path):
+    with pytest.raises(LongctxError, match="unknown recipe field 'stepz'"):
+        pretrain(tmp_path / "x", stepz=3)
+    with pytest.raises(LongctxError, match="unknown device 'tpu'; valid choices: cpu, cuda"):
+        pretrain(tmp_path / "x", device="tpu")
+    assert not (tmp_path / "x").exists()
+
+
+def test_copy_blocks_label_only_tokens_an_induction_circuit_can_predict():
+    ids, labels = copy_blocks(64, 128, 3, 3, 4096, torch.Generator().manual_seed(0))
+    assert ids.shape == labels.shape == (64, 128) and ids.min() >= 3 and ids.max() < 4096
+    predictable = total = 0
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        for p, target in enumerate(lab):
+            if target == -100:
+                continue
+            assert target == row[p] and p > 0
+            total += 1
+            predictable += any(row[q] == row[p - 1] and row[q + 1] == target for q in range(p - 1))
+    assert total >= 64 * 3 * 6  # every block carries copied spans (>= 8 tokens, first unlabelled)
+    assert predictable / total > 0.9  # the few others lost their source to a later span
+
+
+def test_committed_base_learned_to_copy_in_its_warm_up(tiny):
+    path, _, _ = tiny
+    log = json.loads((path / "manifest.json").read_text())["loss_log"]
+    warm_up = [e for e in log if e["stage"] == "copy warm-up"]
+    assert warm_up[0]["copy_accuracy"] < 0.01 and warm_up[-1]["copy_accuracy"] > 0.9

@@ -47,6 +47,7 @@ def parse_answer(task: str, prompt: str) -> list[str]:
         words = re.findall(r"\d+\. ([a-z]+)", body.split("\n")[1])
         counts = collections.Counter(words)
         top = [w for w, _ in counts.most_common(k)]
+        assert len(counts) >= 2 * k  # there are distractors, at least as many as common words
         assert counts.most_common(k + 1)[-1][1] < counts[top[-1]]  # the top k are unambiguous
         return sorted(top, key=words.index)
     if task == "fwe":

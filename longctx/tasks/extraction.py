@@ -43,12 +43,15 @@ def cwe(count: Callable[[str], int], length: int, rng: random.Random, split: str
             random.Random(seed + n).shuffle(entries)
             return (f"Words:\n{_numbered(entries)}\nQuestion: Which {n_common} words appear most often above, "
                     f"in order of first appearance? Answer:")
+        last = (n_common, repeats) == CWE_LADDER[-1]
         try:
             prompt, n_tokens = fit_to_length(render, count, length, "cwe", upper=len(rare))
         except LongctxError:
-            if (n_common, repeats) == CWE_LADDER[-1]:
+            if last:
                 raise
             continue
+        if len(prompt.split("\n")[1].split()) // 2 - n_common * repeats < n_common and not last:
+            continue  # fewer distractors than common words: a smaller rung leaves room for more
         order = _order_in(prompt, common)
         return Example(task="cwe", split=split, index=0, max_length=length, n_tokens=n_tokens, depth=0.0,
                        input=prompt, target=" " + " ".join(order), outputs=order, seed=0,
