@@ -12,6 +12,7 @@ single-token decoding steps are left to transformers entirely.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -48,15 +49,24 @@ def _chunk_after_state(mixer: nn.Module, hidden_states: Tensor, cache_params: An
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
 
 
+def cache_keyword(module: nn.Module) -> str:
+    """The name under which `module.forward` takes the Mamba cache: `cache` from transformers 5.24
+    on, `cache_params` before (the old name still works there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "cache_params"
+
+
 def _stateful(mixer: nn.Module, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    def forward(hidden_states: Tensor, cache_params: Any = None, attention_mask: Tensor | None = None,
-                **kwargs: Any) -> Tensor:
+    keyword = cache_keyword(mixer)
+
+    def forward(hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None,
+                cache_params: Any = None, **kwargs: Any) -> Tensor:
+        cache = cache if cache is not None else cache_params  # either name, whichever version calls
         h0 = None
-        if cache_params is not None and hidden_states.shape[1] > 1:
-            h0 = cache_params.get_recurrent_state(mixer.layer_idx)
+        if cache is not None and hidden_states.shape[1] > 1:
+            h0 = cache.get_recurrent_state(mixer.layer_idx)
         if h0 is None:  # first chunk, decoding step, or no cache: transformers' own path is right
-            return original(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
-        return _chunk_after_state(mixer, hidden_states, cache_params, attention_mask, h0.clone())
+            return original(hidden_states, attention_mask=attention_mask, **{keyword: cache}, **kwargs)
+        return _chunk_after_state(mixer, hidden_states, cache, attention_mask, h0.clone())
     return forward
 
 

@@ -58,9 +58,11 @@ def _new_cache(model: nn.Module, capacity: int) -> Any:
 def _step(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, keep: Any) -> Any:
     """One forward of a chunk (B, C) after `cache`; `mask` covers every token so far (B, N)."""
     if model_family(model) == "mamba":  # no positions; the mask covers the chunk's own tokens
-        out = model(input_ids=ids, attention_mask=mask[:, -ids.shape[1]:], cache_params=cache, use_cache=True,
-                    logits_to_keep=keep)
-        out.past_key_values = out.cache_params
+        from longctx.mamba import cache_keyword
+
+        out = model(input_ids=ids, attention_mask=mask[:, -ids.shape[1]:], use_cache=True, logits_to_keep=keep,
+                    **{cache_keyword(model): cache})
+        out.past_key_values = cache  # filled in place by every layer
         return out
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                  use_cache=True, logits_to_keep=keep)
