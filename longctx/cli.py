@@ -67,7 +67,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         out = pretrain(Path(args.out), arch=args.arch, steps=args.steps, seed=args.seed, device=args.device)
         print(f"wrote {out}")
         return
-    committed = json.loads((ASSETS_DIR / EMBEDDED_NAME / "manifest.json").read_text())
+    name = EMBEDDED_NAME if args.arch == "llama" else f"{EMBEDDED_NAME}-{args.arch}"
+    if not (ASSETS_DIR / name / "manifest.json").is_file():
+        raise LongctxError(f"no committed base for --arch {args.arch!r} (committed: {EMBEDDED_NAME}, "
+                           f"{EMBEDDED_NAME}-mamba)")
+    committed = json.loads((ASSETS_DIR / name / "manifest.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         recipe = {**committed["recipe"], "device": args.device}  # the committed base's own recipe
         rebuilt = json.loads((pretrain(Path(tmp) / "rebuilt", progress=True, **recipe) / "manifest.json").read_text())
@@ -190,11 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("pretrain", help="build an embedded base model with the project's recipe")
     t.add_argument("--out", default=None, help="output directory")
     t.add_argument("--verify", action="store_true", help="rebuild the committed base and compare its hash")
-    t.add_argument("--arch", default="llama")
+    t.add_argument("--arch", default="llama", help="llama (longctx-tiny) or mamba (longctx-tiny-mamba)")
     t.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu",
-                   help="cpu or cuda (the committed bases were built on cuda: see their manifest.json)")
+                   help="cpu or cuda (longctx-tiny was built on cuda, longctx-tiny-mamba on cpu: "
+                        "see their manifest.json)")
     t.set_defaults(run=cmd_pretrain)
     _add_run_commands(sub)
     return parser

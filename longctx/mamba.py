@@ -40,7 +40,7 @@ def _chunk_after_state(mixer: nn.Module, hidden_states: Tensor, cache_params: An
     bias = mixer.dt_proj.bias.float()
     y, last = mamba_selective_scan(x.transpose(1, 2), dt, a, b.transpose(1, 2), c.transpose(1, 2),
                                    D=mixer.D.float(), z=gate, delta_bias=bias, delta_softplus=True,
-                                   return_last_state=True)  # (B, D, T), (B, D, N): from a zero state
+                                   return_last_state=True, use_mambapy=mixer.use_mambapy)  # (B, D, T), (B, D, N): from a zero state
     step = F.softplus(dt.float() + bias[:, None])  # (B, D, T): Δ
     decay = torch.exp(step.cumsum(dim=-1)[..., None] * a[:, None])  # (B, D, T, N): P_t
     carried = decay * h0.float()[:, :, None]  # (B, D, T, N): P_t ⊙ h0
@@ -80,3 +80,21 @@ def carry_ssm_state(model: nn.Module) -> nn.Module:
             module._longctx_original_forward = module.forward
             module.forward = _stateful(module, module.forward)
     return model
+
+
+def use_parallel_scan(model: nn.Module) -> nn.Module:
+    """Route every Mamba mixer's full-sequence scan through transformers' `use_mambapy` path when
+    mambapy is installed and the mamba-ssm kernels are not. Without it, training backpropagates
+    through transformers' per-token reference loop, whose slicing makes each backward step
+    materialise a full (B, D, T, N) gradient: measured ~50x slower at 8x256 tokens on 2 cores."""
+    import importlib.util
+
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    if importlib.util.find_spec("mambapy") is None or importlib.util.find_spec("mamba_ssm") is not None:
+        return model
+    for module in model.modules():
+        if isinstance(module, MambaMixer):
+            module.use_mambapy = True
+    return model
+

@@ -18,7 +18,7 @@ from torch import nn
 
 from longctx.errors import LongctxError, choice_error
 
-EMBEDDED_BASES = {"longctx-tiny": "llama"}  # name -> architecture of the recipe
+EMBEDDED_BASES = {"longctx-tiny": "llama", "longctx-tiny-mamba": "mamba"}  # name -> architecture of the recipe
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 ATTN_CHOICES = ("auto", "longctx_sdpa", "sdpa", "eager", "flash_attention_2")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -104,6 +104,10 @@ def load_base(name_or_path: str, dtype: str | torch.dtype = "float32",
         raise LongctxError(
             f"cannot load base model {name_or_path!r}: {first} (give a local HF directory, a "
             f"cached hub id, or one of: {', '.join(EMBEDDED_BASES)})") from None
+    if config.model_type == "mamba":
+        from longctx.mamba import use_parallel_scan
+
+        use_parallel_scan(model)
     if device:
         model.to(device)
     model.eval()

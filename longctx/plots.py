@@ -40,6 +40,12 @@ def _methods(frame: Any) -> list[str]:
     return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
 
 
+def _on_base(frame: Any) -> str:
+    """' — on <base>' for titles, so figures from different bases are not mistaken for each other."""
+    bases = [str(b) for b in dict.fromkeys(frame["base"]) if b == b] if "base" in frame else []
+    return f" — {', '.join(bases)}" if bases else ""
+
+
 def _ok(frame: Any) -> Any:
     return frame[frame["status"] == "ok"].copy()
 
@@ -92,7 +98,7 @@ def accuracy_vs_length(frame: Any, out: Path) -> list[Path]:
     if has_nll:
         axes[1][0].set_ylabel("answer NLL (nats per token, lower is better)")
     axes[0][-1].legend(title="method", fontsize=8, loc="best")
-    fig.suptitle("Accuracy (95% Wilson bands) and answer likelihood vs input length")
+    fig.suptitle(f"Accuracy (95% Wilson bands) and answer likelihood vs input length{_on_base(frame)}")
     paths = _save(fig, out, "accuracy_vs_length")
     plt.close(fig)
     return paths
@@ -115,7 +121,7 @@ def memory_vs_length(frame: Any, out: Path) -> list[Path]:
                     color=f"C{index}", alpha=0.85)
     _length_axis(ax, lengths)
     ax.set_ylabel("peak memory per request (MiB)")
-    ax.set_title("Peak memory vs input length")
+    ax.set_title(f"Peak memory vs input length{_on_base(frame)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     paths = _save(fig, out, "memory_vs_length")
@@ -153,7 +159,7 @@ def depth_heatmaps(frame: Any, out: Path) -> list[Path]:
             if i == len(tasks) - 1:
                 ax.set_xlabel("input length (tokens)")
     fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
-    fig.suptitle("Accuracy by needle depth and input length (white: no examples in that bin)")
+    fig.suptitle(f"Accuracy by needle depth and input length (white: no examples in that bin){_on_base(frame)}")
     paths = _save(fig, out, "depth_heatmaps")
     plt.close(fig)
     return paths

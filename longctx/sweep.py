@@ -176,7 +176,12 @@ def run_sweep(cfg: SweepConfig, out: Path, progress: bool = True) -> Path:
     results = out / "results.jsonl"
     repair(results)
     groups = grid(cfg)
-    done = {cell_key(r) for r in read_rows(results)}
+    rows = read_rows(results)
+    other = sorted({str(r.get("base")) for r in rows} - {cfg.base})
+    if other:  # rows are keyed without the base: resuming on another base would skip its cells
+        raise LongctxError(f"{str(out)!r} holds results on base {other[0]!r}, but the config names base "
+                           f"{cfg.base!r}; give another output directory")
+    done = {cell_key(r) for r in rows}
     bar = tqdm(total=len(groups) * len(cfg.lengths), desc="sweep cells", disable=not progress,
                initial=sum((m, t, n, s, c) in done for s, m, t, c in groups for n in cfg.lengths))
     for group in groups:

@@ -58,6 +58,44 @@ def test_greedy_text_after_a_chunked_prefill_matches_the_unchunked_one():
     assert whole.tolist() == chunked.tolist() == reference[:, 90:].tolist()
 
 
+def test_parallel_scan_equals_the_reference_loop_in_training():
+    """`use_parallel_scan` (transformers' mambapy path, what longctx trains Mamba with on CPU)
+    gives the reference loop's loss and gradients."""
+    pytest.importorskip("mambapy")
+    from longctx.mamba import use_parallel_scan
+
+    ids = random_ids(2, 77)  # not a power of two: pscan pads
+    results = []
+    for parallel in (False, True):
+        model = tiny_mamba().train()
+        if parallel:
+            use_parallel_scan(model)
+        assert all(m.use_mambapy == parallel for m in model.modules() if hasattr(m, "use_mambapy"))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loop_loss, loop_grads), (scan_loss, scan_grads) = results
+    assert torch.allclose(loop_loss, scan_loss, atol=1e-5)
+    for a, b in zip(loop_grads, scan_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [64, 100])
+def test_embedded_mamba_base_chunked_equals_unchunked(chunk_size):
+    from longctx.models import load_base
+
+    model, tok = load_base("longctx-tiny-mamba")
+    assert all(m.use_mambapy for m in model.modules() if hasattr(m, "use_mambapy"))
+    text = "The grass is green. The sky is blue. The pass key is 48213. Remember it. " * 12
+    ids = tok(text, return_tensors="pt").input_ids[:, :300]  # (1, 300)
+    keep = torch.arange(0, 299)
+    with torch.no_grad():
+        reference = model(ids).logits[:, :299]
+    out = chunked_forward(model, ids, chunk_size=chunk_size, keep=keep)
+    assert torch.allclose(_logprobs(out.logits, ids, keep), _logprobs(reference, ids, keep), atol=1e-4)
+    assert greedy_generate(model, ids, 8).tolist() == greedy_generate(model, ids, 8, chunk_size=chunk_size).tolist()
+
+
 def test_mamba_has_no_position_limit():
     from longctx.models import check_length, position_limit
 
@@ -127,7 +165,7 @@ def test_ssmlora_model_type_on_mamba_has_no_2048_fallback_and_chunks(mamba_dir):
 
 
 @pytest.mark.slow
-def test_stock_lm_eval_runs_sdlora_on_a_mamba_base_chunked(mamba_dir, tmp_path):
+def test_stock_lm_eval_runs_sdlora_on_the_embedded_mamba_base_chunked(tmp_path):
     import glob
     import json
     import os
@@ -138,7 +176,7 @@ def test_stock_lm_eval_runs_sdlora_on_a_mamba_base_chunked(mamba_dir, tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "ssmlora", "--model_args",
-                          f"pretrained={mamba_dir},method=sdlora,chunk_size=128", "--tasks", "longctx_passkey",
+                          "pretrained=longctx-tiny-mamba,method=sdlora,chunk_size=128", "--tasks", "longctx_passkey",
                           "--include_path", str(root / "tasks"), "--metadata", '{"max_seq_lengths":[300,600]}',
                           "--limit", "2", "--output_path", str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

@@ -152,3 +152,46 @@ def test_unwritable_output_directory_is_one_line_exit_2(tmp_path):
 def test_missing_config_file_is_one_line_exit_2(tmp_path):
     run = _longctx("sweep", str(tmp_path / "absent.yaml"), timeout=120)
     assert run.returncode == 2 and "does not exist" in run.stderr
+
+
+def test_resuming_a_results_directory_on_another_base_is_refused(tmp_path):
+    from longctx.results import append_row
+
+    out = tmp_path / "out"
+    out.mkdir()
+    append_row(out / "results.jsonl", {"method": "base", "base": "longctx-tiny", "task": "passkey", "length": 256,
+                                       "seed": 0, "chunk_size": 128, "status": "ok", "n": 1, "acc": 1.0})
+    before = (out / "results.jsonl").read_bytes()
+    run = _longctx("sweep", str(_config(tmp_path, base="longctx-tiny-mamba")), timeout=120)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "holds results on base 'longctx-tiny'" in run.stderr and "'longctx-tiny-mamba'" in run.stderr
+    assert (out / "results.jsonl").read_bytes() == before and not (out / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_both_bases_and_reports_them(tmp_path):
+    """The README's main command, shortened: both sweeps, their plots and summaries."""
+    run = _longctx("demo", "--quick", "--out", str(tmp_path / "demo"), timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for results, base, methods in [(tmp_path / "demo", "longctx-tiny", 6), (tmp_path / "demo" / "mamba",
+                                                                           "longctx-tiny-mamba", 4)]:
+        rows = read_rows(results / "results.jsonl")
+        assert {r["base"] for r in rows} == {base} and all(r["status"] == "ok" for r in rows), rows
+        assert len({r["method"] for r in rows}) == methods
+        assert (results / "plots" / "accuracy_vs_length.png").is_file() and (results / "results.csv").is_file()
+        assert f"== {base}: {results / 'results.csv'} ==" in run.stdout
+    assert "sdlora" in run.stdout and "ssmlora-scan" in run.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_parse_and_the_demo_ones_are_what_the_demo_runs(path):
+    from longctx.demo import DEMO, DEMO_MAMBA
+    from longctx.models import EMBEDDED_BASES
+    from longctx.sweep import load_config
+
+    cfg = load_config(path)
+    assert cfg.base in EMBEDDED_BASES
+    assert "sdlora" not in cfg.methods or EMBEDDED_BASES[cfg.base] == "mamba"  # SDLoRA is Mamba-only
+    demo = {"demo.yaml": DEMO, "demo-mamba.yaml": DEMO_MAMBA}.get(path.name)
+    if demo is not None:
+        assert cfg == demo and max(cfg.lengths) >= 8 * cfg.train_length  # the demo evaluates 1× to 8×
