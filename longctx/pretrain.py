@@ -323,7 +323,7 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
                     "recipe": dataclasses.asdict(recipe),
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "transformers": __import__("transformers").__version__},
-                    "device": torch.cuda.get_device_name() if recipe.device == "cuda" else platform.processor(),
+                    "device": torch.cuda.get_device_name() if recipe.device == "cuda" else f"cpu ({platform.machine()})",
                     "threads": torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - started, 1),
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "final_loss": history[-1]["loss"] if history else None, "loss_log": history,
