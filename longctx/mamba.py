@@ -8,7 +8,8 @@ sizes Δ and P_t = exp(A · Σ_{s≤t} Δ_s), the state is h_t = h_t⁰ + P_t �
 C_t·(P_t ⊙ h₀) gated by silu(z), and the final state gains P_T ⊙ h₀ (Gu & Dao, 2023, eq. 2).
 `carry_ssm_state(model)` wraps each mixer so that such a chunk runs transformers' own slow-path
 pieces (convolution, zero-state selective scan) plus that term; the first chunk and
-single-token decoding steps are left to transformers entirely.
+single-token decoding steps are left to transformers entirely. `longctx.adapters.wrap` applies
+it to every adapted Mamba, which also keeps training off the fused kernel that bypasses adapters.
 """
 from __future__ import annotations
 
@@ -55,12 +56,37 @@ def cache_keyword(module: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "cache_params"
 
 
+class _UnfusedPath:
+    """Passed as the cache of a training forward so that the mixer takes its unfused path.
+
+    Without a cache, a training mixer calls the fused `mamba_inner_fn`, which reads x_proj,
+    dt_proj and out_proj weights as tensors: with the mamba-ssm kernels it would bypass any
+    adapter on them, and without them it still fails on wrappers that have no `.weight`. This
+    stand-in holds nothing: no past state, and updates hand the chunk back unchanged, so the
+    unfused path computes exactly what the no-cache path does.
+    """
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> None:
+        return None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> None:
+        return None
+
+    def update_conv_state(self, states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Tensor:
+        return states  # (B, D, T): the convolution pads it itself, as without a cache
+
+    def update_recurrent_state(self, states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Tensor:
+        return states
+
+
 def _stateful(mixer: nn.Module, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
     keyword = cache_keyword(mixer)
 
     def forward(hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None,
                 cache_params: Any = None, **kwargs: Any) -> Tensor:
         cache = cache if cache is not None else cache_params  # either name, whichever version calls
+        if cache is None and mixer.training:
+            cache = _UnfusedPath()
         h0 = None
         if cache is not None and hidden_states.shape[1] > 1:
             h0 = cache.get_recurrent_state(mixer.layer_idx)
@@ -71,8 +97,9 @@ def _stateful(mixer: nn.Module, original: Callable[..., Tensor]) -> Callable[...
 
 
 def carry_ssm_state(model: nn.Module) -> nn.Module:
-    """Make every Mamba mixer of `model` start a multi-token chunk from the cached SSM state
-    (idempotent; the model object carries the change, nothing global)."""
+    """Make every Mamba mixer of `model` start a multi-token chunk from the cached SSM state, and
+    train through the unfused path that honours adapters (idempotent; the model object carries
+    the change, nothing global)."""
     from transformers.models.mamba.modeling_mamba import MambaMixer
 
     for module in model.modules():

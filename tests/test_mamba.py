@@ -123,6 +123,32 @@ def test_adapters_on_mamba_projections_chunk_exactly(method, targets):
     assert torch.allclose(_logprobs(whole.logits, ids, keep), _logprobs(chunked.logits, ids, keep), atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "ssmlora", "ssmlora-scan", "lora-xs", "sdlora", "dense"])
+def test_training_forward_honours_adapters_and_never_takes_the_fused_kernel(method, monkeypatch):
+    """The fused training kernel reads x_proj/out_proj weights directly (bypassing adapters); an
+    adapted Mamba must train through the unfused path, equal to its eval-mode forward."""
+    from transformers.models.mamba import modeling_mamba
+
+    from conftest import perturb
+    from longctx.adapters import wrap
+
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused kernel path was taken")
+
+    monkeypatch.setattr(modeling_mamba, "mamba_inner_fn", fused)
+    options = {} if method in ("sdlora", "dense") else {"insertion": ("in_proj", "x_proj"), "dropout": 0.0}
+    adapted = wrap(tiny_mamba(), method, **options)
+    perturb(adapted)
+    ids = random_ids(2, 40)
+    with torch.no_grad():
+        evaluated = adapted.model(input_ids=ids).logits  # (B, T, V)
+    adapted.model.train()
+    trained = adapted.model(input_ids=ids, labels=ids)
+    assert torch.allclose(trained.logits, evaluated, atol=1e-5)  # adapters act in training too
+    trained.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("method, targets, message", [
     ("lora", ("q_proj",), "matched no module of this mamba model.*in_proj"),
     ("ssmlora-scan", ("dt_proj",), "'dt_proj' cannot be adapted.*silently ignored"),

@@ -23,7 +23,7 @@ from longctx.adapters.ssmlora import SSMLoRA
 from longctx.adapters.ssmlora_scan import SSMLoRAScan
 from longctx.adapters.state import SequenceState, StateBinding
 from longctx.errors import LongctxError, choice_error
-from longctx.models import fingerprint
+from longctx.models import fingerprint, model_family
 
 ADAPTERS: dict[str, AdapterMethod] = {
     "base": FrozenBase(),
@@ -42,8 +42,6 @@ __all__ = ["ADAPTERS", "AdaptedModel", "Recipe", "SequenceState", "get_adapter",
 def applicable(methods: list[str], model: nn.Module) -> list[str]:
     """The methods that apply to `model`'s family; a single method is kept so that it can fail
     with its own message."""
-    from longctx.models import model_family
-
     family = model_family(model)
     return methods if len(methods) == 1 else [m for m in methods if family in get_adapter(m).families]
 
@@ -72,6 +70,10 @@ def wrap(model: nn.Module, method: str, recipe: Recipe | None = None, seed: int 
         torch.manual_seed(seed)
         adapted_model, points = impl.apply(model, recipe, binding)
     adapted_model.train(training)  # inserted modules follow the base's train/eval mode
+    if model_family(adapted_model) == "mamba":  # chunk carry + adapter-honouring training path
+        from longctx.mamba import carry_ssm_state
+
+        carry_ssm_state(adapted_model)
     return AdaptedModel(adapted_model, impl, recipe, points, base_fp, base_name, binding)
 
 
