@@ -127,9 +127,18 @@ def _warm_up_and_select(adapted: Any, cfg: TrainConfig, lr: float, train: list, 
     with tempfile.TemporaryDirectory() as tmp:
         args = _arguments(warm, lr, Path(tmp), progress=False)
         args.save_strategy = "no"
-        Trainer(model=adapted.model, args=args, train_dataset=train[:warm.steps * cfg.batch_size],
-                data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0)).train()
+        trainer = Trainer(model=adapted.model, args=args, train_dataset=train[:warm.steps * cfg.batch_size],
+                          data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0))
+        _quiet(trainer)
+        trainer.train()
     return select(adapted.model)
+
+
+def _quiet(trainer: Any) -> None:
+    """No per-step log dicts on stdout (they still reach the trainer's state and our log)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
 
 
 def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
@@ -161,9 +170,7 @@ def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
                       data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0),
                       callbacks=[_validation_callback(adapted, tokenizer, validation, cfg.eval_every)])
     if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
+        _quiet(trainer)
     trainer.train(resume_from_checkpoint=resume)
     adapted.model.eval()
     adapter_dir = adapted.save(out / "adapter")
