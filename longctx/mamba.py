@@ -13,6 +13,7 @@ it to every adapted Mamba, which also keeps training off the fused kernel that b
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -50,10 +51,14 @@ def _chunk_after_state(mixer: nn.Module, hidden_states: Tensor, cache_params: An
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
 
 
-def cache_keyword(module: nn.Module) -> str:
-    """The name under which `module.forward` takes the Mamba cache: `cache` from transformers 5.24
-    on, `cache_params` before (the old name still works there, with a deprecation warning)."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "cache_params"
+@functools.cache
+def cache_keyword() -> str:
+    """The name under which transformers' Mamba model and mixer take the cache: `cache` from
+    transformers 5.24 on, `cache_params` before (the old name still works there, deprecated).
+    Read off the class, since wrappers such as PEFT's forward only `**kwargs`."""
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    return "cache" if "cache" in inspect.signature(MambaMixer.forward).parameters else "cache_params"
 
 
 class _UnfusedPath:
@@ -80,7 +85,7 @@ class _UnfusedPath:
 
 
 def _stateful(mixer: nn.Module, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    keyword = cache_keyword(mixer)
+    keyword = cache_keyword()
 
     def forward(hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None,
                 cache_params: Any = None, **kwargs: Any) -> Tensor:

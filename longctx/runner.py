@@ -61,7 +61,7 @@ def _step(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache:
         from longctx.mamba import cache_keyword
 
         out = model(input_ids=ids, attention_mask=mask[:, -ids.shape[1]:], use_cache=True, logits_to_keep=keep,
-                    **{cache_keyword(model): cache})
+                    **{cache_keyword(): cache})
         out.past_key_values = cache  # filled in place by every layer
         return out
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

@@ -31,7 +31,7 @@ def test_transformers_alone_forgets_the_ssm_state_between_chunks():
         from longctx.mamba import cache_keyword
 
         cache = first.cache if hasattr(first, "cache") else first.cache_params
-        second = model(ids[:, 32:], use_cache=True, **{cache_keyword(model): cache}).logits
+        second = model(ids[:, 32:], use_cache=True, **{cache_keyword(): cache}).logits
     assert (whole - second).abs().max() > 1e-3  # the gap longctx closes
 
 
