@@ -118,7 +118,8 @@ def use_parallel_scan(model: nn.Module) -> nn.Module:
     """Route every Mamba mixer's full-sequence scan through transformers' `use_mambapy` path when
     mambapy is installed and the mamba-ssm kernels are not. Without it, training backpropagates
     through transformers' per-token reference loop, whose slicing makes each backward step
-    materialise a full (B, D, T, N) gradient: measured ~50x slower at 8x256 tokens on 2 cores."""
+    materialise a full (B, D, T, N) gradient: 21x slower at 8x256 tokens on 2 cores, and
+    superlinear in T (`benchmarks/p6_mamba_training.py`)."""
     import importlib.util
 
     from transformers.models.mamba.modeling_mamba import MambaMixer
