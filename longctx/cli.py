@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # nothing reaches the network unless asked
+        os.environ.setdefault(offline, "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

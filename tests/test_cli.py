@@ -1,6 +1,7 @@
 """The `longctx` command: real runs, and bad input as one line with exit status 2."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -71,3 +72,18 @@ def test_missing_corrupt_or_foreign_adapter_directory(tiny_base_dir, tmp_path):
 def test_length_beyond_the_position_limit(tiny_base_dir):
     code, _, err = longctx("forward", "--base", str(tiny_base_dir), "--length", "4096")
     assert_one_line_error(code, err, "position limit of 512", "rope_scaling")
+
+
+def test_the_command_keeps_hugging_face_offline_unless_told_otherwise():
+    script = ("import os, sys\n"
+              "import longctx.cli as cli\n"
+              "assert 'huggingface_hub' not in sys.modules  # nothing read the environment yet\n"
+              "cli.main(['params', '--base', 'shape:llama-2-7b'])\n"
+              "import huggingface_hub.constants as hub\n"
+              "print('OFFLINE', hub.HF_HUB_OFFLINE)\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    for extra, expected in (({}, "OFFLINE True"), ({"HF_HUB_OFFLINE": "0"}, "OFFLINE False")):
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                             env={**env, **extra})
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.strip().splitlines()[-1] == expected
