@@ -22,23 +22,12 @@ DEMO = SweepConfig(
     unchunked_methods=["base"],
     out="runs/demo",
 )
-# Mamba adapters train through transformers' pure-PyTorch Mamba (~1.5 s per 8×256-token step
+# Mamba adapters train through transformers' pure-PyTorch Mamba (~1–1.5 s per 8×256-token step
 # on 2 cores), so this part is smaller: SDLoRA, the Mamba-only method, on one task, 40 steps at
-# 128 tokens, evaluated from 128 to 1K.
-# `configs/mamba.yaml` has every method on the Mamba base.
-DEMO_MAMBA = SweepConfig(
-    base="longctx-tiny-mamba",
-    methods=["base", "sdlora"],
-    tasks=["passkey"],
-    lengths=[128, 256, 512, 1024],
-    train_length=128,
-    train_steps=40,
-    batch_size=8,
-    num_samples=10,
-    chunk_size=128,
-    unchunked_methods=["base"],
-    out="runs/demo/mamba",
-)
+# 128 tokens, evaluated from 128 to 1K in chunks of 128. `configs/mamba.yaml` has every method.
+DEMO_MAMBA = dataclasses.replace(DEMO, base="longctx-tiny-mamba", methods=["base", "sdlora"], tasks=["passkey"],
+                                 lengths=[128, 256, 512, 1024], train_length=128, train_steps=40,
+                                 chunk_size=128, out="runs/demo/mamba")
 QUICK = dataclasses.replace(DEMO, train_steps=10, batch_size=4, num_samples=2, lengths=[256, 512])
 QUICK_MAMBA = dataclasses.replace(DEMO_MAMBA, train_steps=10, batch_size=4, num_samples=2, lengths=[128, 256])
 

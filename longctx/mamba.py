@@ -40,9 +40,10 @@ def _chunk_after_state(mixer: nn.Module, hidden_states: Tensor, cache_params: An
     dt = mixer.dt_proj.weight @ dt.transpose(1, 2)  # (B, D, T), as transformers computes it
     a = -torch.exp(mixer.A_log.float())  # (D, N)
     bias = mixer.dt_proj.bias.float()
+    # (B, D, T), (B, D, N): from a zero state, through the same scan the mixer itself would use
     y, last = mamba_selective_scan(x.transpose(1, 2), dt, a, b.transpose(1, 2), c.transpose(1, 2),
                                    D=mixer.D.float(), z=gate, delta_bias=bias, delta_softplus=True,
-                                   return_last_state=True, use_mambapy=mixer.use_mambapy)  # (B, D, T), (B, D, N): from a zero state
+                                   return_last_state=True, use_mambapy=mixer.use_mambapy)
     step = F.softplus(dt.float() + bias[:, None])  # (B, D, T): Δ
     decay = torch.exp(step.cumsum(dim=-1)[..., None] * a[:, None])  # (B, D, T, N): P_t
     carried = decay * h0.float()[:, :, None]  # (B, D, T, N): P_t ⊙ h0
@@ -130,4 +131,3 @@ def use_parallel_scan(model: nn.Module) -> nn.Module:
         if isinstance(module, MambaMixer):
             module.use_mambapy = True
     return model
-
