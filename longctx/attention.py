@@ -54,7 +54,8 @@ def _merged_flash(query: Tensor, key: Tensor, value: Tensor, scale: float | None
     out_past, lse_past = _attention_with_lse(query, key[:, :, :past], value[:, :, :past], False, scale)
     top = torch.maximum(lse_past, lse_local)  # (B, H, C)
     w_past, w_local = (lse_past - top).exp()[..., None], (lse_local - top).exp()[..., None]
-    return (out_past * w_past + out_local * w_local) / (w_past + w_local)  # (B, H, C, d)
+    merged = (out_past * w_past + out_local * w_local) / (w_past + w_local)  # (B, H, C, d) float32
+    return merged.to(query.dtype)
 
 
 def _masked_sdpa(query: Tensor, key: Tensor, value: Tensor, padding: Tensor | None,
