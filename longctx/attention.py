@@ -3,10 +3,13 @@
 HF's `sdpa` path builds a (C × N) mask for a chunk of C queries over N cached keys, and PyTorch's
 CPU kernel expands it to floats: O(C·N) bytes per layer, growing with the input. Without padding
 the chunk's pattern is simple — every past key, plus causal within the chunk — so it runs as two
-fused-attention calls (past keys: no mask; the chunk itself: causal) merged exactly through
-their log-sum-exp, O(C·d) memory (CPU: PyTorch's flash kernel; CUDA: its memory-efficient one).
-Padded batches, gradients through the merge, and other devices fall back to an explicit mask
-with `scaled_dot_product_attention`.
+fused-attention calls (past keys: no mask; the chunk itself: causal) merged exactly through their
+log-sum-exp in float32, O(C·d) memory, returned in the model's dtype. The kernel is the fastest
+exact one present (`longctx.kernels`: cuDNN, then PyTorch's flash, on a GPU in bf16/fp16; CPU:
+PyTorch's flash kernel); with flash-attn installed a chunk over its cache is one call, since its
+causal mask is bottom-right aligned. Grouped-query attention never materialises repeated K/V of
+the cache: the query heads that share a KV head are folded into one query block for the past
+keys. Padded batches and gradients through the merge fall back to an explicit mask.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from longctx.kernels import HALF, attention_with_lse, flash_attn_available
 
 NAME = "longctx_sdpa"
 
@@ -34,34 +39,55 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)  # (B, H, N, d)
 
 
-def _attention_with_lse(query: Tensor, key: Tensor, value: Tensor, causal: bool,
-                        scale: float | None) -> tuple[Tensor, Tensor]:
-    """(output (B, H, C, d), log-sum-exp of the scores (B, H, C)) from PyTorch's fused kernels."""
-    if query.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, causal, scale=scale)
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        query, key, value, None, True, 0.0, causal, scale=scale)[:2]
-    return out, lse[..., : query.shape[2]]  # the kernel may pad the LSE's query axis
+def _fold_groups(query: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, C, d) -> (B, H_kv, g·C, d): the g query heads sharing one KV head become one longer
+    query block, so unmasked attention over their shared keys needs no repeated K/V."""
+    b, h, c, d = query.shape
+    return query.reshape(b, kv_heads, (h // kv_heads) * c, d)
 
 
-def _merged_flash(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
-    """Bottom-right-aligned causal attention of C queries over N = P + C keys, via two calls."""
-    past = key.shape[2] - query.shape[2]
-    out_local, lse_local = _attention_with_lse(query, key[:, :, past:], value[:, :, past:], True, scale)
+def _unfold_groups(x: Tensor, heads: int) -> Tensor:
+    """(B, H_kv, g·C, ...) -> (B, H, C, ...): the inverse of `_fold_groups`."""
+    b, kv_heads, gc = x.shape[:3]
+    return x.reshape(b, heads, gc * kv_heads // heads, *x.shape[3:])
+
+
+def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None,
+                     kernel: str | None = None) -> Tensor:
+    """Bottom-right-aligned causal attention of C queries over N = P + C keys, as two fused calls
+    merged by their log-sum-exp: the P past keys unmasked (query heads folded onto their KV head),
+    the chunk's own C keys causal (the chunk's K/V repeated: O(C) memory).
+    query (B, H, C, d), key/value (B, H_kv, N, d) -> (B, H, C, d) in the query's dtype."""
+    heads, kv_heads, c = query.shape[1], key.shape[1], query.shape[2]
+    past, groups = key.shape[2] - c, heads // kv_heads
+    local_k, local_v = _repeat_kv(key[:, :, past:], groups), _repeat_kv(value[:, :, past:], groups)
+    out_local, lse_local = attention_with_lse(query, local_k, local_v, True, scale, kernel)
     if past == 0:
         return out_local  # (B, H, C, d)
-    out_past, lse_past = _attention_with_lse(query, key[:, :, :past], value[:, :, :past], False, scale)
-    top = torch.maximum(lse_past, lse_local)  # (B, H, C)
-    w_past, w_local = (lse_past - top).exp()[..., None], (lse_local - top).exp()[..., None]
-    merged = (out_past * w_past + out_local * w_local) / (w_past + w_local)  # (B, H, C, d) float32
+    folded_out, folded_lse = attention_with_lse(_fold_groups(query, kv_heads), key[:, :, :past],
+                                                value[:, :, :past], False, scale, kernel)
+    out_past, lse_past = _unfold_groups(folded_out, heads), _unfold_groups(folded_lse, heads)  # (B, H, C, [d])
+    top = torch.maximum(lse_past, lse_local)  # (B, H, C) float32
+    w_past, w_local = (lse_past - top).exp()[..., None], (lse_local - top).exp()[..., None]  # (B, H, C, 1)
+    merged = (out_past.float() * w_past + out_local.float() * w_local) / (w_past + w_local)  # (B, H, C, d)
     return merged.to(query.dtype)
+
+
+def _flash_attn_package(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
+    """flash-attn's kernel: bottom-right causal and native GQA, so one call.
+    (B, H, C, d), (B, H_kv, N, d) -> (B, C, H, d)."""
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                           softmax_scale=scale, causal=True)
 
 
 def _masked_sdpa(query: Tensor, key: Tensor, value: Tensor, padding: Tensor | None,
                  scale: float | None, dropout: float) -> Tensor:
     """Reference path: explicit (B, 1, C, N) boolean mask, bottom-right causal plus padding."""
     c, n = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, N, d)
     mask = torch.ones(c, n, dtype=torch.bool, device=query.device).tril(n - c)[None, None]
     if padding is not None:
         mask = mask & padding[:, None, None, -n:].to(torch.bool)
@@ -72,14 +98,14 @@ def chunked_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                       attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs: Any) -> tuple[Tensor, None]:
     """HF attention interface: query (B, H, C, d), key/value (B, H_kv, N, d) -> (B, C, H, d)."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
     needs_merge_grad = torch.is_grad_enabled() and key.shape[2] > query.shape[2]
     fast = (attention_mask is None and query.device.type in ("cpu", "cuda") and dropout == 0.0
-            and not needs_merge_grad and query.dtype in (torch.float32, torch.bfloat16, torch.float16))
+            and not needs_merge_grad and query.dtype in (torch.float32, *HALF))
+    if fast and query.device.type == "cuda" and query.dtype in HALF and flash_attn_available():
+        return _flash_attn_package(query, key, value, scaling), None
     if fast:
-        out = _merged_flash(query, key, value, scaling)
+        out = merged_attention(query, key, value, scaling)
     else:
         out = _masked_sdpa(query, key, value, attention_mask, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None  # (B, C, H, d)

@@ -55,7 +55,7 @@ class SsmloraLM(HFLM):
     """`lm_eval --model ssmlora --model_args pretrained=…,method=…|adapter=…,chunk_size=…`."""
 
     def __init__(self, pretrained: str = "longctx-tiny", adapter: str | None = None, method: str | None = None,
-                 chunk_size: Any = None, ssm_carry: str = "chunk", dtype: str = "float32",
+                 chunk_size: Any = None, ssm_carry: str = "chunk", dtype: str = "auto",
                  attn_implementation: str = "auto", max_length: Any = None, truncation: str = "refuse",
                  seed: int = 0, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - HFLM_PASSTHROUGH)
@@ -68,9 +68,10 @@ class SsmloraLM(HFLM):
             raise choice_error("truncation", truncation, TRUNCATION_CHOICES)
         self.chunk_size = _optional_chunk(chunk_size)
         self.ssm_carry, self.truncation_mode = ssm_carry, truncation
-        device = str(kwargs.get("device") or "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"
+        from longctx.lmeval_plugin import requested_device
+        from longctx.models import resolve_device
+
+        device = str(resolve_device(requested_device(kwargs.get("device"))))  # --device; else CUDA if present
         self.adapted, tokenizer = build_adapted(str(pretrained), adapter, method, dtype, attn_implementation,
                                                 device, int(seed))
         from longctx.models import position_limit

@@ -58,6 +58,21 @@ def _one_line_errors(kind: type, value: BaseException, tb: Any) -> None:
     sys.__excepthook__(kind, value, tb)
 
 
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # lm-eval 0.4.13's EvaluatorConfig fills this in when --device is absent
+
+
+def requested_device(device: Any) -> str | None:
+    """The device the user asked for: lm-eval's command line fills in "cuda:0" when `--device` is
+    not given, which must mean "CUDA if present" (as lm-eval's `hf`), not a demand for CUDA."""
+    if device is None:
+        return None
+    argv = sys.argv if os.path.basename(sys.argv[0] if sys.argv else "") in ("lm_eval", "longctx") else None
+    given = argv is not None and any(a == "--device" or a.startswith("--device=") for a in argv)
+    if str(device) == LM_EVAL_DEFAULT_DEVICE and argv is not None and not given:
+        return None
+    return str(device)
+
+
 def install() -> None:
     """Start-up entry point (from the .pth line): cheap, never imports lm-eval itself."""
     if os.path.basename(sys.argv[0] if sys.argv else "") == "lm_eval":

@@ -73,30 +73,54 @@ def choose_attn_implementation(requested: str = "auto") -> str:
     return requested
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """A torch dtype from its name, or "auto" (the checkpoint's own dtype, as lm-eval's `hf`)."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     if dtype not in DTYPES:
-        raise choice_error("dtype", dtype, DTYPES)
+        raise choice_error("dtype", dtype, ("auto", *DTYPES))
     return DTYPES[dtype]
 
 
-def load_base(name_or_path: str, dtype: str | torch.dtype = "float32",
-              attn_implementation: str = "auto", device: str | None = None,
-              trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """Load (model, tokenizer) in eval mode. Hub ids load only from the local cache offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: None means CUDA when present, else CPU (as lm-eval's `hf`); asking for
+    a CUDA device that is not there is an error, never a silent fall back to the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LongctxError(f"unknown device {str(device)!r} (valid: cpu, cuda, cuda:N, auto)") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LongctxError(f"device {str(device)!r} asked for, but this machine has no CUDA device "
+                               f"(torch {torch.__version__}); use device=cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise LongctxError(f"device {str(device)!r} asked for, but this machine has {count} CUDA "
+                               f"device(s): cuda:0 to cuda:{count - 1}")
+    elif resolved.type != "cpu":
+        raise LongctxError(f"unsupported device {str(device)!r} (valid: cpu, cuda, cuda:N, auto)")
+    return resolved
 
-    from transformers import AutoConfig
+
+def load_base(name_or_path: str, dtype: str | torch.dtype = "auto",
+              attn_implementation: str = "auto", device: str | torch.device | None = "cpu",
+              trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) in eval mode, straight onto `device` in `dtype` (no float32 copy in
+    host memory first). dtype "auto": the checkpoint's own. Hub ids load only from the local cache
+    offline."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_base(name_or_path)
     attn = choose_attn_implementation(attn_implementation)
+    torch_dtype, target = parse_dtype(dtype), resolve_device(device)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         attention = {} if config.model_type in ("mamba", "mamba2") else {"attn_implementation": attn}  # no attention
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code, **attention)
+            path, dtype=torch_dtype, device_map={"": target}, trust_remote_code=trust_remote_code, **attention)
     except (OSError, ValueError) as err:
         if isinstance(err, LongctxError):
             raise
@@ -108,8 +132,6 @@ def load_base(name_or_path: str, dtype: str | torch.dtype = "float32",
         from longctx.mamba import use_parallel_scan
 
         use_parallel_scan(model)
-    if device:
-        model.to(device)
     model.eval()
     model.config.longctx_base_name = str(name_or_path)
     return model, tok

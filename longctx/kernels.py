@@ -1,0 +1,121 @@
+"""Fused attention kernels that also return the log-sum-exp of the scores, and the choice among them.
+
+This is longctx's one reach into PyTorch's private attention ops (`torch.ops.aten._scaled_dot_
+product_*`, written for torch 2.6–2.13): the public `scaled_dot_product_attention` does not return
+the log-sum-exp that merging two partial attentions needs. Kernels, fastest first:
+
+- `cudnn`: cuDNN's fused attention (CUDA, bf16/fp16; the fastest on Hopper),
+- `flash`: PyTorch's FlashAttention-2 (CUDA, bf16/fp16),
+- `efficient`: the memory-efficient kernel (CUDA, any float dtype),
+- `cpu_flash`: PyTorch's CPU flash kernel.
+
+Which CUDA kernel runs is decided once per (device, dtype, head size): each candidate is run on a
+small random problem and kept only if its output and log-sum-exp match a float64 reference, so a
+kernel that is missing, refuses the shape, or returns the log-sum-exp in another convention is
+never used. Every kernel takes query (B, H, C, d) and key/value (B, H, N, d) with equal head counts.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Kernel = Callable[[Tensor, Tensor, Tensor, bool, "float | None"], "tuple[Tensor, Tensor]"]
+CUDA_ORDER = ("cudnn", "flash", "efficient")
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _normalise_lse(lse: Tensor, query: Tensor) -> Tensor:
+    """Kernels pad the query axis or add a trailing 1: return (B, H, C) float32."""
+    b, h, c = query.shape[:3]
+    if lse.dim() == 4:
+        lse = lse[..., 0]
+    return lse[..., :c].reshape(b, h, c).float()
+
+
+def _cpu_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, _normalise_lse(lse, q)
+
+
+def _cudnn(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+    return out, _normalise_lse(lse, q)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    return out, _normalise_lse(lse, q)
+
+
+def _efficient(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+                                                                      scale=scale)[:2]
+    return out, _normalise_lse(lse, q)
+
+
+KERNELS: dict[str, Kernel] = {"cudnn": _cudnn, "flash": _flash, "efficient": _efficient, "cpu_flash": _cpu_flash}
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
+    """Plain float64 attention (top-left causal, as the kernels): (out, lse (B, H, C)). For checks only."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale  # (B, H, C, N)
+    if causal:
+        c, n = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(c, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, C)
+    return (scores - lse[..., None]).exp() @ v.double(), lse
+
+
+def _agrees(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Does kernel `name` run here and match the float64 reference on a small causal and full problem?"""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 80, head_dim, device=device, generator=gen).to(dtype) for _ in range(3))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    try:
+        for causal in (True, False):
+            out, lse = KERNELS[name](q, k, v, causal, None)
+            ref_out, ref_lse = reference_attention(q, k, v, causal, None)
+            if not (torch.allclose(out.double(), ref_out, atol=tol, rtol=0)
+                    and torch.allclose(lse.double(), ref_lse, atol=tol, rtol=0)):
+                return False
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def choose_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The fastest kernel that is correct on `device` for `dtype` and `head_dim` (checked once)."""
+    if device.type == "cpu":
+        return "cpu_flash"
+    candidates = CUDA_ORDER if dtype in HALF else ("efficient",)
+    for name in candidates:
+        if _agrees(name, device, dtype, head_dim):
+            return name
+    raise RuntimeError(f"no fused attention kernel with log-sum-exp works on {device} for {dtype}, "
+                       f"head size {head_dim}")
+
+
+def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float | None,
+                       kernel: str | None = None) -> tuple[Tensor, Tensor]:
+    """(output (B, H, C, d) in the query's dtype, log-sum-exp (B, H, C) float32); causal is top-left."""
+    name = kernel or choose_kernel(query.device, query.dtype, query.shape[-1])
+    return KERNELS[name](query, key, value, causal, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_available() -> bool:
+    """flash-attn (the package) imports and a CUDA device is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
