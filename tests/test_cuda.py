@@ -50,3 +50,84 @@ def test_cuda_peak_memory_is_per_region():
         torch.ones(16, device="cuda")
     assert big.method == "cuda_allocator" and big.delta_bytes >= 256 * 2**20
     assert small.delta_bytes < 2**20
+
+
+# ---- bf16 / fp16, the fused kernels with log-sum-exp, grouped-query attention on the GPU -------------
+
+from conftest import METHODS  # noqa: E402
+from longctx import kernels  # noqa: E402
+from longctx.attention import merged_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_chunked_matches_float32_unchunked_on_cuda(method, dtype):
+    register()
+    ids = random_ids(1, 300, seed=5).cuda()
+    keep = torch.arange(299)
+    reference = wrap(tiny_llama().cuda(), method)
+    perturb(reference, scale=0.1)
+    chunk = None if method == "ssmlora" else 64  # ssmlora's carry is its definition: compare like with like
+    full = torch.log_softmax(chunked_forward(reference, ids, chunk_size=chunk, keep=keep).logits, -1)
+    model = tiny_llama().cuda().to(dtype)
+    model.config._attn_implementation = "longctx_sdpa"
+    adapted = wrap(model, method)
+    perturb(adapted, scale=0.1)  # same seed: the same adapter weights as the float32 run
+    seen = []
+    model.model.layers[1].self_attn.register_forward_hook(lambda m, a, out: seen.append(out[0].dtype))
+    half = torch.log_softmax(chunked_forward(adapted, ids, chunk_size=chunk, keep=keep).logits, -1)
+    assert set(seen) == {dtype}
+    assert (half - full).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_picks_a_fused_flash_class_kernel(dtype):
+    chosen = kernels.choose_kernel(torch.device("cuda"), dtype, 64)
+    assert chosen in ("cudnn", "flash"), chosen  # the efficient kernel is the float32 fallback only
+    assert kernels.choose_kernel(torch.device("cuda"), torch.float32, 64) == "efficient"
+
+
+@pytest.mark.parametrize("name", kernels.CUDA_ORDER)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_each_working_kernel_merges_exactly_with_gqa(name, head_dim):
+    """Every kernel that passes the probe, used explicitly on a realistic GQA shape (32 query / 8 KV
+    heads, a 512-token chunk over a 3,000-token cache slice), equals float64 attention."""
+    if not kernels._agrees(name, torch.device("cuda"), torch.bfloat16, head_dim):
+        pytest.skip(f"{name} does not run here for head size {head_dim}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 512, 32, head_dim, device="cuda", generator=gen).bfloat16().transpose(1, 2)
+    buf = torch.randn(2, 1, 8, 4000, head_dim, device="cuda", generator=gen).bfloat16()
+    k, v = buf[0, :, :, :3512], buf[1, :, :, :3512]
+    out = merged_attention(q, k, v, None, kernel=name)
+    kr, vr = k.repeat_interleave(4, 1).double(), v.repeat_interleave(4, 1).double()
+    scores = q.double() @ kr.transpose(-1, -2) / head_dim ** 0.5
+    mask = torch.ones(512, 3512, dtype=torch.bool, device="cuda").tril(3000)
+    expected = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vr
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - expected).abs().max() < 2e-2
+
+
+def test_gqa_attention_allocates_no_repeated_cache():
+    """The merged call's own memory stays far below one repeated copy of the cached K/V."""
+    q = torch.randn(1, 32, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 65536, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    merged_attention(q, k, v, None)  # warm-up: kernel choice
+    with PeakMemory("cuda") as peak:
+        merged_attention(q, k, v, None)
+    repeated = 2 * k.numel() * 4 * k.element_size()  # K and V repeated to 32 heads
+    assert peak.delta_bytes < repeated / 8, (peak.delta_bytes, repeated)
+
+
+def test_bf16_model_type_on_cuda(tmp_path):
+    from conftest import save_tiny_base
+    from longctx.lmeval_model import SsmloraLM
+
+    path = str(save_tiny_base(tmp_path / "base", max_positions=2048))
+    ids = random_ids(1, 600, seed=2)[0].tolist()
+    request = [(("c", "x"), ids[:-4], ids[-4:])]
+    results = []
+    for dtype in ("float32", "bfloat16"):
+        lm = SsmloraLM(pretrained=path, method="ssmlora-scan", chunk_size=128, dtype=dtype, device="cuda")
+        assert lm.get_model_info()["model_dtype"] == f"torch.{dtype}"
+        results.append(lm._loglikelihood_tokens(request, disable_tqdm=True)[0][0])
+    assert abs(results[0] - results[1]) < 0.05 * max(1.0, abs(results[0]))
