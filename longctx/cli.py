@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ssm-carry", default="chunk", help="chunk | reset")
     f.add_argument("--init", default="zero", help="zero (fresh adapters = base) | random (non-zero adapters)")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--dtype", default="float32")
+    f.add_argument("--dtype", default="auto", help="auto (the checkpoint's own), float32, bfloat16, float16")
     f.add_argument("--no-compare", action="store_true", help="skip the unchunked reference run")
     f.set_defaults(run=cmd_forward)
     t = sub.add_parser("pretrain", help="build an embedded base model with the project's recipe")

@@ -78,7 +78,7 @@ def passkey_probe(tokenizer: Any, length: int, seed: int = 0) -> tuple[list[int]
 
 def forward_rows(base: str, methods: list[str], length: int, chunk_size: Any, adapter: str | None = None,
                  ssm_carry: str = "chunk", init: str = "zero", seed: int = 0, compare: bool = True,
-                 dtype: str = "float32") -> list[dict[str, Any]]:
+                 dtype: str = "auto") -> list[dict[str, Any]]:
     """Chunked scoring of a passkey probe per method, with timing, peak memory and the
     largest log-prob difference from the unchunked run."""
     from longctx.errors import choice_error, positive_int
