@@ -10,6 +10,11 @@ C_t·(P_t ⊙ h₀) gated by silu(z), and the final state gains P_T ⊙ h₀ (Gu
 pieces (convolution, zero-state selective scan) plus that term; the first chunk and
 single-token decoding steps are left to transformers entirely. `longctx.adapters.wrap` applies
 it to every adapted Mamba, which also keeps training off the fused kernel that bypasses adapters.
+
+bf16/fp16: transformers' mambapy scan multiplies its float32 states by the model-dtype C and
+fails ("expected m1 and m2 to have the same dtype"), so in a bf16/fp16 model every multi-token
+forward takes the path above with the scan's inputs in float32; the SSM state is float32 and the
+mixer's output is cast back to the model's dtype (single-token decoding is transformers' own).
 """
 from __future__ import annotations
 
@@ -22,33 +27,38 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _chunk_after_state(mixer: nn.Module, hidden_states: Tensor, cache_params: Any, attention_mask: Tensor | None,
-                       h0: Tensor) -> Tensor:
-    """The mixer's slow path for a multi-token chunk whose scan starts from `h0` (B, D, N)."""
+def _chunk_after_state(mixer: nn.Module, hidden_states: Tensor, cache: Any, attention_mask: Tensor | None,
+                       h0: Tensor | None) -> Tensor:
+    """The mixer's slow path for a multi-token chunk whose scan starts from `h0` (B, D, N; zeros if
+    None). The scan runs in float32 whatever the model's dtype, and its state is kept in float32."""
     from transformers.models.mamba.modeling_mamba import (apply_mask_to_padding_states, causal_conv1d_fn,
                                                           mamba_selective_scan)
 
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
     hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
     x, gate = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, D, T) each
-    full = cache_params.update_conv_state(x, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size)  # (B, D, K+T)
+    full = cache.update_conv_state(x, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size)  # (B, D, K+T)
     x = causal_conv1d_fn(full, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
                          activation=mixer.activation)[..., -seq_len:]
     x = apply_mask_to_padding_states(x.transpose(1, 2), attention_mask)  # (B, T, D)
     dt, b, c = torch.split(mixer.x_proj(x), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size],
                            dim=-1)  # (B, T, R), (B, T, N), (B, T, N)
-    dt = mixer.dt_proj.weight @ dt.transpose(1, 2)  # (B, D, T), as transformers computes it
+    dt = (mixer.dt_proj.weight @ dt.transpose(1, 2)).float()  # (B, D, T), as transformers computes it
     a = -torch.exp(mixer.A_log.float())  # (D, N)
     bias = mixer.dt_proj.bias.float()
-    # (B, D, T), (B, D, N): from a zero state, through the same scan the mixer itself would use
-    y, last = mamba_selective_scan(x.transpose(1, 2), dt, a, b.transpose(1, 2), c.transpose(1, 2),
-                                   D=mixer.D.float(), z=gate, delta_bias=bias, delta_softplus=True,
-                                   return_last_state=True, use_mambapy=mixer.use_mambapy)
-    step = F.softplus(dt.float() + bias[:, None])  # (B, D, T): Δ
-    decay = torch.exp(step.cumsum(dim=-1)[..., None] * a[:, None])  # (B, D, T, N): P_t
-    carried = decay * h0.float()[:, :, None]  # (B, D, T, N): P_t ⊙ h0
-    y = y + torch.einsum("bdtn,btn->bdt", carried, c.float()).to(y.dtype) * F.silu(gate)
-    cache_params.update_recurrent_state((last.float() + carried[:, :, -1]).to(last.dtype), mixer.layer_idx)
+    # (B, D, T), (B, D, N): from a zero state, through the same scan the mixer itself would use. Its
+    # inputs are float32: transformers' own scan fails on bf16/fp16 ones (float32 states @ bf16 C).
+    x, b, c, gate = x.transpose(1, 2).float(), b.transpose(1, 2).float(), c.transpose(1, 2).float(), gate.float()
+    y, last = mamba_selective_scan(x, dt, a, b, c, D=mixer.D.float(), z=gate, delta_bias=bias,
+                                   delta_softplus=True, return_last_state=True, use_mambapy=mixer.use_mambapy)
+    y, last = y.float(), last.float()  # (B, D, T), (B, D, N)
+    if h0 is not None:
+        step = F.softplus(dt + bias[:, None])  # (B, D, T): Δ
+        decay = torch.exp(step.cumsum(dim=-1)[..., None] * a[:, None])  # (B, D, T, N): P_t
+        carried = decay * h0.float()[:, :, None]  # (B, D, T, N): P_t ⊙ h0
+        y = y + torch.einsum("bdtn,bnt->bdt", carried, c) * F.silu(gate)
+        last = last + carried[:, :, -1]
+    cache.update_recurrent_state(last, mixer.layer_idx)
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
 
 
@@ -93,12 +103,14 @@ def _stateful(mixer: nn.Module, original: Callable[..., Tensor]) -> Callable[...
         cache = cache if cache is not None else cache_params  # either name, whichever version calls
         if cache is None and mixer.training:
             cache = _UnfusedPath()
-        h0 = None
-        if cache is not None and hidden_states.shape[1] > 1:
-            h0 = cache.get_recurrent_state(mixer.layer_idx)
-        if h0 is None:  # first chunk, decoding step, or no cache: transformers' own path is right
+        h0 = None if cache is None else cache.get_recurrent_state(mixer.layer_idx)  # (B, D, N) or None
+        decoding = h0 is not None and hidden_states.shape[1] == 1
+        reduced = hidden_states.dtype in (torch.bfloat16, torch.float16)
+        if decoding or (h0 is None and not reduced):  # transformers' own path is right there
             return original(hidden_states, attention_mask=attention_mask, **{keyword: cache}, **kwargs)
-        return _chunk_after_state(mixer, hidden_states, cache, attention_mask, h0.clone())
+        # A chunk after a cached state, or any bf16/fp16 forward (transformers' scan needs float32 there)
+        return _chunk_after_state(mixer, hidden_states, cache if cache is not None else _UnfusedPath(),
+                                  attention_mask, None if h0 is None else h0.clone())
     return forward
 
 
@@ -130,4 +142,4 @@ def use_parallel_scan(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, MambaMixer):
             module.use_mambapy = True
-    return model
+    return carry_ssm_state(model)  # also makes the mambapy scan work in bf16/fp16 (module docstring)

@@ -33,17 +33,21 @@ class TrainConfig:
     seed: int = 0
     n_validation: int = 16
     eval_every: int = 50
+    dtype: str = "float32"  # the base's dtype (longctx.models.DTYPES); adapter weights stay float32
     overrides: dict[str, Any] = field(default_factory=dict)  # recipe fields (rank, alpha, …)
 
     def validate(self) -> None:
         from longctx.adapters import ADAPTERS
         from longctx.errors import choice_error
+        from longctx.models import DTYPES
         from longctx.tasks import TASKS
 
         if self.method not in ADAPTERS:
             raise choice_error("method", self.method, ADAPTERS)
         if self.task not in TASKS:
             raise choice_error("task", self.task, TASKS)
+        if self.dtype not in DTYPES:
+            raise choice_error("dtype", self.dtype, DTYPES)
         for name in ("train_length", "steps", "batch_size", "n_validation", "eval_every"):
             positive_int(name, getattr(self, name))
 
@@ -154,7 +158,7 @@ def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     started = time.perf_counter()
-    model, tokenizer = load_base(cfg.base, attn_implementation="sdpa")
+    model, tokenizer = load_base(cfg.base, dtype=cfg.dtype, attn_implementation="sdpa")
     adapted = wrap(model, cfg.method, seed=cfg.seed, **cfg.overrides)
     if adapted.trainable_parameters() == 0:
         raise LongctxError(f"method {cfg.method!r} has no trainable parameters; evaluate it without training")

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from longctx.adapters.base import (CONFIG_NAME, WEIGHTS_NAME, AdaptedModel, AdapterMethod, Recipe,
-                                   load_recipe, make_recipe)
+from longctx.adapters.base import (CONFIG_NAME, WEIGHTS_NAME, AdaptedModel, AdapterMethod, Recipe, base_dtype,
+                                   common_dtype, dtype_fingerprints, load_recipe, make_recipe)
 from longctx.adapters.dense import Dense
 from longctx.adapters.frozen import FrozenBase
 from longctx.adapters.lora import Lora, recipe_fields_from_peft
@@ -61,7 +61,7 @@ def wrap(model: nn.Module, method: str, recipe: Recipe | None = None, seed: int 
     """
     impl = get_adapter(method)
     recipe = recipe or load_recipe(method, overrides)
-    base_fp = fingerprint(model)
+    base_fp, base_fps, dtype = fingerprint(model), dtype_fingerprints(model), base_dtype(model)
     base_name = str(getattr(model.config, "longctx_base_name", getattr(model.config, "_name_or_path", "")))
     for param in model.parameters():
         param.requires_grad_(False)
@@ -74,7 +74,7 @@ def wrap(model: nn.Module, method: str, recipe: Recipe | None = None, seed: int 
         from longctx.mamba import carry_ssm_state
 
         carry_ssm_state(adapted_model)
-    return AdaptedModel(adapted_model, impl, recipe, points, base_fp, base_name, binding)
+    return AdaptedModel(adapted_model, impl, recipe, points, base_fp, base_name, binding, dtype, base_fps)
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
@@ -93,16 +93,17 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def _method_and_recipe(config: dict[str, Any], directory: Path) -> tuple[str, Recipe, str | None]:
+def _method_and_recipe(config: dict[str, Any], directory: Path) -> tuple[str, Recipe, dict[str, Any]]:
+    """(method, recipe, the `longctx` block: empty for a directory written by PEFT)."""
     ours = config.get("longctx")
     if isinstance(ours, dict) and "method" in ours:
         method = ours["method"]
         get_adapter(method)
         fields = {k: v for k, v in ours.get("recipe", {}).items() if k != "method"}
-        return method, make_recipe(method, fields), ours.get("base_fingerprint")
+        return method, make_recipe(method, fields), ours
     if config.get("peft_type") == "LORA":  # written by PEFT's save_pretrained
         try:
-            return "lora", make_recipe("lora", recipe_fields_from_peft(config)), None
+            return "lora", make_recipe("lora", recipe_fields_from_peft(config)), {}
         except ValueError as err:
             raise LongctxError(f"{directory / CONFIG_NAME}: {err}") from None
     raise LongctxError(f"{directory / CONFIG_NAME} names no method (no 'longctx' block and peft_type "
@@ -115,11 +116,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdaptedModel:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    method, recipe, saved_fp = _method_and_recipe(read_adapter_config(directory), directory)
-    actual_fp = fingerprint(model)
-    if saved_fp is not None and saved_fp != actual_fp:
-        raise LongctxError(f"adapter {str(directory)!r} was made for base {saved_fp}, but the given "
-                           f"base has fingerprint {actual_fp}: load it on the base it was trained on")
+    method, recipe, saved = _method_and_recipe(read_adapter_config(directory), directory)
+    _check_base(model, saved, directory)
     try:
         weights = load_file(str(directory / WEIGHTS_NAME))
     except (OSError, SafetensorError) as err:
@@ -131,3 +129,21 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdaptedModel:
         raise LongctxError(f"adapter weights in {str(directory)!r} do not fit the model: "
                            f"{str(err).splitlines()[0]}") from None
     return adapted
+
+
+def _check_base(model: nn.Module, saved: dict[str, Any], directory: Path) -> None:
+    """Refuse a base other than the one the adapter was made on. The same checkpoint in another
+    dtype (an adapter trained on float32 loaded on its bf16 copy, or back) is the same base."""
+    saved_fp, actual_fp = saved.get("base_fingerprint"), fingerprint(model)
+    if saved_fp is None or saved_fp == actual_fp:
+        return
+    saved_dtype, given_dtype = str(saved.get("base_dtype", "float32")), base_dtype(model)
+    common = common_dtype(saved_dtype, given_dtype)
+    by_dtype = saved.get("base_fingerprints") or {}
+    if saved_dtype != given_dtype and common is None:
+        raise LongctxError(f"adapter {str(directory)!r} was made on a {saved_dtype} base; it cannot be checked "
+                           f"against this {given_dtype} one: load the base in {saved_dtype} or float32")
+    if common is not None and common in by_dtype and by_dtype[common] == dtype_fingerprints(model)[common]:
+        return
+    raise LongctxError(f"adapter {str(directory)!r} was made for base {saved_fp}, but the given "
+                       f"base has fingerprint {actual_fp}: load it on the base it was trained on")

@@ -4,13 +4,21 @@ An adapted model is the HF causal LM with the method's modules inserted, plus wh
 reproduce and check it: the recipe, the insertion points and a fingerprint of the base it was
 built on. Directories use PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`);
 the config's `longctx` block records method, recipe and base fingerprint (SPEC §4).
+
+dtype policy (bf16/fp16 bases; as PEFT's `autocast_adapter_dtype=True`): an adapter's own weights
+(ssmlora, ssmlora-scan, lora-xs's R and SVD factors, sdlora's A_log/D deltas, PEFT's LoRA) and
+its SSM state are float32 (or the base's dtype if wider); the branch is computed in float32 and
+cast to the layer's output dtype. `dense` trains the base's weights in their own dtype. Adapters
+save as they are and load into a base of any dtype (`copy_` casts).
 """
 from __future__ import annotations
 
 import abc
 import contextlib
 import dataclasses
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -86,6 +94,47 @@ def load_recipe(method: str, overrides: dict[str, Any] | None = None) -> Recipe:
     return make_recipe(method, {**values, **(overrides or {})})
 
 
+def adapter_dtype(base: torch.dtype) -> torch.dtype:
+    """The dtype of an adapter's weights and state on a base of dtype `base`: float32 or wider."""
+    return torch.promote_types(base, torch.float32)
+
+
+# Fingerprints of a base as it reads once cast to each of these dtypes (SPEC §3: bf16/fp16 work).
+FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_REDUCED = ("bfloat16", "float16")
+
+
+def base_dtype(model: nn.Module) -> str:
+    """The dtype of the base's floating-point weights, by name (`float32` if it has none)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_fingerprints(model: nn.Module) -> dict[str, str]:
+    """Per dtype name, a hash of the base's parameter names, shapes and leading values rounded to
+    that dtype: a float32 base and its bf16 copy agree at `bfloat16` (casting rounds the same way
+    whatever did it), whereas `models.fingerprint` hashes the values as they are."""
+    digests = {name: hashlib.sha256(f"{getattr(model.config, 'model_type', None)};".encode())
+               for name in FINGERPRINT_DTYPES}
+    for name, param in model.named_parameters():
+        clean = re.sub(r"(base_model\.model\.|\.base_layer)", "", name)
+        head = None if param.device.type == "meta" else param.detach().reshape(-1)[:16].cpu()  # (≤16,)
+        for dtype_name, dtype in FINGERPRINT_DTYPES.items():
+            digests[dtype_name].update(f"{clean}:{tuple(param.shape)};".encode())
+            if head is not None:
+                digests[dtype_name].update(head.to(dtype).to(torch.float32).numpy().tobytes())
+    return {name: digest.hexdigest()[:16] for name, digest in digests.items()}
+
+
+def common_dtype(saved: str, given: str) -> str | None:
+    """The dtype at which a base saved in `saved` and one given in `given` can be compared: the
+    narrower of the two; None for bf16 against fp16 (neither is a rounding of the other)."""
+    if saved in _REDUCED and given in _REDUCED and saved != given:
+        return None
+    narrow = [d for d in (saved, given) if d in _REDUCED]
+    return narrow[0] if narrow else "float32"
+
+
 class AdapterMethod(abc.ABC):
     """One adapter method: how to insert it, which weights are its own, how to restore them."""
 
@@ -132,6 +181,8 @@ class AdaptedModel:
     base_fingerprint: str
     base_name: str
     binding: StateBinding
+    base_dtype: str = "float32"  # the base's weights' dtype when wrapped
+    base_fingerprints: dict[str, str] = field(default_factory=dict)  # `dtype_fingerprints` of the base
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -160,6 +211,7 @@ class AdaptedModel:
         config = {**self.method.config_fields(self), "longctx": {
             "format_version": FORMAT_VERSION, "method": self.method.name,
             "recipe": self.recipe.to_dict(), "base_fingerprint": self.base_fingerprint,
+            "base_dtype": self.base_dtype, "base_fingerprints": self.base_fingerprints,
             "base_name": self.base_name, "insertion_points": self.insertion_points,
             "trainable_parameters": self.trainable_parameters(),
             "total_parameters": self.total_parameters()}}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, Recipe
+from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import replace_modules, resolve_points
 from longctx.adapters.state import StateBinding
 
@@ -36,15 +36,17 @@ class LoraXSLinear(nn.Module):
         rank = min(rank, *base_layer.weight.shape)
         self.base_layer, self.rank, self.scale = base_layer, rank, alpha / rank
         b, a = svd_factors(base_layer.weight, rank)
-        dtype = base_layer.weight.dtype
+        dtype = adapter_dtype(base_layer.weight.dtype)  # float32 on a bf16/fp16 base
         self.register_buffer("lora_xs_B", b.to(dtype), persistent=False)  # (d_out, r)
         self.register_buffer("lora_xs_A", a.to(dtype), persistent=False)  # (r, d_in)
         self.lora_xs_R = nn.Parameter(torch.zeros(rank, rank, dtype=dtype, device=base_layer.weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
-        z = self.dropout(x) @ self.lora_xs_A.T  # (B, T, r)
-        return self.base_layer(x) + self.scale * ((z @ self.lora_xs_R.T) @ self.lora_xs_B.T)  # (B, T, d_out)
+        y = self.base_layer(x)  # (B, T, d_out)
+        z = self.dropout(x.to(self.lora_xs_A.dtype)) @ self.lora_xs_A.T  # (B, T, r), in the adapter's dtype
+        branch = (z @ self.lora_xs_R.T) @ self.lora_xs_B.T  # (B, T, d_out)
+        return y + (self.scale * branch).to(y.dtype)
 
 
 class LoraXS(AdapterMethod):

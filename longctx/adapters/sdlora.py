@@ -8,7 +8,8 @@ The SSM parameters are re-expressed as base + delta: each mixer's A_log and D be
 recomputed before every forward from frozen base buffers and trainable `sdlora_delta_*`
 parameters (full-size during warm-up, only the selected entries after `select_dimensions`), so
 an unselected entry cannot move, whatever the optimiser's state. Deltas start at zero: a fresh
-adapter equals its base.
+adapter equals its base. The deltas, and A_log / D as recomputed, are float32 on a bf16/fp16
+base (the scan reads them as float32 anyway), so a small update is not lost to rounding.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, Recipe
+from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.lora import Lora
 from longctx.adapters.state import StateBinding
 from longctx.errors import LongctxError
@@ -35,7 +36,8 @@ def _mixers(model: nn.Module) -> list[nn.Module]:
 
 def _ssm_params(mixer: nn.Module) -> tuple[Tensor, Tensor]:
     """(A_log, D) of the mixer as they enter the scan: base + delta (full or at the selection)."""
-    a, d = mixer.sdlora_A_base.clone(), mixer.sdlora_D_base.clone()  # (D, N), (D,)
+    dtype = mixer.sdlora_delta_A.dtype  # float32 on a bf16/fp16 base
+    a, d = mixer.sdlora_A_base.to(dtype, copy=True), mixer.sdlora_D_base.to(dtype, copy=True)  # (D, N), (D,)
     if hasattr(mixer, "sdlora_channels"):
         rows = mixer.sdlora_channels[:, None]  # (k_c, 1)
         a = a.index_put((rows, mixer.sdlora_states), mixer.sdlora_delta_A, accumulate=True)  # (k_c, k_s) entries
@@ -55,9 +57,10 @@ def _install(mixer: nn.Module) -> None:
     del mixer._parameters["A_log"], mixer._parameters["D"]
     mixer.register_buffer("sdlora_A_base", a)
     mixer.register_buffer("sdlora_D_base", d)
-    mixer.sdlora_delta_A = nn.Parameter(torch.zeros_like(a))  # (D, N)
-    mixer.sdlora_delta_D = nn.Parameter(torch.zeros_like(d))  # (D,)
-    mixer.A_log, mixer.D = a.clone(), d.clone()
+    dtype = adapter_dtype(a.dtype)
+    mixer.sdlora_delta_A = nn.Parameter(torch.zeros_like(a, dtype=dtype))  # (D, N)
+    mixer.sdlora_delta_D = nn.Parameter(torch.zeros_like(d, dtype=dtype))  # (D,)
+    mixer.A_log, mixer.D = a.to(dtype, copy=True), d.to(dtype, copy=True)
     mixer.register_forward_pre_hook(_refresh)
 
 

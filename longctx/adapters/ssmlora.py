@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, Recipe
+from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.state import StateBinding
 
@@ -39,7 +39,7 @@ class SSMLoRALinear(nn.Module):
         self.detach_state = detach_state
         self.binding = binding
         w = base_layer.weight
-        kw = dict(device=w.device, dtype=w.dtype)
+        kw = dict(device=w.device, dtype=adapter_dtype(w.dtype))  # float32 on a bf16/fp16 base
         self.ssmlora_A = nn.Parameter(torch.randn(base_layer.in_features, rank, **kw) / math.sqrt(rank))
         self.ssmlora_B = nn.Parameter(torch.zeros(rank, base_layer.out_features, **kw))
         self.ssmlora_C = nn.Parameter(torch.zeros(rank, rank, **kw))
@@ -49,7 +49,7 @@ class SSMLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
         y = self.base_layer(x)  # (B, T, d_out)
         state = self.binding.current()
-        z = x.to(self.ssmlora_A.dtype) @ self.ssmlora_A  # (B, T, r)
+        z = x.to(self.ssmlora_A.dtype) @ self.ssmlora_A  # (B, T, r), in the adapter's dtype
         h = state.previous(self.state_key, z)  # (B, T, r)
         h_new = h @ self.ssmlora_C + z @ self.ssmlora_D + h  # (B, T, r)
         low, high = torch.aminmax(h_new, dim=-1, keepdim=True)  # (B, T, 1) each

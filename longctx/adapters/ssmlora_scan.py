@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, Recipe
+from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.scan import linear_scan
 from longctx.adapters.state import StateBinding
@@ -35,9 +35,9 @@ class SSMLoRAScanLinear(nn.Module):
         self.detach_state = detach_state
         self.binding = binding
         w = base_layer.weight
-        kw = dict(device=w.device, dtype=w.dtype)
+        kw = dict(device=w.device, dtype=adapter_dtype(w.dtype))  # float32 on a bf16/fp16 base
         tau = torch.logspace(0.0, math.log10(MAX_TIMESCALE), rank, device=w.device, dtype=torch.float32)
-        self.scan_log_tau = nn.Parameter(tau.log().to(w.dtype))  # (r,)
+        self.scan_log_tau = nn.Parameter(tau.log().to(kw["dtype"]))  # (r,)
         self.scan_A = nn.Parameter(torch.randn(base_layer.in_features, rank, **kw) / math.sqrt(rank))
         self.scan_B = nn.Parameter(torch.zeros(rank, base_layer.out_features, **kw))
         self.scan_C = nn.Parameter(torch.zeros(rank, rank, **kw))
