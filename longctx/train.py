@@ -33,21 +33,20 @@ class TrainConfig:
     seed: int = 0
     n_validation: int = 16
     eval_every: int = 50
-    dtype: str = "float32"  # the base's dtype (longctx.models.DTYPES); adapter weights stay float32
+    dtype: str = "float32"  # the base's: auto (the checkpoint's own) or a models.DTYPES name; adapters stay float32
     overrides: dict[str, Any] = field(default_factory=dict)  # recipe fields (rank, alpha, …)
 
     def validate(self) -> None:
         from longctx.adapters import ADAPTERS
         from longctx.errors import choice_error
-        from longctx.models import DTYPES
+        from longctx.models import parse_dtype
         from longctx.tasks import TASKS
 
         if self.method not in ADAPTERS:
             raise choice_error("method", self.method, ADAPTERS)
         if self.task not in TASKS:
             raise choice_error("task", self.task, TASKS)
-        if self.dtype not in DTYPES:
-            raise choice_error("dtype", self.dtype, DTYPES)
+        parse_dtype(self.dtype)  # one-line error naming the choices
         for name in ("train_length", "steps", "batch_size", "n_validation", "eval_every"):
             positive_int(name, getattr(self, name))
 

@@ -205,5 +205,5 @@ def test_train_refuses_an_unknown_dtype(tmp_path):
     from longctx.train import TrainConfig
 
     cfg = TrainConfig(method="lora", task="passkey", train_length=128, out=str(tmp_path), dtype="float8")
-    with pytest.raises(LongctxError, match="unknown dtype 'float8'; valid choices: float32, fp32, bfloat16"):
+    with pytest.raises(LongctxError, match="unknown dtype 'float8'; valid choices: auto, float32, fp32, bfloat16"):
         cfg.validate()
