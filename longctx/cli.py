@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in {"rank": args.rank, "alpha": args.alpha}.items() if v is not None}
     cfg = TrainConfig(method=args.method, task=args.task, train_length=args.train_length, out=args.out,
                       base=args.base, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                      seed=args.seed, overrides=overrides)
+                      seed=args.seed, overrides=overrides, dtype=args.dtype)
     print(f"adapter written to {train_adapter(cfg, progress=not args.quiet)}")
 
 
@@ -154,6 +154,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--rank", type=int, default=None, help="override the recipe's rank")
     r.add_argument("--alpha", type=float, default=None, help="override the recipe's alpha")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default="float32",
+                   help="the base's dtype: auto, float32, bfloat16, float16 (adapter weights stay float32)")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(run=cmd_train)
     w = sub.add_parser("sweep", help="methods x tasks x lengths: train, evaluate through lm-eval, tabulate")

@@ -52,7 +52,8 @@ class SSMLoRALinear(nn.Module):
         z = x.to(self.ssmlora_A.dtype) @ self.ssmlora_A  # (B, T, r), in the adapter's dtype
         h = state.previous(self.state_key, z)  # (B, T, r)
         h_new = h @ self.ssmlora_C + z @ self.ssmlora_D + h  # (B, T, r)
-        low, high = torch.aminmax(h_new, dim=-1, keepdim=True)  # (B, T, 1) each
+        # amin/amax, not aminmax: torch 2.11 (a common cluster build) has no gradient for aminmax
+        low, high = h_new.amin(-1, keepdim=True), h_new.amax(-1, keepdim=True)  # (B, T, 1) each
         h_hat = (h_new - low) / (high - low + NORM_EPS)  # (B, T, r)
         state.live[self.state_key] = h_hat.detach() if self.detach_state else h_hat
         branch = (z + F.leaky_relu(self.ssmlora_dropout(h_hat))) @ self.ssmlora_B  # (B, T, d_out)
