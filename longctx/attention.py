@@ -67,9 +67,9 @@ def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | N
     folded_out, folded_lse = attention_with_lse(_fold_groups(query, kv_heads), key[:, :, :past],
                                                 value[:, :, :past], False, scale, kernel)
     out_past, lse_past = _unfold_groups(folded_out, heads), _unfold_groups(folded_lse, heads)  # (B, H, C, [d])
-    top = torch.maximum(lse_past, lse_local)  # (B, H, C) float32
-    w_past, w_local = (lse_past - top).exp()[..., None], (lse_local - top).exp()[..., None]  # (B, H, C, 1)
-    merged = (out_past.float() * w_past + out_local.float() * w_local) / (w_past + w_local)  # (B, H, C, d)
+    # Share of the past keys' softmax mass: e^lse_p / (e^lse_p + e^lse_l) = sigmoid(lse_p - lse_l).
+    w_past = torch.sigmoid(lse_past - lse_local)[..., None]  # (B, H, C, 1) float32
+    merged = out_local.float().lerp_(out_past.float(), w_past)  # (B, H, C, d): one fused pass
     return merged.to(query.dtype)
 
 

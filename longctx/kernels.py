@@ -100,33 +100,43 @@ def _agrees(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
 
 
 @functools.lru_cache(maxsize=None)
-def choose_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The fastest kernel that is correct on `device` for `dtype` and `head_dim` (checked once)."""
+def working_kernels(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, ...]:
+    """The kernels that are correct on `device` for `dtype` and `head_dim`, fastest first (checked once)."""
     if device.type == "cpu":
-        return "cpu_flash"
+        return ("cpu_flash",)
     candidates = CUDA_ORDER if dtype in HALF else ("efficient",)
-    for name in candidates:
-        if _agrees(name, device, dtype, head_dim):
-            return name
-    raise RuntimeError(f"no fused attention kernel with log-sum-exp works on {device} for {dtype}, "
-                       f"head size {head_dim}")
+    working = tuple(name for name in candidates if _agrees(name, device, dtype, head_dim))
+    if not working:
+        raise RuntimeError(f"no fused attention kernel with log-sum-exp works on {device} for {dtype}, "
+                           f"head size {head_dim}")
+    return working
+
+
+def choose_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The fastest kernel that is correct on `device` for `dtype` and `head_dim`."""
+    return working_kernels(device, dtype, head_dim)[0]
 
 
 def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float | None,
                        kernel: str | None = None) -> tuple[Tensor, Tensor]:
     """(output (B, H, C, d) in the query's dtype, log-sum-exp (B, H, C) float32); causal is top-left.
 
-    A CUDA kernel that refuses a shape the probe did not cover hands over to the next exact one."""
-    name = kernel or choose_kernel(query.device, query.dtype, query.shape[-1])
-    if kernel is not None or name not in CUDA_ORDER:
-        return KERNELS[name](query, key, value, causal, scale)
-    fallbacks = CUDA_ORDER[CUDA_ORDER.index(name):]
-    for candidate in fallbacks[:-1]:
+    cuDNN builds an execution plan per shape (about 50 ms each, measured on an H200), so it runs
+    only shapes that recur: query and key lengths that are multiples of 128 (whole chunks of the
+    usual chunk sizes); the last, ragged chunk of a request goes to the next kernel (PyTorch's
+    flash), which needs no plan. A kernel that refuses a shape the probe did not cover hands
+    over to the next exact one."""
+    if kernel is not None:
+        return KERNELS[kernel](query, key, value, causal, scale)
+    candidates = working_kernels(query.device, query.dtype, query.shape[-1])
+    if len(candidates) > 1 and candidates[0] == "cudnn" and (query.shape[2] % 128 or key.shape[2] % 128):
+        candidates = candidates[1:]
+    for name in candidates[:-1]:
         try:
-            return KERNELS[candidate](query, key, value, causal, scale)
+            return KERNELS[name](query, key, value, causal, scale)
         except RuntimeError:
             continue
-    return KERNELS[fallbacks[-1]](query, key, value, causal, scale)
+    return KERNELS[candidates[-1]](query, key, value, causal, scale)
 
 
 @functools.lru_cache(maxsize=None)

@@ -55,17 +55,26 @@ def _new_cache(model: nn.Module, capacity: int) -> Any:
     return preallocated_cache(model.config, capacity)
 
 
-def _step(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any, keep: Any) -> Any:
-    """One forward of a chunk (B, C) after `cache`; `mask` covers every token so far (B, N)."""
+def _step(model: nn.Module, ids: Tensor, mask: Tensor | None, positions: Tensor, cache: Any, keep: Any) -> Any:
+    """One forward of a chunk (B, C) after `cache`; `mask` covers every token so far (B, N), or is
+    None when nothing is padded (no mask to build or inspect: no host-device sync per chunk)."""
     if model_family(model) == "mamba":  # no positions; the mask covers the chunk's own tokens
         from longctx.mamba import cache_keyword
 
-        out = model(input_ids=ids, attention_mask=mask[:, -ids.shape[1]:], use_cache=True, logits_to_keep=keep,
+        chunk_mask = None if mask is None else mask[:, -ids.shape[1]:]
+        out = model(input_ids=ids, attention_mask=chunk_mask, use_cache=True, logits_to_keep=keep,
                     **{cache_keyword(): cache})
         out.past_key_values = cache  # filled in place by every layer
         return out
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                  use_cache=True, logits_to_keep=keep)
+
+
+def _padding_mask(attention_mask: Tensor | None) -> Tensor | None:
+    """The mask to hand the model, or None when every token is real (checked once, not per chunk)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -94,23 +103,27 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
     n = input_ids.shape[1]
     size = _validate(chunk_size, ssm_carry, n)
     check_length(model, n)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    positions = _positions(mask)  # (B, N)
+    mask = _padding_mask(attention_mask)
+    positions = _positions(mask) if mask is not None else torch.arange(n, device=input_ids.device)[None]  # (B|1, N)
     keep = torch.tensor([n - 1]) if keep is None else keep.to(torch.long).cpu()
+    ordered, order = keep.sort()
+    keep_on_device = ordered.to(input_ids.device)  # one copy; chunks take slices of it (no per-chunk sync)
+    bounds = torch.searchsorted(ordered, torch.arange(0, n + size, size)).tolist()  # chunk -> first kept index
     state = state if state is not None else SequenceState()
     cache, kept, n_chunks = _new_cache(model, n + reserve), [], 0
-    for start in range(0, n, size):
+    for index, start in enumerate(range(0, n, size)):
         end = min(start + size, n)
-        local = keep[(keep >= start) & (keep < end)] - start  # (K_chunk,)
+        local = keep_on_device[bounds[index]:bounds[index + 1]] - start  # (K_chunk,)
         if ssm_carry == "reset":
             state.reset()
         with _bind(adapted, state), torch.no_grad():
-            out = _step(model, input_ids[:, start:end], mask[:, :end], positions[:, start:end], cache,
-                        local.to(input_ids.device))
+            out = _step(model, input_ids[:, start:end], None if mask is None else mask[:, :end],
+                        positions[:, start:end], cache, local)
         cache, n_chunks = out.past_key_values, n_chunks + 1
         if local.numel():
             kept.append(out.logits.float())  # (B, K_chunk, V)
     logits = torch.cat(kept, dim=1) if kept else torch.empty(input_ids.shape[0], 0, 0)
+    logits = logits[:, order.argsort().to(logits.device)] if kept else logits  # back to the caller's order
     return ChunkedOutput(logits, keep, cache, state, n_chunks)
 
 

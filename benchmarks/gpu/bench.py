@@ -60,7 +60,7 @@ def verdict(ok: bool) -> str:
 
 def sync() -> None:
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 def cuda_time(fn: Callable[[], Any], repeats: int = 2) -> float:
@@ -206,11 +206,11 @@ def bench_adapters(model: torch.nn.Module, device: str) -> None:
            {"tokens_per_s": speeds, "ratios": ratios})
 
 
-def one_request(lm: Any, n: int, device: str, vocab: int) -> dict[str, float]:
+def one_request(lm: Any, n: int, device: str, vocab: int, seed: int = 7) -> dict[str, float]:
     """One log-likelihood request of n tokens (8 of them the continuation): time, peaks, log-prob."""
     from longctx.memory import PeakMemory
 
-    ids = random_ids(n, "cpu", seed=7, vocab=vocab)[0].tolist()
+    ids = random_ids(n, "cpu", seed=seed, vocab=vocab)[0].tolist()
     request = (("context", "continuation"), ids[:-8], ids[-8:])
     empty_cache()
     with PeakMemory(device) as peak:
@@ -222,31 +222,65 @@ def one_request(lm: Any, n: int, device: str, vocab: int) -> dict[str, float]:
             "logprob": logprob}
 
 
-def bench_vs_hf(directory: str, device: str, vocab: int) -> None:
+def measure_lm(lm: Any, lengths: tuple[int, ...], device: str, vocab: int) -> dict[int, dict[str, Any]]:
+    """Per length: the first request (cold: kernels meet new shapes) and a second one of the same
+    length with other tokens (warm: what the other samples of a length cost)."""
+    one_request(lm, 4 * K, device, vocab)  # process warm-up
+    figures = {}
+    for n in lengths:
+        cold = one_request(lm, n, device, vocab, seed=7)
+        figures[n] = {**one_request(lm, n, device, vocab, seed=8), "cold_seconds": cold["seconds"]}
+    return figures
+
+
+def bench_vs_hf(directory: str, device: str, vocab: int, chunks: tuple[int, ...]) -> None:
     """G4: lm-eval's `hf` (stock sdpa, every position's logits) vs the ssmlora model type (chunked).
     Each loads the checkpoint itself; nothing else is on the card meanwhile."""
     from lm_eval.models.huggingface import HFLM
 
     from longctx.lmeval_model import SsmloraLM
 
-    lengths, figures = (32 * K, 64 * K), {}
-    for side in ("hf", "ssmlora"):
-        if side == "hf":
-            lm = HFLM(pretrained=directory, device=device, batch_size=1, dtype="bfloat16", max_length=1 << 20)
-        else:
-            lm = SsmloraLM(pretrained=directory, method="ssmlora", chunk_size=CHUNK, device=device)
-        one_request(lm, 4 * K, device, vocab)  # warm-up
-        figures[side] = {n: one_request(lm, n, device, vocab) for n in lengths}
+    lengths = (32 * K, 64 * K)
+    lm = HFLM(pretrained=directory, device=device, batch_size=1, dtype="bfloat16", max_length=1 << 20)
+    hf = measure_lm(lm, lengths, device, vocab)
+    del lm
+    empty_cache()
+    for chunk in chunks:
+        lm = SsmloraLM(pretrained=directory, method="ssmlora", chunk_size=chunk, device=device)
+        ours = measure_lm(lm, lengths, device, vocab)
         del lm
         empty_cache()
-    for n in lengths:
-        hf, ours = figures["hf"][n], figures["ssmlora"][n]
-        memory, speed = ours["peak_bytes"] / hf["peak_bytes"], ours["seconds"] / hf["seconds"]
-        report(f"G4_{n}", f"G4      {n // K}K one request: hf {hf['peak_bytes'] / GIB:.1f} GiB {hf['seconds']:.2f} s, "
-                          f"ssmlora {ours['peak_bytes'] / GIB:.1f} GiB {ours['seconds']:.2f} s: memory {memory:.3f}x "
-                          f"(<= 0.25x) {verdict(memory <= 0.25)}, time {speed:.2f}x (<= 1.0x) {verdict(speed <= 1.0)}; "
-                          f"log-probs {hf['logprob']:.2f} / {ours['logprob']:.2f}",
-               {"hf": hf, "ssmlora": ours, "memory_ratio": memory, "time_ratio": speed})
+        for n in lengths:
+            h, o = hf[n], ours[n]
+            memory, speed = o["peak_bytes"] / h["peak_bytes"], o["seconds"] / h["seconds"]
+            report(f"G4_{n}_chunk{chunk}",
+                   f"G4      {n // K}K one request, ssmlora chunk {chunk}: hf {h['peak_bytes'] / GIB:.1f} GiB "
+                   f"{h['seconds']:.2f} s (cold {h['cold_seconds']:.2f}), ssmlora {o['peak_bytes'] / GIB:.1f} GiB "
+                   f"{o['seconds']:.2f} s (cold {o['cold_seconds']:.2f}): memory {memory:.3f}x (<= 0.25x) "
+                   f"{verdict(memory <= 0.25)}, time {speed:.2f}x (<= 1.0x) {verdict(speed <= 1.0)}; "
+                   f"log-probs {h['logprob']:.2f} / {o['logprob']:.2f}",
+                   {"hf": h, "ssmlora": o, "memory_ratio": memory, "time_ratio": speed})
+
+
+def bench_plan_cost(device: str) -> None:
+    """First call vs repeat of each CUDA kernel on a shape it has not seen (cuDNN builds a plan)."""
+    from longctx.kernels import CUDA_ORDER, KERNELS
+
+    q = torch.randn(1, 8, 4 * 4000 + 4 * K, 64, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 50000 + 333, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
+    costs = {}
+    for index, name in enumerate(CUDA_ORDER):
+        times = []
+        for _ in range(2):
+            sync()
+            start = time.perf_counter()
+            KERNELS[name](q[:, :, : q.shape[2] - index], k[:, :, : k.shape[2] - index], v[:, :, : k.shape[2] - index],
+                          False, None)
+            sync()
+            times.append(time.perf_counter() - start)
+        costs[name] = {"first_s": times[0], "repeat_s": times[1]}
+    text = ", ".join(f"{n} {c['first_s'] * 1e3:.0f} / {c['repeat_s'] * 1e3:.0f} ms" for n, c in costs.items())
+    report("plan", f"plan    new shape, first call / repeat: {text}", costs)
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -273,6 +307,7 @@ def main() -> None:
     parser.add_argument("--out", help="write every figure here as JSON")
     parser.add_argument("--skip", default="", help="comma-separated: g4,kernel,g1,adapters,long,million")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and lengths / 64: checks the script")
+    parser.add_argument("--g4-chunks", default="4096", help="chunk sizes of the ssmlora side of G4, comma-separated")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: error: no CUDA device here (run on a GPU, or --smoke --device cpu to check the script)")
@@ -287,7 +322,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_random_checkpoint(tmp, args.device, shape)
         if "g4" not in skip:
-            bench_vs_hf(tmp, args.device, shape["vocab_size"])
+            chunks = tuple(int(c) // (1024 // K) for c in args.g4_chunks.split(","))
+            bench_vs_hf(tmp, args.device, shape["vocab_size"], chunks)
         run_in_process(tmp, args.device, skip, shape["vocab_size"])
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     if args.out:
@@ -301,6 +337,7 @@ def run_in_process(directory: str, device: str, skip: set[str], vocab: int) -> N
 
     if "kernel" not in skip:
         bench_kernels(device)
+        bench_plan_cost(device)
     start = time.perf_counter()
     model, _ = load_base(directory, dtype="auto", attn_implementation="longctx_sdpa", device=device)
     report("load", f"load    load_base: {time.perf_counter() - start:.1f} s, "
