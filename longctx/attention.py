@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longctx.kernels import HALF, attention_with_lse, flash_attn_available
+from longctx.kernels import HALF, ROWS, attention_with_lse, flash_attn_available
 
 NAME = "longctx_sdpa"
 
@@ -52,6 +52,20 @@ def _unfold_groups(x: Tensor, heads: int) -> Tensor:
     return x.reshape(b, heads, gc * kv_heads // heads, *x.shape[3:])
 
 
+def _unmasked(query: Tensor, key: Tensor, value: Tensor, scale: float | None, kernel: str | None,
+              multiple: int | None = None) -> tuple[Tensor, Tensor]:
+    """Unmasked attention with its log-sum-exp. The query rows are zero-padded to a multiple of
+    `multiple` (CUDA: `ROWS`), so that the ragged last chunk of a request keeps a shape the fastest
+    kernel has seen (cuDNN plans are per shape, see `longctx.kernels`); padded rows are dropped."""
+    rows = query.shape[2]
+    multiple = multiple if multiple is not None else (ROWS if query.device.type == "cuda" else 1)
+    pad = (-rows) % multiple
+    if pad:
+        query = F.pad(query, (0, 0, 0, pad))  # (B, H, rows + pad, d)
+    out, lse = attention_with_lse(query, key, value, False, scale, kernel)
+    return out[:, :, :rows], lse[:, :, :rows]  # (B, H, rows, d), (B, H, rows)
+
+
 def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None,
                      kernel: str | None = None) -> Tensor:
     """Bottom-right-aligned causal attention of C queries over N = P + C keys, as two fused calls
@@ -64,8 +78,8 @@ def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | N
     out_local, lse_local = attention_with_lse(query, local_k, local_v, True, scale, kernel)
     if past == 0:
         return out_local  # (B, H, C, d)
-    folded_out, folded_lse = attention_with_lse(_fold_groups(query, kv_heads), key[:, :, :past],
-                                                value[:, :, :past], False, scale, kernel)
+    folded_out, folded_lse = _unmasked(_fold_groups(query, kv_heads), key[:, :, :past], value[:, :, :past],
+                                       scale, kernel)
     out_past, lse_past = _unfold_groups(folded_out, heads), _unfold_groups(folded_lse, heads)  # (B, H, C, [d])
     # Share of the past keys' softmax mass: e^lse_p / (e^lse_p + e^lse_l) = sigmoid(lse_p - lse_l).
     w_past = torch.sigmoid(lse_past - lse_local)[..., None]  # (B, H, C, 1) float32

@@ -26,6 +26,7 @@ from torch import Tensor
 Kernel = Callable[[Tensor, Tensor, Tensor, bool, "float | None"], "tuple[Tensor, Tensor]"]
 CUDA_ORDER = ("cudnn", "flash", "efficient")
 HALF = (torch.bfloat16, torch.float16)
+ROWS = 128  # cuDNN runs query and key lengths that are multiples of this (shapes that recur)
 
 
 def _normalise_lse(lse: Tensor, query: Tensor) -> Tensor:
@@ -129,7 +130,7 @@ def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, causal: bool, 
     if kernel is not None:
         return KERNELS[kernel](query, key, value, causal, scale)
     candidates = working_kernels(query.device, query.dtype, query.shape[-1])
-    if len(candidates) > 1 and candidates[0] == "cudnn" and (query.shape[2] % 128 or key.shape[2] % 128):
+    if len(candidates) > 1 and candidates[0] == "cudnn" and (query.shape[2] % ROWS or key.shape[2] % ROWS):
         candidates = candidates[1:]
     for name in candidates[:-1]:
         try:

@@ -141,3 +141,14 @@ def test_gqa_model_chunked_in_half_precision_matches_float32(dtype):
     half = torch.log_softmax(chunked_forward(model, ids, chunk_size=32, keep=keep).logits, -1)
     assert seen and set(seen) == {dtype}
     assert (half - full).abs().max() < 0.05  # measured 0.0055 (bf16), 0.0007 (fp16)
+
+
+def test_padding_the_query_rows_changes_nothing():
+    """A ragged chunk's query rows are zero-padded for the GPU kernels; the result is the same."""
+    q, k, v = cache_slices(8, 2, 256, 37, torch.float32)
+    folded = attn_mod._fold_groups(q, 2)  # (1, 2, 148, 16)
+    plain_out, plain_lse = attn_mod._unmasked(folded, k[:, :, :256], v[:, :, :256], None, None, multiple=1)
+    padded_out, padded_lse = attn_mod._unmasked(folded, k[:, :, :256], v[:, :, :256], None, None, multiple=128)
+    assert padded_out.shape == plain_out.shape == (1, 2, 148, 16)
+    torch.testing.assert_close(padded_out, plain_out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(padded_lse, plain_lse, rtol=0, atol=1e-6)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import insert_stateful_layers
+from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.state import StateBinding
 
 NORM_EPS = 1e-8
@@ -49,15 +50,15 @@ class SSMLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
         y = self.base_layer(x)  # (B, T, d_out)
         state = self.binding.current()
-        z = x.to(self.ssmlora_A.dtype) @ self.ssmlora_A  # (B, T, r), in the adapter's dtype
+        z = project_in(x, self.ssmlora_A)  # (B, T, r) float32
         h = state.previous(self.state_key, z)  # (B, T, r)
         h_new = h @ self.ssmlora_C + z @ self.ssmlora_D + h  # (B, T, r)
         # amin/amax, not aminmax: torch 2.11 (a common cluster build) has no gradient for aminmax
         low, high = h_new.amin(-1, keepdim=True), h_new.amax(-1, keepdim=True)  # (B, T, 1) each
         h_hat = (h_new - low) / (high - low + NORM_EPS)  # (B, T, r)
         state.live[self.state_key] = h_hat.detach() if self.detach_state else h_hat
-        branch = (z + F.leaky_relu(self.ssmlora_dropout(h_hat))) @ self.ssmlora_B  # (B, T, d_out)
-        return y + (self.alpha * branch).to(y.dtype)
+        g = z + F.leaky_relu(self.ssmlora_dropout(h_hat))  # (B, T, r)
+        return add_projection_out(y, g, self.ssmlora_B, self.alpha)  # y + alpha · g B: (B, T, d_out)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, state_key={self.state_key!r}"

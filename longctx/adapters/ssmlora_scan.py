@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import insert_stateful_layers
+from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.scan import linear_scan
 from longctx.adapters.state import StateBinding
 
@@ -50,15 +51,14 @@ class SSMLoRAScanLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
         y = self.base_layer(x)  # (B, T, d_out)
         state = self.binding.current()
-        z = self.scan_dropout(x.to(self.scan_A.dtype)) @ self.scan_A  # (B, T, r)
+        z = project_in(self.scan_dropout(x), self.scan_A)  # (B, T, r) float32
         u = z @ self.scan_D  # (B, T, r)
         if state.token_mask is not None:
             u = u * state.token_mask[..., None].to(u.dtype)  # padding feeds nothing
         s = linear_scan(u, self.log_decay(), state.carry.get(self.state_key))  # (B, T, r)
         last = s[:, -1]  # (B, r)
         state.live[self.state_key] = last.detach() if self.detach_state else last
-        branch = (z + s @ self.scan_C) @ self.scan_B  # (B, T, d_out)
-        return y + (self.scale * branch).to(y.dtype)
+        return add_projection_out(y, z + s @ self.scan_C, self.scan_B, self.scale)  # y + scale · (z + sC) B
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale}, state_key={self.state_key!r}"

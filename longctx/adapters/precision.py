@@ -1,0 +1,24 @@
+"""Mixed precision of the adapter branches (the dtype policy in `longctx.adapters.base`).
+
+Adapter weights and state are float32. The two products that touch the model's width — into
+the rank-r space (x A) and back out of it (· B) — run as GEMMs in the layer's own dtype with
+float32 accumulation, as autocast runs them; everything in the rank-r space is float32. For a
+bf16 base this keeps the branch at the base's speed (a float32 copy of every activation would
+cost ~4% throughput on an H200 at 32K tokens); for a float32 base the casts are no-ops.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def project_in(x: Tensor, a: Tensor) -> Tensor:
+    """x (B, T, d_in) in the layer's dtype, a (d_in, r) float32 -> x a (B, T, r) float32."""
+    return (x @ a.to(x.dtype)).float()
+
+
+def add_projection_out(y: Tensor, g: Tensor, b: Tensor, scale: float) -> Tensor:
+    """y + scale · g b as one GEMM in y's dtype: y (B, T, d_out), g (B, T, r), b (r, d_out)."""
+    flat = torch.addmm(y.reshape(-1, y.shape[-1]), g.reshape(-1, g.shape[-1]).to(y.dtype), b.to(y.dtype),
+                       alpha=scale)  # (B·T, d_out)
+    return flat.view(y.shape)
