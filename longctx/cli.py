@@ -123,12 +123,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     from longctx.lmeval_plugin import register
-    from longctx.sweep import TASKS_DIR
+    from longctx.resources import task_dir
 
     register()
     forwarded = list(args.args)
-    if "--include_path" not in forwarded and TASKS_DIR.is_dir():
-        forwarded += ["--include_path", str(TASKS_DIR)]
+    if "--include_path" not in forwarded:
+        forwarded += ["--include_path", str(task_dir())]
     saved, sys.argv = sys.argv, ["lm_eval", *forwarded]
     try:
         cli_evaluate()

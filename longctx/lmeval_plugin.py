@@ -1,10 +1,13 @@
-"""Makes `--model ssmlora` work in the stock `lm_eval` command (SPEC §7).
+"""Makes `--model ssmlora --tasks longctx_…` work in the stock `lm_eval` command (SPEC §7).
 
-lm-eval 0.4.13 discovers no out-of-tree models, so the package installs a start-up line
+lm-eval 0.4.13 discovers no out-of-tree models or tasks, so the package installs a start-up line
 (`longctx_lmeval.pth`, see setup.py) that calls `install()`: it adds an import hook and nothing
 else. When lm-eval later imports `lm_eval.models` (its model table), the hook registers a lazy
 placeholder `ssmlora -> longctx.lmeval_model:SsmloraLM`; the class loads only when asked for.
-Processes that never import lm-eval pay one finder lookup per import and nothing more.
+When it imports `lm_eval.tasks.manager`, the hook makes every `TaskManager` that searches
+lm-eval's own tasks search the package's task folder too (`longctx.resources.task_dir`), so
+`--tasks longctx_passkey` needs no `--include_path` from any directory. Processes that never
+import lm-eval pay one finder lookup per import and nothing more.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any
 MODEL_NAME = "ssmlora"
 TARGET = "longctx.lmeval_model:SsmloraLM"
 TRIGGER = "lm_eval.models"
+TASKS_TRIGGER = "lm_eval.tasks.manager"
 
 
 def register() -> None:
@@ -27,20 +31,52 @@ def register() -> None:
         model_registry.register(MODEL_NAME, target=TARGET)
 
 
+def add_task_folder() -> None:
+    """Make `TaskManager(include_defaults=True, …)` also index the package's task YAMLs
+    (idempotent). A manager built with `include_defaults=False` is left exactly as asked."""
+    from lm_eval.tasks.manager import TaskManager
+
+    original = TaskManager.__init__
+    if getattr(original, "_longctx", False):
+        return
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        from longctx.resources import task_dir
+
+        if kwargs.get("include_defaults", True) and (len(args) < 3 or args[2]):
+            paths = kwargs.get("include_path") if len(args) < 2 else args[1]
+            paths = [] if paths is None else list(paths) if isinstance(paths, (list, tuple)) else [paths]
+            ours = str(task_dir())
+            # ours first: paths given later (the user's --include_path) override same-named tasks
+            paths = [ours] + [p for p in paths if str(p) != ours]
+            if len(args) >= 2:
+                args = (args[0], paths, *args[2:])
+            else:
+                kwargs["include_path"] = paths
+        original(self, *args, **kwargs)
+
+    __init__._longctx = True  # type: ignore[attr-defined]
+    TaskManager.__init__ = __init__  # type: ignore[method-assign]
+
+
+HOOKS = {TRIGGER: register, TASKS_TRIGGER: add_task_folder}
+
+
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds `lm_eval.models` as the normal path finder would, then registers after it runs."""
+    """Finds lm-eval's model table and task manager as the normal path finder would, then runs
+    the matching hook after the module has executed."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != TRIGGER:
+        if fullname not in HOOKS:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return None
-        original = spec.loader.exec_module
+        original, hook = spec.loader.exec_module, HOOKS[fullname]
 
         def exec_module(module: Any) -> None:
             original(module)
-            register()
+            hook()
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
@@ -66,18 +102,26 @@ def requested_device(device: Any) -> str | None:
     not given, which must mean "CUDA if present" (as lm-eval's `hf`), not a demand for CUDA."""
     if device is None:
         return None
-    argv = sys.argv if os.path.basename(sys.argv[0] if sys.argv else "") in ("lm_eval", "longctx") else None
+    argv = sys.argv if is_lm_eval_command() or os.path.basename(sys.argv[0] if sys.argv else "") == "longctx" else None
     given = argv is not None and any(a == "--device" or a.startswith("--device=") for a in argv)
     if str(device) == LM_EVAL_DEFAULT_DEVICE and argv is not None and not given:
         return None
     return str(device)
 
 
+def is_lm_eval_command() -> bool:
+    """Is this process lm-eval's command line (`lm_eval …`, `python -m lm_eval …`, or under
+    `accelerate launch -m lm_eval …`)?"""
+    first = sys.argv[0] if sys.argv else ""
+    return os.path.basename(first) == "lm_eval" or first.endswith(os.path.join("lm_eval", "__main__.py"))
+
+
 def install() -> None:
     """Start-up entry point (from the .pth line): cheap, never imports lm-eval itself."""
-    if os.path.basename(sys.argv[0] if sys.argv else "") == "lm_eval":
+    if is_lm_eval_command():
         sys.excepthook = _one_line_errors
-    if TRIGGER in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+    for module, hook in HOOKS.items():
+        if module in sys.modules:
+            hook()
+    if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())

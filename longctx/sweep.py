@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from longctx.errors import LongctxError, choice_error, positive_int
+from longctx.resources import task_dir
 from longctx.results import append_row, cell_key, read_rows, repair, write_csv
 
 REPO = Path(__file__).resolve().parent.parent
-TASKS_DIR = REPO / "tasks"
 REQUIRED = ("methods", "tasks", "lengths")
 
 
@@ -141,7 +141,7 @@ def run_cells(cfg: SweepConfig, group: tuple, adapter: Path | None, lengths: lis
     """Evaluate the missing lengths of one (seed, method, task, chunk size) in a child process."""
     seed, method, task, chunk = group
     job = {"config": asdict(cfg), "method": method, "task": task, "seed": seed, "lengths": lengths, "chunk_size": chunk,
-           "adapter": str(adapter) if adapter else None, "out": str(out), "tasks_dir": str(TASKS_DIR),
+           "adapter": str(adapter) if adapter else None, "out": str(out), "tasks_dir": str(task_dir()),
            "git_commit": git_commit()}
     run = subprocess.run([sys.executable, "-m", "longctx.sweep_cell", json.dumps(job)], capture_output=True, text=True)
     done = {cell_key(r) for r in read_rows(out / "results.jsonl")}

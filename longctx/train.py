@@ -1,7 +1,7 @@
 """`longctx train` (SPEC §8): fine-tune one adapter on a task's train split with HF `Trainer`.
 
 The loss covers the answer tokens only (prompt positions are labelled -100). Hyper-parameters
-come from `adapters/<method>.yaml`, overridable; `Trainer` brings the progress bar, gradient
+come from `longctx/recipes/<method>.yaml`, overridable; `Trainer` brings the progress bar, gradient
 clipping, checkpoints (resumed automatically from `OUT/checkpoints`) and, under `accelerate
 launch`, DDP/FSDP/DeepSpeed. Validation accuracy (greedy-exact answers on the validation split)
 is logged every `eval_every` steps. The adapter directory and `train_log.json` are written

@@ -17,7 +17,7 @@ from longctx.errors import LongctxError
 from longctx.models import default_base_path
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_DIR = str(ROOT / "tasks")
+TASK_DIR = str(ROOT / "longctx" / "lmeval_tasks")
 LM_EVAL = str(Path(sys.executable).parent / "lm_eval")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

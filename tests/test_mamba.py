@@ -203,7 +203,7 @@ def test_stock_lm_eval_runs_sdlora_on_the_embedded_mamba_base_chunked(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "ssmlora", "--model_args",
                           "pretrained=longctx-tiny-mamba,method=sdlora,chunk_size=128", "--tasks", "longctx_passkey",
-                          "--include_path", str(root / "tasks"), "--metadata", '{"max_seq_lengths":[300,600]}',
+                          "--include_path", str(root / "longctx" / "lmeval_tasks"), "--metadata", '{"max_seq_lengths":[300,600]}',
                           "--limit", "2", "--output_path", str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -56,7 +56,7 @@ def wrap(model: nn.Module, method: str, recipe: Recipe | None = None, seed: int 
          **overrides: Any) -> AdaptedModel:
     """Insert `method` into `model` (in place), freezing the base's own weights.
 
-    The recipe defaults to `adapters/<method>.yaml` with `overrides` on top. Adapter weights are
+    The recipe defaults to `longctx/recipes/<method>.yaml` with `overrides` on top. Adapter weights are
     initialised from `seed` without disturbing the global RNG.
     """
     impl = get_adapter(method)

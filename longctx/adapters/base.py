@@ -34,14 +34,13 @@ from longctx.adapters.state import SequenceState, StateBinding
 from longctx.errors import LongctxError
 from longctx.fileio import atomic_directory
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "adapters"
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Hyper-parameters of one adapter method, as read from `adapters/<method>.yaml`.
+    """Hyper-parameters of one adapter method, as read from `longctx/recipes/<method>.yaml`.
 
     insertion: a preset name (`sparse-qv`, `reference-all`, `every-qv`) or a list of module-name
     suffixes (`["q_proj", "v_proj"]`). `train` holds training settings used by `longctx train`.
@@ -85,8 +84,10 @@ def make_recipe(method: str, values: dict[str, Any]) -> Recipe:
 
 
 def load_recipe(method: str, overrides: dict[str, Any] | None = None) -> Recipe:
-    """`adapters/<method>.yaml` with `overrides` applied on top."""
-    path = RECIPE_DIR / f"{method}.yaml"
+    """`longctx/recipes/<method>.yaml` with `overrides` applied on top."""
+    from longctx.resources import recipe_dir
+
+    path = recipe_dir() / f"{method}.yaml"
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except OSError:

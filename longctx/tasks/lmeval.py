@@ -1,4 +1,4 @@
-"""The glue between the generators and lm-eval's task YAMLs (`tasks/*.yaml`).
+"""The glue between the generators and lm-eval's task YAMLs (`longctx/lmeval_tasks/*.yaml`).
 
 lm-eval calls a task's `custom_dataset` with the `--metadata` JSON merged over the
 `--model_args` (that is how RULER's tasks find their tokenizer), so `build_dataset` separates the
