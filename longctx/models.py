@@ -180,11 +180,13 @@ def check_length(model: nn.Module, n_tokens: int) -> None:
             f"with a longer context, or ask for truncation=left|middle")
 
 
-def fingerprint(model: nn.Module) -> str:
+def fingerprint(model: nn.Module, as_dtype: torch.dtype | None = None) -> str:
     """Hash of the base's architecture, parameter names/shapes and leading weight values.
 
     Cheap (a few values per tensor) yet distinguishes two checkpoints of one architecture, so an
     adapter trained on one base is refused on another. Meta tensors contribute shapes only.
+    `as_dtype`: hash the values as they read once cast to that dtype, so a float32 base and its
+    bf16 copy agree at bfloat16 (casting rounds the same way whatever did it).
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
@@ -194,6 +196,7 @@ def fingerprint(model: nn.Module) -> str:
         clean = re.sub(r"(base_model\.model\.|\.base_layer)", "", name)
         digest.update(f"{clean}:{tuple(param.shape)};".encode())
         if param.device.type != "meta":
-            head = param.detach().reshape(-1)[:16].to(torch.float32).cpu()
+            head = param.detach().reshape(-1)[:16]
+            head = (head if as_dtype is None else head.to(as_dtype)).to(torch.float32).cpu()  # (≤16,)
             digest.update(head.numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -123,7 +123,7 @@ def bench_kernels(device: str) -> None:
     report("kernel", f"kernel  64K causal layer 32x64 bf16 TFLOP/s: {text}; longctx uses {chosen} "
                      f"(fastest: {fastest}) {verdict(chosen == fastest)}",
            {"tflops": speeds, "chosen": chosen, "fastest": fastest})
-    del q, k, v
+
 
 
 def bench_prefill(model: torch.nn.Module, device: str) -> None:
@@ -197,7 +197,7 @@ def bench_adapters(model: torch.nn.Module, device: str) -> None:
     for method in ("base", "lora", "ssmlora", "ssmlora-scan", "lora-xs"):
         adapted = wrap(copy.deepcopy(use_attention(model, "longctx_sdpa")), method)
         speeds[method] = ids.shape[1] / cuda_time(lambda: chunked_forward(adapted, ids, chunk_size=CHUNK))
-        del adapted
+        adapted = None  # free this copy before the next
         empty_cache()
     ratios = {m: s / speeds["base"] for m, s in speeds.items() if m != "base"}
     text = ", ".join(f"{m} {r:.2f}" for m, r in ratios.items())

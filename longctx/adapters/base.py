@@ -19,9 +19,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -115,19 +113,10 @@ def base_dtype(model: nn.Module) -> str:
 
 
 def dtype_fingerprints(model: nn.Module) -> dict[str, str]:
-    """Per dtype name, a hash of the base's parameter names, shapes and leading values rounded to
-    that dtype: a float32 base and its bf16 copy agree at `bfloat16` (casting rounds the same way
-    whatever did it), whereas `models.fingerprint` hashes the values as they are."""
-    digests = {name: hashlib.sha256(f"{getattr(model.config, 'model_type', None)};".encode())
-               for name in FINGERPRINT_DTYPES}
-    for name, param in model.named_parameters():
-        clean = re.sub(r"(base_model\.model\.|\.base_layer)", "", name)
-        head = None if param.device.type == "meta" else param.detach().reshape(-1)[:16].cpu()  # (≤16,)
-        for dtype_name, dtype in FINGERPRINT_DTYPES.items():
-            digests[dtype_name].update(f"{clean}:{tuple(param.shape)};".encode())
-            if head is not None:
-                digests[dtype_name].update(head.to(dtype).to(torch.float32).numpy().tobytes())
-    return {name: digest.hexdigest()[:16] for name, digest in digests.items()}
+    """Per dtype name, `models.fingerprint` of the base with its values rounded to that dtype."""
+    from longctx.models import fingerprint
+
+    return {name: fingerprint(model, as_dtype=dtype) for name, dtype in FINGERPRINT_DTYPES.items()}
 
 
 def common_dtype(saved: str, given: str) -> str | None:
