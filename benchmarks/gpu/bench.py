@@ -125,7 +125,6 @@ def bench_kernels(device: str) -> None:
            {"tflops": speeds, "chosen": chosen, "fastest": fastest})
 
 
-
 def bench_prefill(model: torch.nn.Module, device: str) -> None:
     """G1: 64K prefill, chunked longctx vs stock unchunked sdpa (and stock chunked for context)."""
     from longctx.runner import chunked_forward
