@@ -98,7 +98,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from longctx.sweep import load_config, run_sweep
 
     cfg = load_config(args.config)
-    out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet)
+    out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet, retry_failed=args.retry_failed)
     print(f"results: {out / 'results.jsonl'} and {out / 'results.csv'}")
 
 
@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """The README's main command: a small sweep on the embedded base, then plots and a summary."""
     from longctx.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, retry_failed=args.retry_failed)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -162,14 +162,17 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     w.add_argument("config", help="sweep YAML (see configs/)")
     w.add_argument("--out", default=None, help="results directory (default: the config's `out`)")
     w.add_argument("--quiet", action="store_true")
+    w.add_argument("--retry-failed", action="store_true",
+                   help="rerun cells recorded as error, oom or timeout (else they are kept as recorded)")
     w.set_defaults(run=cmd_sweep)
     p = sub.add_parser("plot", help="figures and effective-length table from a results directory")
     p.add_argument("results", help="directory holding results.jsonl or results.csv")
     p.add_argument("--threshold", type=float, default=0.5, help="accuracy defining the effective length")
     p.set_defaults(run=cmd_plot)
     d = sub.add_parser("demo", help="a small sweep of all methods on the embedded base, with plots")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", default=None, help="results directory (default: runs/demo, runs/demo-quick with --quick)")
     d.add_argument("--quick", action="store_true", help="fewer samples and steps (for trying it out)")
+    d.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as error, oom or timeout")
     d.set_defaults(run=cmd_demo)
 
 

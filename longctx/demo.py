@@ -28,8 +28,11 @@ DEMO = SweepConfig(
 DEMO_MAMBA = dataclasses.replace(DEMO, base="longctx-tiny-mamba", methods=["base", "sdlora"], tasks=["passkey"],
                                  lengths=[128, 256, 512, 1024], train_length=128, train_steps=40,
                                  chunk_size=128, out="runs/demo/mamba")
-QUICK = dataclasses.replace(DEMO, train_steps=10, batch_size=4, num_samples=2, lengths=[256, 512])
-QUICK_MAMBA = dataclasses.replace(DEMO_MAMBA, train_steps=10, batch_size=4, num_samples=2, lengths=[128, 256])
+# `--quick` has its own directory, so its 2-sample cells never enter the full demo's table.
+QUICK = dataclasses.replace(DEMO, train_steps=10, batch_size=4, num_samples=2, lengths=[256, 512],
+                            out="runs/demo-quick")
+QUICK_MAMBA = dataclasses.replace(DEMO_MAMBA, train_steps=10, batch_size=4, num_samples=2, lengths=[128, 256],
+                                  out="runs/demo-quick/mamba")
 
 
 def summary(frame) -> str:
@@ -72,14 +75,21 @@ def _report(results: Path, title: str) -> list[Path]:
     return [p for p in paths if p.suffix == ".png"]
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> Path:
-    """Both sweeps (Llama into `out`, Mamba into `out/mamba`), then their figures and tables."""
+def demo_parts(out: str | Path | None = None, quick: bool = False) -> list[tuple[SweepConfig, Path]]:
+    """The demo's two sweeps and their directories: `out` (default runs/demo, or runs/demo-quick
+    with `quick`) for Llama, `out/mamba` for Mamba."""
+    llama, mamba = (QUICK, QUICK_MAMBA) if quick else (DEMO, DEMO_MAMBA)
+    out = Path(out if out is not None else llama.out)
+    return [(dataclasses.replace(cfg, out=str(where)), where) for cfg, where in [(llama, out), (mamba, out / "mamba")]]
+
+
+def run_demo(out: str | Path | None = None, quick: bool = False, retry_failed: bool = False) -> Path:
+    """Both sweeps, then their figures and tables; returns the Llama part's directory."""
     from longctx.sweep import run_sweep
 
-    out = Path(out)
-    parts = [(QUICK if quick else DEMO, out), (QUICK_MAMBA if quick else DEMO_MAMBA, out / "mamba")]
-    done = [(cfg.base, run_sweep(dataclasses.replace(cfg, out=str(where)), where)) for cfg, where in parts]
+    parts = demo_parts(out, quick)
+    done = [(cfg.base, run_sweep(cfg, where, retry_failed=retry_failed)) for cfg, where in parts]
     for base, results in done:
         pngs = _report(results, f"{base}: {results / 'results.csv'}")
         print("plots: " + ", ".join(str(p) for p in pngs))
-    return out
+    return parts[0][1]

@@ -1,42 +1,76 @@
-"""The sweep's results table (SPEC §8): one row per (method, task, length, seed) cell, appended to
-`results.jsonl` as one whole line per write (a crash can tear at most the last line, which the
-reader drops), and `results.csv` rewritten atomically from it."""
+"""The sweep's results table (SPEC §8): one row per cell, appended to `results.jsonl` as one whole
+line per write (a crash can tear at most the last line, which the reader drops), and
+`results.csv` rewritten atomically from it.
+
+A cell is identified by `cell_id`, a hash of everything that changes its result (`identity`,
+stored in the row; the sweep builds it). `results.jsonl` holds the current sweep's cells only:
+rows of cells the current config no longer has, and failed rows about to be retried, are moved
+to `results.archive.jsonl` (kept, never read as results).
+"""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 COLUMNS = ("method", "base", "task", "length", "seed", "n", "acc", "stderr", "answer_nll", "peak_memory_bytes",
            "tokens_per_s", "trainable_parameters", "total_parameters", "chunk_size", "train_length",
-           "status", "message", "depth_acc", "lm_eval_output", "git_commit", "time")
-STATUSES = ("ok", "oom", "error")
+           "status", "message", "depth_acc", "lm_eval_output", "log", "git_commit", "time", "cell_id", "identity")
+STATUSES = ("ok", "oom", "error", "timeout")
+FAILED = ("oom", "error", "timeout")  # what `--retry-failed` reruns
+ARCHIVE = "results.archive.jsonl"
+OOM_TEXT = ("out of memory", "outofmemoryerror", "memoryerror", "can't allocate memory", "cannot allocate memory")
+
+
+def cell_identity(inputs: dict[str, Any]) -> str:
+    """The cell id: a stable hash of its identity inputs (canonical JSON, key order irrelevant)."""
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cell_key(row: dict[str, Any]) -> tuple:
-    """(method, task, length, seed, chunk_size): what identifies a cell of the grid."""
+    """(method, task, length, seed, chunk_size): a cell's place in the grid (not its identity)."""
     chunk = row.get("chunk_size")
     chunk = None if chunk is None or (isinstance(chunk, float) and chunk != chunk) else int(chunk)
     return (row["method"], row["task"], int(row["length"]), int(row.get("seed", 0)), chunk)
 
 
+def row_id(row: dict[str, Any]) -> str:
+    """The row's cell id; rows written before identities existed get one that matches no cell."""
+    return row.get("cell_id") or "legacy-" + cell_identity({"key": list(cell_key(row))})
+
+
+def is_oom(text: str) -> bool:
+    """Whether a failure message reads as out-of-memory (CUDA OOM, CPU MemoryError, allocator)."""
+    low = text.lower()
+    return any(marker in low for marker in OOM_TEXT)
+
+
 def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one row as a single write of one line, flushed to disk."""
-    line = (json.dumps({c: row.get(c) for c in COLUMNS}, sort_keys=False) + "\n").encode()
+    _append_lines(path, [{c: row.get(c) for c in COLUMNS}])
+
+
+def _append_lines(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    data = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows).encode()
+    if not data:
+        return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results.jsonl; a torn last line (a crash mid-write) and duplicates are dropped."""
-    rows: dict[tuple, dict[str, Any]] = {}
+    """Rows of a results.jsonl, one per cell (the latest); a torn last line is dropped."""
+    rows: dict[str, dict[str, Any]] = {}
     if not Path(path).is_file():
         return []
     for line in Path(path).read_text().splitlines():
@@ -45,7 +79,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict) and all(k in row for k in ("method", "task", "length")):
-            rows.setdefault(cell_key(row), row)
+            rows.pop(row_id(row), None)
+            rows[row_id(row)] = row
     return list(rows.values())
 
 
@@ -58,6 +93,23 @@ def repair(path: Path) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_rows(path)))
 
 
+def archive_rows(path: Path, ids: set[str], reason: str) -> int:
+    """Move the rows whose cell id is in `ids` from `path` to the archive beside it; how many.
+
+    The archive is appended first, then `path` is rewritten atomically: a crash in between can
+    duplicate archived rows, never lose one."""
+    from longctx.fileio import atomic_write_text
+
+    rows = read_rows(path)
+    moving = [r for r in rows if row_id(r) in ids]
+    if not moving:
+        return 0
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _append_lines(Path(path).parent / ARCHIVE, [{**r, "archived": stamp, "archive_reason": reason} for r in moving])
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if row_id(r) not in ids))
+    return len(moving)
+
+
 def write_csv(jsonl: Path, csv_path: Path) -> None:
     """results.csv from results.jsonl (atomic)."""
     from longctx.fileio import atomic_write_text
@@ -65,7 +117,8 @@ def write_csv(jsonl: Path, csv_path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
-    for row in sorted(read_rows(jsonl), key=lambda r: (r["task"], r["method"], r["length"], r.get("seed", 0))):
+    for row in sorted(read_rows(jsonl), key=lambda r: (r["task"], r["method"], r["length"], r.get("seed", 0),
+                                                      r.get("chunk_size") is None)):
         writer.writerow({c: json.dumps(row[c]) if isinstance(row.get(c), dict) else row.get(c) for c in COLUMNS})
     atomic_write_text(csv_path, buffer.getvalue())
 

@@ -1,30 +1,40 @@
 """`longctx sweep CONFIG` (SPEC §8): methods × tasks × lengths × seeds, resumable.
 
-Each (method, task, seed) trains once — cached under `OUT/adapters/<hash of recipe, base, task,
-training settings>` — then one child process (`python -m longctx.sweep_cell`) evaluates it through
-lm-eval with the `ssmlora` model type at every length still missing, in increasing order,
-appending one row per length as soon as it is measured. Peak memory is per request (reset
-before each), so lengths sharing a process stay separable. Killing the sweep at any moment loses
-at most the cell in flight; re-running skips every recorded cell. A cell that fails or runs out
-of memory is recorded as `error`/`oom` with its message, and the sweep goes on.
+A cell is one (method, task, seed, chunk size, length); its identity (`cell_inputs`, hashed by
+`results.cell_identity`) is everything that changes its result: the base's name and a
+fingerprint of its files, the method's recipe with overrides, the training settings (none for
+`base`), the task with its metadata, and the evaluation settings (chunk size, carry mode,
+truncation, dtype). A rerun evaluates exactly the cells whose id has no row, moves rows of cells
+the config no longer has to `results.archive.jsonl`, and repeats nothing else; `retry_failed`
+also reruns error/oom/timeout cells.
+
+Per (seed, method, task, chunk size) one child process (`longctx.sweep_cell`) trains the adapter
+unless cached — under `OUT/adapters/<method>-<task>-<adapter_key>`, keyed by the training
+settings — then evaluates its missing cells, appending a row per cell. Its whole output is kept
+in `OUT/logs/` and named in the rows. The driver enforces `cell_timeout_s` (each cell) and
+`train_timeout_s` (training) by killing the child, and records a child that dies (out of memory
+included) against the cell in flight; the other cells still run. One sweep per directory at a
+time (a lock file); a second one is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
+import os
 import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from longctx.errors import LongctxError, choice_error, positive_int
 from longctx.resources import task_dir
-from longctx.results import append_row, cell_key, read_rows, repair, write_csv
+from longctx.results import FAILED, archive_rows, cell_identity, read_rows, repair, row_id, write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED = ("methods", "tasks", "lengths")
+IDENTITY_VERSION = 1  # bump when the identity's definition changes (every cell then reruns)
+FULL_HASH_BYTES = 256 << 20  # base files up to this size are hashed whole; larger ones sampled
+BASE_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".gguf")
 
 
 @dataclass
@@ -36,19 +46,24 @@ class SweepConfig:
     train_length: int | None = None  # default: the shortest evaluation length
     train_steps: int = 60
     batch_size: int = 4
+    learning_rate: float | None = None  # None: each recipe's own
+    recipe_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> recipe fields
+    dtype: str = "float32"  # the base's dtype in training and evaluation
     num_samples: int = 8
     seeds: list[int] = field(default_factory=lambda: [0])
+    haystack: str | None = None  # None: each task's default
+    depths: list[float] | None = None  # None: the tasks' default needle depths
     chunk_size: int | None = None
+    ssm_carry: str = "chunk"  # chunk | reset (adapter state between chunks)
     unchunked_methods: list[str] = field(default_factory=list)  # also evaluated in one pass (memory baseline)
     truncation: str = "refuse"
+    cell_timeout_s: float | None = None  # each cell's evaluation (the first one's includes loading the model)
+    train_timeout_s: float | None = None  # training one adapter
     out: str = "runs/sweep"
 
 
 def parse_config(values: Any, source: str = "config") -> SweepConfig:
     """A validated SweepConfig from a parsed YAML mapping (one-line errors naming the bad value)."""
-    from longctx.adapters import ADAPTERS
-    from longctx.tasks import TASKS, check_length_value
-
     if not isinstance(values, dict):
         raise LongctxError(f"{source} must be a mapping with keys {', '.join(REQUIRED)}")
     missing = [k for k in REQUIRED if k not in values]
@@ -62,19 +77,55 @@ def parse_config(values: Any, source: str = "config") -> SweepConfig:
     for key in REQUIRED + ("seeds",):
         if not isinstance(getattr(cfg, key), list) or not getattr(cfg, key):
             raise LongctxError(f"{key} in {source} must be a non-empty list, got {getattr(cfg, key)!r}")
+    _check_names(cfg)
+    _check_settings(cfg)
+    return cfg
+
+
+def _check_names(cfg: SweepConfig) -> None:
+    from longctx.adapters import ADAPTERS, load_recipe
+    from longctx.tasks import TASKS
+
     for method in cfg.methods + list(cfg.unchunked_methods):
         if method not in ADAPTERS:
             raise choice_error("method", method, ADAPTERS)
     for task in cfg.tasks:
         if task not in TASKS:
             raise choice_error("task", task, TASKS)
+    if not isinstance(cfg.recipe_overrides, dict):
+        raise LongctxError(f"recipe_overrides must map methods to recipe fields, got {cfg.recipe_overrides!r}")
+    for method, overrides in cfg.recipe_overrides.items():
+        if method not in cfg.methods + list(cfg.unchunked_methods):
+            raise choice_error("method in recipe_overrides", method, dict.fromkeys(cfg.methods + cfg.unchunked_methods))
+        if not isinstance(overrides, dict):
+            raise LongctxError(f"recipe_overrides[{method!r}] must map recipe fields to values, got {overrides!r}")
+        load_recipe(method, overrides)  # unknown fields and bad values: one line
+
+
+def _check_settings(cfg: SweepConfig) -> None:
+    from longctx.lmeval_model import TRUNCATION_CHOICES
+    from longctx.models import parse_dtype
+    from longctx.runner import CARRY_CHOICES
+    from longctx.tasks import HAYSTACKS, _check_depths, check_length_value
+
     cfg.lengths = sorted(check_length_value(v) for v in cfg.lengths)
     cfg.train_length = check_length_value(cfg.train_length or cfg.lengths[0])
     for key in ("train_steps", "batch_size", "num_samples"):
         positive_int(key, getattr(cfg, key))
     if cfg.chunk_size is not None:
         positive_int("chunk_size", cfg.chunk_size)
-    return cfg
+    parse_dtype(cfg.dtype)
+    for key, value, choices in [("ssm_carry", cfg.ssm_carry, CARRY_CHOICES),
+                                ("truncation", cfg.truncation, TRUNCATION_CHOICES),
+                                ("haystack", cfg.haystack, (None, *HAYSTACKS))]:
+        if value not in choices:
+            raise choice_error(key, value, [c for c in choices if c is not None])
+    if cfg.depths is not None:
+        cfg.depths = _check_depths(cfg.depths)
+    for key in ("learning_rate", "cell_timeout_s", "train_timeout_s"):
+        value = getattr(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise LongctxError(f"{key} must be a positive number, got {value!r}")
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -97,60 +148,89 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def adapter_key(cfg: SweepConfig, method: str, task: str, seed: int) -> str:
-    """Hash of everything the trained adapter depends on."""
-    from longctx.adapters.base import load_recipe
-
-    identity = {"recipe": load_recipe(method).to_dict(), "base": cfg.base, "base_id": _base_identity(cfg.base),
-                "task": task, "train_length": cfg.train_length, "steps": cfg.train_steps,
-                "batch_size": cfg.batch_size, "seed": seed}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _base_identity(base: str) -> str:
+def base_identity(base: str) -> str:
+    """Fingerprint of the base's files, computed once per sweep without loading the model: its
+    config, tokenizer and weight files (names, sizes, contents — sampled blocks of files over
+    256 MiB). A hub id is read from the local HF cache; one not cached is identified by name."""
     from longctx.models import resolve_base
 
-    weights = Path(resolve_base(base)) / "model.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else base
+    directory = Path(resolve_base(base))
+    if not directory.is_dir():
+        directory = _hub_snapshot(base)
+    if directory is None:
+        return f"name:{base}"
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.suffix in BASE_FILE_SUFFIXES and path.name != "manifest.json":
+            digest.update(f"{path.name}:{path.stat().st_size}:".encode() + _file_digest(path))
+    return digest.hexdigest()[:16]
 
 
-def trained_adapter(cfg: SweepConfig, method: str, task: str, seed: int, out: Path, progress: bool) -> Path | None:
-    """The adapter for this cell group (None for `base`), training it unless cached."""
-    from longctx.train import TrainConfig, train_adapter
+def _hub_snapshot(name: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a repo id, or no hub client: the name is all we know
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _file_digest(path: Path) -> bytes:
+    size, block = path.stat().st_size, 1 << 20
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if size <= FULL_HASH_BYTES:
+            for piece in iter(lambda: handle.read(16 * block), b""):
+                digest.update(piece)
+        else:
+            for i in range(17):  # the header, 15 blocks spread over the values, the end
+                handle.seek(max(0, min(i * (size // 16), size - block)))
+                digest.update(handle.read(block))
+    return digest.digest()
+
+
+def training_settings(cfg: SweepConfig, method: str, task: str, seed: int) -> dict[str, Any] | None:
+    """The `TrainConfig` fields the sweep trains this adapter with, less its directory (None for `base`)."""
+    from longctx.train import TrainConfig
 
     if method == "base":
         return None
-    run_dir = out / "adapters" / f"{method}-{task}-{adapter_key(cfg, method, task, seed)}"
-    if (run_dir / "adapter" / "adapter_config.json").is_file():
-        return run_dir / "adapter"
-    return train_adapter(TrainConfig(method=method, task=task, train_length=cfg.train_length, out=str(run_dir),
-                                     base=cfg.base, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=seed),
-                         progress=progress)
+    settings = asdict(TrainConfig(method=method, task=task, train_length=cfg.train_length, out="", base=cfg.base,
+                                  steps=cfg.train_steps, batch_size=cfg.batch_size, seed=seed, dtype=cfg.dtype,
+                                  learning_rate=cfg.learning_rate, overrides=cfg.recipe_overrides.get(method, {})))
+    settings.pop("out")
+    return settings
 
 
-def _failure_rows(cfg: SweepConfig, group: tuple, lengths: list[int], status: str,
-                  message: str) -> list[dict[str, Any]]:
+def adapter_key(cfg: SweepConfig, method: str, task: str, seed: int, base_id: str | None = None) -> str:
+    """Hash of everything the trained adapter depends on: base, recipe and training settings."""
+    identity = {"base": {"name": cfg.base, "id": base_id or base_identity(cfg.base)},
+                "recipe": _recipe(cfg, method), "training": training_settings(cfg, method, task, seed)}
+    return cell_identity(identity)
+
+
+def adapter_dir(cfg: SweepConfig, method: str, task: str, seed: int, out: Path, base_id: str | None = None) -> Path:
+    return Path(out) / "adapters" / f"{method}-{task}-{adapter_key(cfg, method, task, seed, base_id)}"
+
+
+def _recipe(cfg: SweepConfig, method: str) -> dict[str, Any]:
+    from longctx.adapters import load_recipe
+
+    return load_recipe(method, cfg.recipe_overrides.get(method)).to_dict()
+
+
+def cell_inputs(cfg: SweepConfig, base_id: str, group: tuple, length: int) -> dict[str, Any]:
+    """The one definition of a cell's identity: every input that changes its result."""
     seed, method, task, chunk = group
-    return [{"method": method, "base": cfg.base, "task": task, "length": length, "seed": seed, "n": 0,
-             "status": status, "message": message[-500:], "chunk_size": chunk,
-             "train_length": cfg.train_length, "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            for length in lengths]
-
-
-def run_cells(cfg: SweepConfig, group: tuple, adapter: Path | None, lengths: list[int], out: Path) -> None:
-    """Evaluate the missing lengths of one (seed, method, task, chunk size) in a child process."""
-    seed, method, task, chunk = group
-    job = {"config": asdict(cfg), "method": method, "task": task, "seed": seed, "lengths": lengths, "chunk_size": chunk,
-           "adapter": str(adapter) if adapter else None, "out": str(out), "tasks_dir": str(task_dir()),
-           "git_commit": git_commit()}
-    run = subprocess.run([sys.executable, "-m", "longctx.sweep_cell", json.dumps(job)], capture_output=True, text=True)
-    done = {cell_key(r) for r in read_rows(out / "results.jsonl")}
-    left = [length for length in lengths if (method, task, length, seed, chunk) not in done]
-    if left:
-        status = "oom" if run.returncode in (-9, 137) or "out of memory" in run.stderr.lower() else "error"
-        tail = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit status {run.returncode}"
-        for row in _failure_rows(cfg, group, left, status, tail):
-            append_row(out / "results.jsonl", row)
+    return {"version": IDENTITY_VERSION,
+            "base": {"name": cfg.base, "id": base_id},
+            "method": method, "recipe": _recipe(cfg, method),
+            "training": training_settings(cfg, method, task, seed),
+            "task": {"name": task, "length": length, "num_samples": cfg.num_samples, "seed": seed,
+                     "haystack": cfg.haystack, "depths": cfg.depths, "tokenizer": cfg.base},
+            "evaluation": {"chunk_size": chunk, "ssm_carry": cfg.ssm_carry if chunk else None,
+                           "truncation": cfg.truncation, "dtype": cfg.dtype}}
 
 
 def grid(cfg: SweepConfig) -> list[tuple]:
@@ -162,43 +242,104 @@ def grid(cfg: SweepConfig) -> list[tuple]:
     return groups
 
 
-def run_sweep(cfg: SweepConfig, out: Path, progress: bool = True) -> Path:
-    """Run every missing cell; returns the results directory."""
-    from tqdm import tqdm
+def plan(cfg: SweepConfig, base_id: str) -> list[tuple[tuple, list[dict[str, Any]]]]:
+    """Every group of the grid with its cells ({length, cell_id, identity})."""
+    out = []
+    for group in grid(cfg):
+        cells = []
+        for length in cfg.lengths:
+            inputs = cell_inputs(cfg, base_id, group, length)
+            cells.append({"length": length, "cell_id": cell_identity(inputs), "identity": inputs})
+        out.append((group, cells))
+    return out
 
-    out = Path(out)
+
+def _job(cfg: SweepConfig, group: tuple, cells: list[dict[str, Any]], out: Path, base_id: str,
+         log: Path) -> dict[str, Any]:
+    seed, method, task, chunk = group
+    train = training_settings(cfg, method, task, seed)
+    adapter = adapter_dir(cfg, method, task, seed, out, base_id) / "adapter" if train else None
+    if train:
+        train["out"] = str(adapter.parent)
+    return {"config": asdict(cfg), "method": method, "task": task, "seed": seed, "chunk_size": chunk,
+            "cells": cells, "train": train, "adapter": str(adapter) if adapter else None, "out": str(out),
+            "tasks_dir": str(task_dir()), "git_commit": git_commit(), "log": str(log)}
+
+
+def log_path(out: Path, group: tuple, cells: list[dict[str, Any]]) -> Path:
+    """OUT/logs/<method>-<task>-<chunk>-seed<S>-<hash of the group's cells>.log (appended per attempt)."""
+    seed, method, task, chunk = group
+    tag = cell_identity({"cells": [c["cell_id"] for c in cells]})[:10]
+    return out / "logs" / f"{method}-{task}-{f'chunk{chunk}' if chunk else 'unchunked'}-seed{seed}-{tag}.log"
+
+
+def _check_output(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-test").write_text("")
         (out / ".write-test").unlink()
     except OSError as err:
         raise LongctxError(f"cannot write to output directory {str(out)!r}: {err.strerror}") from None
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """One sweep per results directory at a time (the table is rewritten when rows are archived);
+    the lock goes with the process, so a killed sweep never blocks the next."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / ".sweep.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            raise LongctxError(f"another sweep (pid {handle.read().strip() or '?'}) is running on {str(out)!r}; "
+                               f"wait for it or give another output directory") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def _current_table(cfg: SweepConfig, out: Path, current: set[str], retry_failed: bool) -> set[str]:
+    """Archive rows of cells not in this config (and failed ones, when retrying); the ids done."""
     results = out / "results.jsonl"
     repair(results)
-    groups = grid(cfg)
     rows = read_rows(results)
     other = sorted({str(r.get("base")) for r in rows} - {cfg.base})
-    if other:  # rows are keyed without the base: resuming on another base would skip its cells
+    if other:  # one directory, one base: a wrong --out must not archive another base's table
         raise LongctxError(f"{str(out)!r} holds results on base {other[0]!r}, but the config names base "
                            f"{cfg.base!r}; give another output directory")
-    done = {cell_key(r) for r in rows}
-    bar = tqdm(total=len(groups) * len(cfg.lengths), desc="sweep cells", disable=not progress,
-               initial=sum((m, t, n, s, c) in done for s, m, t, c in groups for n in cfg.lengths))
-    for group in groups:
-        seed, method, task, chunk = group
-        missing = [n for n in cfg.lengths if (method, task, n, seed, chunk) not in done]
-        if not missing:
-            continue
-        bar.set_postfix_str(f"{method} {task}" + ("" if chunk else " unchunked"))
-        try:
-            adapter = trained_adapter(cfg, method, task, seed, out, progress=False)
-        except (LongctxError, RuntimeError, ValueError) as err:
-            for row in _failure_rows(cfg, group, missing, "error", f"training failed: {err}"):
-                append_row(results, row)
-        else:
-            run_cells(cfg, group, adapter, missing, out)
-        done = {cell_key(r) for r in read_rows(results)}
-        bar.update(len(missing))
-    bar.close()
-    write_csv(results, out / "results.csv")
+    archive_rows(results, {row_id(r) for r in rows} - current, "not in the current config")
+    if retry_failed:
+        archive_rows(results, {row_id(r) for r in rows if r.get("status") in FAILED}, "retried (--retry-failed)")
+    return {row_id(r) for r in read_rows(results)}
+
+
+def run_sweep(cfg: SweepConfig, out: Path, progress: bool = True, retry_failed: bool = False) -> Path:
+    """Run every cell without a current row; returns the results directory."""
+    from tqdm import tqdm
+
+    from longctx.sweep_cell import run_group
+
+    out = Path(out)
+    _check_output(out)
+    with _lock(out):
+        base_id = base_identity(cfg.base)
+        groups = plan(cfg, base_id)
+        done = _current_table(cfg, out, {c["cell_id"] for _, cells in groups for c in cells}, retry_failed)
+        bar = tqdm(total=sum(len(cells) for _, cells in groups), desc="sweep cells", disable=not progress,
+                   initial=sum(c["cell_id"] in done for _, cells in groups for c in cells))
+        for group, cells in groups:
+            missing = [c for c in cells if c["cell_id"] not in done]
+            if missing:
+                bar.set_postfix_str(f"{group[1]} {group[2]}" + ("" if group[3] else " unchunked"))
+                run_group(_job(cfg, group, missing, out, base_id, log_path(out, group, cells)),
+                          cfg.cell_timeout_s, cfg.train_timeout_s)
+                bar.update(len(missing))
+        bar.close()
+        write_csv(out / "results.jsonl", out / "results.csv")
     return out

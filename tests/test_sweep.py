@@ -121,6 +121,10 @@ def test_a_failing_cell_is_recorded_and_the_rest_completes(tmp_path):
     for chunk in (128, None):
         failed = rows[(5000, chunk)]
         assert failed["status"] == "error" and "limit of 4096 tokens" in failed["message"]
+        log = Path(failed["log"]).read_text()  # the child's whole output, lm-eval's logging included
+        assert Path(failed["log"]).parent == tmp_path / "out" / "logs"
+        assert "longctx-sweep-cell: begin length=5000" in log and "INFO lm_eval" in log
+    assert all(r["cell_id"] and r["identity"]["task"]["length"] == r["length"] for r in rows.values())
 
 
 @pytest.mark.parametrize("change, message", [
@@ -130,6 +134,8 @@ def test_a_failing_cell_is_recorded_and_the_rest_completes(tmp_path):
     ({"lengths": []}, "lengths in"),
     ({"lengths": [-3]}, "length -3"),
     ({"colour": "blue"}, "unknown key 'colour'"),
+    ({"ssm_carry": "sometimes"}, "unknown ssm_carry 'sometimes'; valid choices: chunk, reset"),
+    ({"cell_timeout_s": -5}, "cell_timeout_s must be a positive number, got -5"),
 ])
 def test_bad_sweep_configs_are_one_line_exit_2_and_write_nothing(change, message, tmp_path):
     values = {**SMOKE, "out": str(tmp_path / "out"), **change}
