@@ -201,7 +201,9 @@ def _die_with_parent() -> None:
 def supervise(job_file: Path, log: Path, limits: dict[str, float | None]) -> Outcome:
     """Run the child on `job_file`, its output appended to `log`; kill it when its current phase
     outlasts its limit (`limits[phase]`, else `limits["cell"]`)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "warning"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if env.get("TRANSFORMERS_VERBOSITY") in (None, "error"):  # the CLI's own quiet default: not for the log
+        env["TRANSFORMERS_VERBOSITY"] = "warning"
     with open(log, "ab") as sink:
         sink.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} longctx sweep: {' '.join(CHILD)} {job_file}\n".encode())
         sink.flush()
