@@ -85,8 +85,10 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 def _one_line_errors(kind: type, value: BaseException, tb: Any) -> None:
     """In the `lm_eval` command: a longctx error (bad model_args, metadata, length) is one line
     on stderr and exit status 2, as in `longctx` itself; anything else keeps its traceback."""
+    from longctx.errors import LongctxError
+
     bad_json = issubclass(kind, ValueError) and str(value).startswith("Invalid JSON")  # lm-eval's --metadata
-    if getattr(kind, "__module__", "") == "longctx.errors" or bad_json:
+    if issubclass(kind, LongctxError) or bad_json:  # LongctxError and its subclasses (e.g. TooShort)
         sys.stderr.write(f"lm_eval: error: {value}\n")
         sys.stderr.flush()
         sys.stdout.flush()

@@ -146,9 +146,19 @@ def test_loglikelihood_rolling_matches_hf(base_path):
 
 
 def test_input_beyond_the_limit_is_refused_naming_limit_and_remedies(base_path):
-    requests = _instances("longctx_passkey", base_path, lengths=(512,), n=1)
+    """A longctx length over the limit is refused per length (recorded, NaN; tests/test_lengths.py);
+    a request of another task that does not fit still stops the run with the limit and remedies."""
+    import math
+
+    from lm_eval.api.instance import Instance
+
+    lm = _ssmlora(base_path, method="base", max_length=300)
+    (result,) = lm.loglikelihood(_instances("longctx_passkey", base_path, lengths=(512,), n=1))
+    assert math.isnan(result[0]) and lm.log.per_length()["512"]["status"] == "refused"
+    doc = _docs("longctx_passkey", base_path, lengths=(512,), n=1)[0]
+    foreign = Instance("loglikelihood", {}, (doc["input"], doc["target"]), 0)  # no longctx length
     with pytest.raises(LongctxError) as err:
-        _ssmlora(base_path, method="base", max_length=300).loglikelihood(requests)
+        lm.loglikelihood([foreign])
     message = str(err.value)
     assert "limit of 300 tokens" in message and "rope_scaling" in message and "truncation=left|middle" in message
 
@@ -211,7 +221,8 @@ def test_stock_lm_eval_command_prints_per_length_rows_and_writes_records(tmp_pat
     assert set(info["per_length"]) == {"512", "2048"}
     for agg in info["per_length"].values():
         assert agg["peak_memory_bytes"] > 0 and agg["tokens_per_s"] > 0 and agg["requests"] >= 2
-    assert info["per_length"]["2048"]["chunks"] == 5
+    assert info["per_length"]["2048"]["chunks"] == 4  # request ≤ 2048 tokens: ≤ 2047 fed, 4 chunks of 512
+    assert info["per_length"]["2048"]["max_request_tokens"] <= 2048
 
 
 @pytest.mark.slow

@@ -77,9 +77,12 @@ def needle_strings(task: str, example) -> list[str]:
 
 
 def check_example(task: str, example, tokenizer, length: int) -> None:
+    """Log-likelihood form: the whole request, prompt + answer, has L − tolerance … L tokens."""
     n = len(tokenizer(example.input, add_special_tokens=False)["input_ids"])
     assert n == example.n_tokens, (task, length)
-    assert length - tolerance(length) <= n <= length, (task, length, n)
+    whole = len(tokenizer(example.input + example.target, add_special_tokens=False)["input_ids"])
+    assert whole == example.request_tokens and example.form == "loglikelihood", (task, length)
+    assert length - tolerance(length) <= whole <= length, (task, length, whole)
     for needle in needle_strings(task, example):
         assert example.input.count(needle) == 1, (task, needle)
     assert parse_answer(task, example.input) == example.outputs, task

@@ -2,9 +2,11 @@
 tokens, haystacks, split-disjoint needles and depth placement (SPEC §6).
 
 Sizing: a task renders its prompt from a filler count `n` (haystack words, list entries, pairs);
-`fit_to_length` finds the largest `n` whose prompt has at most L tokens by interpolation search
+`fit_to_length` finds the largest `n` whose prompt has at most B tokens by interpolation search
 on the real tokenizer, stopping as soon as the prompt is within the tolerance
-L − max(8, L/200) … L. Filler is added word by word, so one step is a few tokens even for a
+B − max(8, B/200) … B. The budget B is the length L less what the rest of the request takes
+(`longctx.tasks.generate`: special tokens and the answer, or the generation budget), so that the
+whole request has L − max(8, L/200) … L tokens. Filler is added word by word, so one step is a few tokens even for a
 character-level tokenizer. Everything is a pure function of (tokenizer, length, seed, split).
 """
 from __future__ import annotations
@@ -33,8 +35,8 @@ class Example:
     task: str
     split: str
     index: int
-    max_length: int  # the requested length L
-    n_tokens: int  # the prompt's exact length in the evaluated tokenizer
+    max_length: int  # the requested length L: the whole request fits in L tokens
+    n_tokens: int  # the prompt's (`input`'s) exact length in the evaluated tokenizer, no special tokens
     depth: float  # fraction of the prompt's tokens before the (first queried) needle
     input: str
     target: str
@@ -42,6 +44,10 @@ class Example:
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)
     target_tokens: int = 0  # the answer's length in the evaluated tokenizer (for per-token NLL)
+    # The whole request L bounds: special tokens + prompt + answer (form "loglikelihood") or
+    # + the generation budget max_gen_toks (form "generate_until"); L − tolerance(L) ≤ it ≤ L.
+    request_tokens: int = 0
+    form: str = "loglikelihood"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +56,15 @@ class Example:
 def tolerance(length: int) -> int:
     """How far below L a prompt may fall (SPEC §6): max(8, L/200) tokens."""
     return max(8, length // 200)
+
+
+class TooShort(LongctxError):
+    """A length below what a task's prompt (or request) needs without any filler."""
+
+    def __init__(self, length: int, task: str, fixed: int, minimum: int) -> None:
+        self.fixed, self.minimum = fixed, minimum
+        super().__init__(f"length {length} is too short for {task}: its request without filler already has "
+                         f"{fixed} tokens (use a length of at least {minimum})")
 
 
 def fit_to_length(render: Callable[[int], str], count: Callable[[str], int], length: int,
@@ -65,8 +80,7 @@ def fit_to_length(render: Callable[[int], str], count: Callable[[str], int], len
     lo_n, lo_text = 0, render(0)
     lo_c = base = count(lo_text)
     if base > length:
-        raise LongctxError(f"length {length} is too short for {task}: its prompt without filler "
-                           f"already has {base} tokens (use a length of at least {base + tolerance(base)})")
+        raise TooShort(length, task, base, base + tolerance(base))
     rate = max((count(render(64)) - base) / 64, 1e-3)  # tokens per filler unit
     hi_n = hi_c = None
     while lo_c < floor:
@@ -87,11 +101,11 @@ def fit_to_length(render: Callable[[int], str], count: Callable[[str], int], len
         if hi_n is not None and hi_n - lo_n <= 1:
             break
     if lo_c < floor:  # one filler step jumps over the band (long words, character tokenizers)
-        lo_text, lo_c = _pad_into_band(lo_text, count, floor, length, task)
+        lo_text, lo_c = pad_into_band(lo_text, count, floor, length, task)
     return lo_text, lo_c
 
 
-def _pad_into_band(text: str, count: Callable[[str], int], floor: int, length: int, task: str) -> tuple[str, int]:
+def pad_into_band(text: str, count: Callable[[str], int], floor: int, length: int, task: str) -> tuple[str, int]:
     """Insert " ." units before the prompt's last line (the question) until it is in the band."""
     cut = text.rfind("\n")
     for k in range(1, 4 * (length - floor) + 1):

@@ -73,13 +73,12 @@ def fit_haystack(counter: TokenCounter, prefix: str, needles: list[str], depths:
     """(prompt, tokens, depth of each needle) for `prefix + " " + haystack-with-needles + question`
     sized by word counts alone (requires `counter.additive`)."""
     from longctx.errors import LongctxError
-    from longctx.tasks.common import haystack_words, needle_cuts, needle_order, tolerance
+    from longctx.tasks.common import TooShort, haystack_words, needle_cuts, needle_order, tolerance
 
     head, needle_tokens, tail = counter(prefix), counter.many([" " + n for n in needles]), counter(question)
     fixed = head + sum(needle_tokens) + tail
     if fixed > length:
-        raise LongctxError(f"length {length} is too short for {task}: its prompt without filler "
-                           f"already has {fixed} tokens (use a length of at least {fixed + tolerance(fixed)})")
+        raise TooShort(length, task, fixed, fixed + tolerance(fixed))
     n = counter.max_words(kind, offset, length - fixed)
     words = haystack_words(kind, n, offset)
     total = fixed + counter.window(kind, offset, n)

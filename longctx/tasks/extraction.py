@@ -50,7 +50,8 @@ def cwe(count: Callable[[str], int], length: int, rng: random.Random, split: str
             if last:
                 raise
             continue
-        if len(prompt.split("\n")[1].split()) // 2 - n_common * repeats < n_common and not last:
+        entries = sum(w != "." for w in prompt.split("\n")[1].split()) // 2  # " ." units pad, not entries
+        if entries - n_common * repeats < n_common and not last:
             continue  # fewer distractors than common words: a smaller rung leaves room for more
         order = _order_in(prompt, common)
         return Example(task="cwe", split=split, index=0, max_length=length, n_tokens=n_tokens, depth=0.0,

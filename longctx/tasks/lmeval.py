@@ -6,10 +6,28 @@ two: task keys are validated, known model arguments are ignored, anything else i
 Examples of all lengths are interleaved (length i mod k), so `--limit` still covers every length.
 Per-example metrics are named by the requested length, as lm-eval's RULER tasks do, plus
 needle-depth bins and overall accuracy.
+
+Length L = the whole request fits in L tokens: the model's special tokens (BOS, as its tokenizer
+adds them under `add_bos_token`) + prompt + answer (log-likelihood form) or + the generation
+budget (generation form: the template's `dataset_kwargs.max_gen_toks`, the same number as its
+`generation_kwargs.max_gen_toks`).
+
+Every document of a run reports the same metric names — `acc`, `answer_nll` (log-likelihood
+form), each length of the run and each depth bin of the dataset — with None where a name does
+not apply (another length, another bin); length and depth metrics average the values present
+(`mean_present`, with `longctx.tasks.lmeval_task.LongctxTask` applying it to lengths the YAML
+does not list). Same names on every document is what lm-eval's gathering across processes
+(`accelerate launch`) needs: it looks every process's metrics up by rank 0's names.
+
+A request the model refuses (its length is over the position limit, `truncation=refuse`) scores
+NaN in every metric it counts in: its length, its depth bin, `acc` and `answer_nll`. So lm-eval's
+table shows `nan` for a refused length (and for the run-wide `acc`, which would otherwise average
+over fewer lengths than asked for), while every evaluated length shows its score.
 """
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from longctx.errors import LongctxError, choice_error
@@ -25,6 +43,8 @@ MODEL_KEYS = {
     "version", "config_source",  # added by lm-eval itself
 }
 DEPTH_BINS = 5
+# What the `ssmlora` model returns for a refused generation request (a log-likelihood request: NaN).
+REFUSED_GENERATION = "[longctx: request refused: longer than the model's position limit]"
 
 
 def depth_bin(depth: float) -> str:
@@ -47,7 +67,21 @@ def _lengths(value: Any) -> list[int]:
     return [check_length_value(v) for v in value]
 
 
-def _tokenizer(options: dict[str, Any]) -> Any:
+def flag(name: str, value: Any) -> bool | None:
+    """A boolean model argument (True/False, or lm-eval's strings), or None when not given."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise LongctxError(f"{name} must be true or false, got {value!r}")
+
+
+def load_tokenizer(options: dict[str, Any]) -> Any:
+    """The model's tokenizer as the `ssmlora` (or `hf`) model will load it: `add_bos_token` and
+    `trust_remote_code` from the model arguments apply here too."""
     from transformers import AutoTokenizer
 
     from longctx.models import resolve_base
@@ -56,10 +90,22 @@ def _tokenizer(options: dict[str, Any]) -> Any:
     if not name or not isinstance(name, str):
         raise LongctxError("longctx tasks size prompts in the model's tokens: give model_args pretrained=… "
                            "or metadata {\"tokenizer\": …}")
+    kwargs = {"trust_remote_code": bool(flag("trust_remote_code", options.get("trust_remote_code")))}
+    bos = flag("add_bos_token", options.get("add_bos_token"))
+    if bos is not None:
+        kwargs["add_bos_token"] = bos
     try:
-        return AutoTokenizer.from_pretrained(resolve_base(name))
+        return AutoTokenizer.from_pretrained(resolve_base(name), **kwargs)
     except (OSError, ValueError) as err:
         raise LongctxError(f"cannot load tokenizer {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def special_tokens(tokenizer: Any, add_bos_token: bool | None) -> int:
+    """Tokens lm-eval's HF model adds to every request (`tok_encode`: the tokenizer's special
+    tokens unless add_bos_token=False)."""
+    if add_bos_token is False:
+        return 0
+    return len(tokenizer("", add_special_tokens=True)["input_ids"])
 
 
 def parse_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -83,40 +129,64 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_dataset(task: str, **options: Any) -> dict[str, Any]:
-    """lm-eval `custom_dataset`: {"test": Dataset} of `task`, lengths interleaved."""
+def build_dataset(task: str, max_gen_toks: Any = None, **options: Any) -> dict[str, Any]:
+    """lm-eval `custom_dataset`: {"test": Dataset} of `task`, lengths interleaved; `max_gen_toks`
+    (the generation form's `dataset_kwargs`) sizes requests as prompt + generation budget."""
     import datasets
 
     from longctx.tasks import generate
 
     opts = parse_options(options)
-    tokenizer = _tokenizer(options)
+    tokenizer = load_tokenizer(options)
     extra = {"depths": opts["depths"]} if "depths" in opts else {}
+    special = special_tokens(tokenizer, flag("add_bos_token", options.get("add_bos_token")))
     per_length = [generate(task, tokenizer, length, opts["n"], seed=opts["seed"], split=opts["split"],
-                           haystack=opts["haystack"], **extra) for length in opts["lengths"]]
+                           haystack=opts["haystack"], max_gen_toks=max_gen_toks, special_tokens=special, **extra)
+                  for length in opts["lengths"]]
     rows = [per_length[j][i].to_dict() for i in range(opts["n"]) for j in range(len(per_length))]
-    for row in rows:
+    bins = sorted({depth_bin(row["depth"]) for row in rows}, key=lambda b: int(b.split("_")[1].split("-")[0]))
+    for row in rows:  # every doc names the run's lengths and depth bins (see the module docstring)
         row["extra"] = json.dumps(row["extra"], sort_keys=True)
+        row["lengths"], row["depth_bins"] = list(opts["lengths"]), bins
     return {"test": datasets.Dataset.from_list(rows)}
 
 
-def _metrics(doc: dict[str, Any], score: float) -> dict[str, float]:
-    metrics = {"acc": score, str(doc["max_length"]): score}
+def mean_present(values: list[Any]) -> Any:
+    """Mean of the values that apply (None: another length or bin); NaN (refused) propagates.
+    "N/A" when none apply (e.g. `--limit` left no document of that length)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else "N/A"
+
+
+def _metrics(doc: dict[str, Any], score: float, nll: float | None = None) -> dict[str, Any]:
+    """Every metric name of the run: the doc's own length and depth bin get `score`, the others None."""
+    metrics: dict[str, Any] = {"acc": score}
+    if nll is not None:
+        metrics["answer_nll"] = nll
+    own = str(doc["max_length"])
+    for length in doc.get("lengths") or [doc["max_length"]]:
+        metrics[str(length)] = score if str(length) == own else None
     if doc["task"] not in ("cwe", "fwe"):
-        metrics[depth_bin(doc["depth"])] = score
+        here = depth_bin(doc["depth"])
+        for name in doc.get("depth_bins") or [here]:
+            metrics[name] = score if name == here else None
     return metrics
 
 
-def process_loglikelihood(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
+def process_loglikelihood(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, Any]:
     """Accuracy = the answer is the model's greedy continuation (one forward pass); plus the
     answer's negative log-likelihood per token (`answer_nll`, nats), which still separates
-    models when every accuracy is 0 or 1."""
+    models when every accuracy is 0 or 1. A NaN log-likelihood is a refused request."""
     logprob, is_greedy = results[0]
-    return {**_metrics(doc, float(is_greedy)), "answer_nll": -logprob / max(doc.get("target_tokens") or 1, 1)}
+    if isinstance(logprob, float) and math.isnan(logprob):
+        return _metrics(doc, math.nan, math.nan)
+    return _metrics(doc, float(is_greedy), -logprob / max(doc.get("target_tokens") or 1, 1))
 
 
-def process_generation(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+def process_generation(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
     """RULER's string match: the fraction of expected strings found in the generation."""
+    if results[0] == REFUSED_GENERATION:
+        return _metrics(doc, math.nan)
     text = results[0].strip().lower()
     score = sum(out.lower() in text for out in doc["outputs"]) / len(doc["outputs"])
     return _metrics(doc, score)

@@ -34,7 +34,7 @@ def generate(count: Callable[[str], int], length: int, rng: random.Random, split
                 f"\nQuestion: What are the values of {names}, in that order? Answer: The values are")
 
     prompt, n_tokens = fit_to_length(render, count, length, "mqar")
-    where = re.search(rf"(?:\n|; ){asked[0]}: {answers[0]}(?:;|\n)", prompt).start() + 1
+    where = re.search(rf"(?:\n|; ){asked[0]}: {answers[0]}(?:;|\n| \.)", prompt).start() + 1  # " .": padding
     return Example(task="mqar", split=split, index=0, max_length=length, n_tokens=n_tokens,
                    depth=measured_depth(prompt, where, count, n_tokens), input=prompt,
                    target=" " + ", ".join(answers), outputs=answers, seed=0)
