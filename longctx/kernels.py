@@ -122,8 +122,8 @@ def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, causal: bool, 
                        kernel: str | None = None) -> tuple[Tensor, Tensor]:
     """(output (B, H, C, d) in the query's dtype, log-sum-exp (B, H, C) float32); causal is top-left.
 
-    cuDNN builds an execution plan per shape (about 50 ms each, measured on an H200), so it runs
-    only shapes that recur: query and key lengths that are multiples of 128 (whole chunks of the
+    cuDNN builds an execution plan per shape (43 ms first call vs 5 ms after, measured on an
+    H200), so it runs only shapes that recur: query and key lengths that are multiples of 128 (whole chunks of the
     usual chunk sizes); the last, ragged chunk of a request goes to the next kernel (PyTorch's
     flash), which needs no plan. A kernel that refuses a shape the probe did not cover hands
     over to the next exact one."""
