@@ -98,14 +98,19 @@ def _flash_attn_package(query: Tensor, key: Tensor, value: Tensor, scale: float 
 
 def _masked_sdpa(query: Tensor, key: Tensor, value: Tensor, padding: Tensor | None,
                  scale: float | None, dropout: float) -> Tensor:
-    """Reference path: explicit (B, 1, C, N) boolean mask, bottom-right causal plus padding."""
-    c, n = query.shape[2], key.shape[2]
-    groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)  # (B, H, N, d)
-    mask = torch.ones(c, n, dtype=torch.bool, device=query.device).tril(n - c)[None, None]
+    """Reference path, differentiable (chunked training): one SDPA call with an explicit boolean
+    mask, bottom-right causal plus padding. The query heads sharing a KV head are folded into one
+    block (as for the past keys in `merged_attention`), so the cache's K/V are never repeated —
+    neither in memory nor among the tensors autograd saves for the backward.
+    query (B, H, C, d), key/value (B, H_kv, N, d), padding (B, N') -> (B, H, C, d)."""
+    heads, kv_heads, c, n = query.shape[1], key.shape[1], query.shape[2], key.shape[2]
+    causal = torch.ones(c, n, dtype=torch.bool, device=query.device).tril(n - c)  # (C, N)
+    mask = causal.repeat(heads // kv_heads, 1)[None, None]  # (1, 1, g·C, N): row j·C + c is query c of head j
     if padding is not None:
-        mask = mask & padding[:, None, None, -n:].to(torch.bool)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
+        mask = mask & padding[:, None, None, -n:].to(torch.bool)  # (B, 1, g·C, N)
+    folded = F.scaled_dot_product_attention(_fold_groups(query, kv_heads), key, value, attn_mask=mask,
+                                            dropout_p=dropout, scale=scale)  # (B, H_kv, g·C, d)
+    return _unfold_groups(folded, heads)
 
 
 def chunked_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,

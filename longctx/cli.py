@@ -30,7 +30,8 @@ def _methods(value: str) -> list[str]:
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    """Per method: insertion points and trainable / total parameters."""
+    """Per method: insertion points and trainable / total parameters (sdlora's after its
+    post-warm-up selection: what trains in the real run)."""
     from longctx.models import load_base, meta_model
     from longctx.reports import format_table, params_rows
 
@@ -89,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in {"rank": args.rank, "alpha": args.alpha}.items() if v is not None}
     cfg = TrainConfig(method=args.method, task=args.task, train_length=args.train_length, out=args.out,
                       base=args.base, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                      seed=args.seed, overrides=overrides, dtype=args.dtype)
+                      seed=args.seed, overrides=overrides, dtype=args.dtype, chunk_size=args.chunk_size)
     print(f"adapter written to {train_adapter(cfg, progress=not args.quiet)}")
 
 
@@ -156,6 +157,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--dtype", default="float32",
                    help="the base's dtype: auto, float32, bfloat16, float16 (adapter weights stay float32)")
+    r.add_argument("--chunk-size", type=int, default=None,
+                   help="train through the chunked path: KV cache and adapter state carried from chunk to chunk, "
+                        "gradient truncated at chunk boundaries (default: whole sequences)")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(run=cmd_train)
     w = sub.add_parser("sweep", help="methods x tasks x lengths: train, evaluate through lm-eval, tabulate")

@@ -36,8 +36,21 @@ def wilson(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def _methods(frame: Any) -> list[str]:
+    """The series present (`results.series_label`: the method, plus its training chunk size if any),
+    methods in `METHOD_ORDER`, whole-sequence training before chunked."""
     present = list(dict.fromkeys(frame["method"]))
-    return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(present, key=lambda s: (rank.get(s.split(" (")[0], len(rank)), " (" in s, s))
+
+
+def _with_series(frame: Any) -> Any:
+    """The table with each row's `method` replaced by its series label (one line per trained variant)."""
+    from longctx.results import series_label
+
+    frame = frame.copy()
+    if "train_chunk_size" in frame:
+        frame["method"] = [series_label(row) for row in frame.to_dict("records")]
+    return frame
 
 
 def _on_base(frame: Any) -> str:
@@ -218,7 +231,7 @@ def plot_all(results_dir: str | Path, threshold: float = DEFAULT_THRESHOLD) -> t
         from longctx.errors import LongctxError
 
         raise LongctxError(f"threshold {threshold!r} is not in [0, 1]")
-    frame = load_table(Path(results_dir))
+    frame = _with_series(load_table(Path(results_dir)))
     out = Path(results_dir) / "plots"
     paths = accuracy_vs_length(frame, out) + memory_vs_length(frame, out) + depth_heatmaps(frame, out)
     table = effective_length(frame, threshold)

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 COLUMNS = ("method", "base", "task", "length", "seed", "n", "acc", "stderr", "answer_nll", "peak_memory_bytes",
            "tokens_per_s", "trainable_parameters", "total_parameters", "chunk_size", "train_length",
-           "status", "message", "depth_acc", "lm_eval_output", "log", "git_commit", "time", "cell_id", "identity")
+           "train_chunk_size", "status", "message", "depth_acc", "lm_eval_output", "log", "git_commit", "time", "cell_id", "identity")
 STATUSES = ("ok", "oom", "error", "timeout")
 FAILED = ("oom", "error", "timeout")  # what `--retry-failed` reruns
 ARCHIVE = "results.archive.jsonl"
@@ -33,11 +33,22 @@ def cell_identity(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _size(value: Any) -> int | None:
+    """A chunk size read back from JSON or CSV: None for missing/NaN, else an int."""
+    return None if value is None or (isinstance(value, float) and value != value) else int(value)
+
+
 def cell_key(row: dict[str, Any]) -> tuple:
-    """(method, task, length, seed, chunk_size): a cell's place in the grid (not its identity)."""
-    chunk = row.get("chunk_size")
-    chunk = None if chunk is None or (isinstance(chunk, float) and chunk != chunk) else int(chunk)
-    return (row["method"], row["task"], int(row["length"]), int(row.get("seed", 0)), chunk)
+    """(method, task, length, seed, chunk_size, train_chunk_size): a cell's place in the grid (not its
+    identity)."""
+    return (row["method"], row["task"], int(row["length"]), int(row.get("seed", 0)), _size(row.get("chunk_size")),
+            _size(row.get("train_chunk_size")))
+
+
+def series_label(row: dict[str, Any]) -> str:
+    """What a plot or table calls the row's adapter: the method, plus how it was trained when chunked."""
+    train_chunk = _size(row.get("train_chunk_size"))
+    return row["method"] if train_chunk is None else f"{row['method']} (trained in chunks of {train_chunk})"
 
 
 def row_id(row: dict[str, Any]) -> str:

@@ -9,6 +9,8 @@ its definition) a chunked run equals the unchunked run.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,7 +42,7 @@ def _bind(adapted: AdaptedModel | nn.Module, state: SequenceState) -> contextlib
     return adapted.bind(state) if isinstance(adapted, AdaptedModel) else contextlib.nullcontext(state)
 
 
-def _new_cache(model: nn.Module, capacity: int) -> Any:
+def new_cache(model: nn.Module, capacity: int) -> Any:
     """KV cache preallocated for `capacity` tokens (no concatenation copies while it fills);
     for Mamba, the model's own conv/SSM state cache, with the SSM state carried across chunks."""
     if model_family(model) == "mamba":
@@ -55,10 +57,13 @@ def _new_cache(model: nn.Module, capacity: int) -> Any:
     return preallocated_cache(model.config, capacity)
 
 
-def _step(model: nn.Module, ids: Tensor, mask: Tensor | None, positions: Tensor, cache: Any, keep: Any) -> Any:
+def forward_chunk(model: nn.Module, ids: Tensor, mask: Tensor | None, positions: Tensor, cache: Any, keep: Any,
+                  family: str | None = None) -> Any:
     """One forward of a chunk (B, C) after `cache`; `mask` covers every token so far (B, N), or is
-    None when nothing is padded (no mask to build or inspect: no host-device sync per chunk)."""
-    if model_family(model) == "mamba":  # no positions; the mask covers the chunk's own tokens
+    None when nothing is padded (no mask to build or inspect: no host-device sync per chunk).
+    `family`: the model's (`models.model_family`), given when `model` is a wrapper without a config
+    (DDP under `accelerate launch`). Evaluation and chunked training both run chunks through here."""
+    if (family or model_family(model)) == "mamba":  # no positions; the mask covers the chunk's own tokens
         from longctx.mamba import cache_keyword
 
         chunk_mask = None if mask is None else mask[:, -ids.shape[1]:]
@@ -66,8 +71,19 @@ def _step(model: nn.Module, ids: Tensor, mask: Tensor | None, positions: Tensor,
                     **{cache_keyword(): cache})
         out.past_key_values = cache  # filled in place by every layer
         return out
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=keep)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
+                **{_llama_cache_keyword(): cache})
+    out.past_key_values = cache  # filled in place (the output's name for it varies across versions)
+    return out
+
+
+@functools.cache
+def _llama_cache_keyword() -> str:
+    """`cache` from transformers 5.24 on (`past_key_values` deprecated there), `past_key_values`
+    before; read off the class, since wrappers such as PEFT's forward only `**kwargs`."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def _padding_mask(attention_mask: Tensor | None) -> Tensor | None:
@@ -110,14 +126,14 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
     keep_on_device = ordered.to(input_ids.device)  # one copy; chunks take slices of it (no per-chunk sync)
     bounds = torch.searchsorted(ordered, torch.arange(0, n + size, size)).tolist()  # chunk -> first kept index
     state = state if state is not None else SequenceState()
-    cache, kept, n_chunks = _new_cache(model, n + reserve), [], 0
+    cache, kept, n_chunks = new_cache(model, n + reserve), [], 0
     for index, start in enumerate(range(0, n, size)):
         end = min(start + size, n)
         local = keep_on_device[bounds[index]:bounds[index + 1]] - start  # (K_chunk,)
         if ssm_carry == "reset":
             state.reset()
         with _bind(adapted, state), torch.no_grad():
-            out = _step(model, input_ids[:, start:end], None if mask is None else mask[:, :end],
+            out = forward_chunk(model, input_ids[:, start:end], None if mask is None else mask[:, :end],
                         positions[:, start:end], cache, local)
         cache, n_chunks = out.past_key_values, n_chunks + 1
         if local.numel():
@@ -172,6 +188,6 @@ def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_ne
         if ssm_carry == "reset":
             state.reset()
         with _bind(adapted, state), torch.no_grad():
-            step = _step(model, token[:, None], mask, position, cache, 1)
+            step = forward_chunk(model, token[:, None], mask, position, cache, 1)
         cache, token = step.past_key_values, step.logits[:, -1].argmax(-1)
     return torch.stack(new, dim=1)  # (B, T_new)

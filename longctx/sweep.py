@@ -1,6 +1,6 @@
 """`longctx sweep CONFIG` (SPEC §8): methods × tasks × lengths × seeds, resumable.
 
-A cell is one (method, task, seed, chunk size, length); its identity (`cell_inputs`, hashed by
+A cell is one (method, task, seed, chunk size, training chunk size, length); its identity (`cell_inputs`, hashed by
 `results.cell_identity`) is everything that changes its result: the base's name and a
 fingerprint of its files, the method's recipe with overrides, the training settings (none for
 `base`), the task with its metadata, and the evaluation settings (chunk size, carry mode,
@@ -8,7 +8,7 @@ truncation, dtype). A rerun evaluates exactly the cells whose id has no row, mov
 the config no longer has to `results.archive.jsonl`, and repeats nothing else; `retry_failed`
 also reruns error/oom/timeout cells.
 
-Per (seed, method, task, chunk size) one child process (`longctx.sweep_cell`) trains the adapter
+Per (seed, method, task, chunk size, training chunk size) one child process (`longctx.sweep_cell`) trains the adapter
 unless cached — under `OUT/adapters/<method>-<task>-<adapter_key>`, keyed by the training
 settings — then evaluates its missing cells, appending a row per cell. Its whole output is kept
 in `OUT/logs/` and named in the rows. The driver enforces `cell_timeout_s` (each cell) and
@@ -54,6 +54,9 @@ class SweepConfig:
     haystack: str | None = None  # None: each task's default
     depths: list[float] | None = None  # None: the tasks' default needle depths
     chunk_size: int | None = None
+    # Chunked training (`longctx.chunked_training`): a size (or null: whole sequences) for every
+    # method, or per method a size, null, or a list of them (each one a separately trained series).
+    train_chunk_size: int | None | dict[str, Any] = None
     ssm_carry: str = "chunk"  # chunk | reset (adapter state between chunks)
     unchunked_methods: list[str] = field(default_factory=list)  # also evaluated in one pass (memory baseline)
     truncation: str = "refuse"
@@ -114,6 +117,10 @@ def _check_settings(cfg: SweepConfig) -> None:
         positive_int(key, getattr(cfg, key))
     if cfg.chunk_size is not None:
         positive_int("chunk_size", cfg.chunk_size)
+    for method in cfg.methods + list(cfg.unchunked_methods):
+        for size in train_chunk_sizes(cfg, method):
+            if size is not None:
+                positive_int(f"train_chunk_size of {method}", size)
     parse_dtype(cfg.dtype)
     for key, value, choices in [("ssm_carry", cfg.ssm_carry, CARRY_CHOICES),
                                 ("truncation", cfg.truncation, TRUNCATION_CHOICES),
@@ -190,28 +197,48 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def training_settings(cfg: SweepConfig, method: str, task: str, seed: int) -> dict[str, Any] | None:
-    """The `TrainConfig` fields the sweep trains this adapter with, less its directory (None for `base`)."""
+def train_chunk_sizes(cfg: SweepConfig, method: str) -> list[int | None]:
+    """The training chunk sizes `method` is trained with, one series each (`[None]` for `base`)."""
+    value = cfg.train_chunk_size
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(cfg.methods) - set(cfg.unchunked_methods))
+        if unknown:
+            raise choice_error("method in train_chunk_size", unknown[0], dict.fromkeys(cfg.methods))
+        value = value.get(method)
+    sizes = list(dict.fromkeys(value if isinstance(value, list) else [value]))
+    return [None] if method == "base" or not sizes else sizes
+
+
+def training_settings(cfg: SweepConfig, method: str, task: str, seed: int,
+                      train_chunk: int | None = None) -> dict[str, Any] | None:
+    """The `TrainConfig` fields the sweep trains this adapter with, less its directory (None for `base`).
+    A whole-sequence run leaves `chunk_size` out, so identities from before it existed still hold."""
     from longctx.train import TrainConfig
 
     if method == "base":
         return None
     settings = asdict(TrainConfig(method=method, task=task, train_length=cfg.train_length, out="", base=cfg.base,
                                   steps=cfg.train_steps, batch_size=cfg.batch_size, seed=seed, dtype=cfg.dtype,
-                                  learning_rate=cfg.learning_rate, overrides=cfg.recipe_overrides.get(method, {})))
+                                  learning_rate=cfg.learning_rate, overrides=cfg.recipe_overrides.get(method, {}),
+                                  chunk_size=train_chunk))
     settings.pop("out")
+    if train_chunk is None:
+        settings.pop("chunk_size")
     return settings
 
 
-def adapter_key(cfg: SweepConfig, method: str, task: str, seed: int, base_id: str | None = None) -> str:
+def adapter_key(cfg: SweepConfig, method: str, task: str, seed: int, base_id: str | None = None,
+                train_chunk: int | None = None) -> str:
     """Hash of everything the trained adapter depends on: base, recipe and training settings."""
     identity = {"base": {"name": cfg.base, "id": base_id or base_identity(cfg.base)},
-                "recipe": _recipe(cfg, method), "training": training_settings(cfg, method, task, seed)}
+                "recipe": _recipe(cfg, method), "training": training_settings(cfg, method, task, seed, train_chunk)}
     return cell_identity(identity)
 
 
-def adapter_dir(cfg: SweepConfig, method: str, task: str, seed: int, out: Path, base_id: str | None = None) -> Path:
-    return Path(out) / "adapters" / f"{method}-{task}-{adapter_key(cfg, method, task, seed, base_id)}"
+def adapter_dir(cfg: SweepConfig, method: str, task: str, seed: int, out: Path, base_id: str | None = None,
+                train_chunk: int | None = None) -> Path:
+    key = adapter_key(cfg, method, task, seed, base_id, train_chunk)
+    return Path(out) / "adapters" / f"{method}-{task}-{key}"
 
 
 def _recipe(cfg: SweepConfig, method: str) -> dict[str, Any]:
@@ -222,11 +249,11 @@ def _recipe(cfg: SweepConfig, method: str) -> dict[str, Any]:
 
 def cell_inputs(cfg: SweepConfig, base_id: str, group: tuple, length: int) -> dict[str, Any]:
     """The one definition of a cell's identity: every input that changes its result."""
-    seed, method, task, chunk = group
+    seed, method, task, chunk, train_chunk = group
     return {"version": IDENTITY_VERSION,
             "base": {"name": cfg.base, "id": base_id},
             "method": method, "recipe": _recipe(cfg, method),
-            "training": training_settings(cfg, method, task, seed),
+            "training": training_settings(cfg, method, task, seed, train_chunk),
             "task": {"name": task, "length": length, "num_samples": cfg.num_samples, "seed": seed,
                      "haystack": cfg.haystack, "depths": cfg.depths, "tokenizer": cfg.base},
             "evaluation": {"chunk_size": chunk, "ssm_carry": cfg.ssm_carry if chunk else None,
@@ -234,11 +261,11 @@ def cell_inputs(cfg: SweepConfig, base_id: str, group: tuple, length: int) -> di
 
 
 def grid(cfg: SweepConfig) -> list[tuple]:
-    """(seed, method, task, chunk size) groups; each covers every length."""
-    groups = [(seed, method, task, cfg.chunk_size) for seed in cfg.seeds for method in cfg.methods
-              for task in cfg.tasks]
-    groups += [(seed, method, task, None) for seed in cfg.seeds for method in cfg.unchunked_methods
-               for task in cfg.tasks if cfg.chunk_size is not None]
+    """(seed, method, task, chunk size, training chunk size) groups; each covers every length."""
+    groups = [(seed, method, task, cfg.chunk_size, train) for seed in cfg.seeds for method in cfg.methods
+              for train in train_chunk_sizes(cfg, method) for task in cfg.tasks]
+    groups += [(seed, method, task, None, train) for seed in cfg.seeds for method in cfg.unchunked_methods
+               for train in train_chunk_sizes(cfg, method) for task in cfg.tasks if cfg.chunk_size is not None]
     return groups
 
 
@@ -256,21 +283,23 @@ def plan(cfg: SweepConfig, base_id: str) -> list[tuple[tuple, list[dict[str, Any
 
 def _job(cfg: SweepConfig, group: tuple, cells: list[dict[str, Any]], out: Path, base_id: str,
          log: Path) -> dict[str, Any]:
-    seed, method, task, chunk = group
-    train = training_settings(cfg, method, task, seed)
-    adapter = adapter_dir(cfg, method, task, seed, out, base_id) / "adapter" if train else None
+    seed, method, task, chunk, train_chunk = group
+    train = training_settings(cfg, method, task, seed, train_chunk)
+    adapter = adapter_dir(cfg, method, task, seed, out, base_id, train_chunk) / "adapter" if train else None
     if train:
         train["out"] = str(adapter.parent)
     return {"config": asdict(cfg), "method": method, "task": task, "seed": seed, "chunk_size": chunk,
-            "cells": cells, "train": train, "adapter": str(adapter) if adapter else None, "out": str(out),
+            "train_chunk_size": train_chunk, "cells": cells, "train": train, "adapter": str(adapter) if adapter else None, "out": str(out),
             "tasks_dir": str(task_dir()), "git_commit": git_commit(), "log": str(log)}
 
 
 def log_path(out: Path, group: tuple, cells: list[dict[str, Any]]) -> Path:
-    """OUT/logs/<method>-<task>-<chunk>-seed<S>-<hash of the group's cells>.log (appended per attempt)."""
-    seed, method, task, chunk = group
+    """OUT/logs/<method>[-trainchunk<T>]-<task>-<chunk>-seed<S>-<hash of the group's cells>.log (appended
+    per attempt)."""
+    seed, method, task, chunk, train_chunk = group
     tag = cell_identity({"cells": [c["cell_id"] for c in cells]})[:10]
-    return out / "logs" / f"{method}-{task}-{f'chunk{chunk}' if chunk else 'unchunked'}-seed{seed}-{tag}.log"
+    trained = f"-trainchunk{train_chunk}" if train_chunk else ""
+    return out / "logs" / f"{method}{trained}-{task}-{f'chunk{chunk}' if chunk else 'unchunked'}-seed{seed}-{tag}.log"
 
 
 def _check_output(out: Path) -> None:
@@ -336,7 +365,8 @@ def run_sweep(cfg: SweepConfig, out: Path, progress: bool = True, retry_failed: 
         for group, cells in groups:
             missing = [c for c in cells if c["cell_id"] not in done]
             if missing:
-                bar.set_postfix_str(f"{group[1]} {group[2]}" + ("" if group[3] else " unchunked"))
+                bar.set_postfix_str(f"{group[1]} {group[2]}" + ("" if group[3] else " unchunked")
+                                    + (f" trained chunk {group[4]}" if group[4] else ""))
                 run_group(_job(cfg, group, missing, out, base_id, log_path(out, group, cells)),
                           cfg.cell_timeout_s, cfg.train_timeout_s)
                 bar.update(len(missing))

@@ -34,6 +34,7 @@ def make_row(job: dict[str, Any], cell: dict[str, Any], **values: Any) -> dict[s
     cfg = job["config"]
     return {"method": job["method"], "base": cfg["base"], "task": job["task"], "length": cell["length"],
             "seed": job["seed"], "chunk_size": job["chunk_size"], "train_length": cfg["train_length"],
+            "train_chunk_size": job.get("train_chunk_size"),
             "git_commit": job["git_commit"], "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "log": job["log"],
             "cell_id": cell["cell_id"], "identity": cell["identity"], **values}
 

@@ -34,6 +34,7 @@ class TrainConfig:
     n_validation: int = 16
     eval_every: int = 50
     dtype: str = "float32"  # the base's: auto (the checkpoint's own) or a models.DTYPES name; adapters stay float32
+    chunk_size: int | None = None  # chunked training with carried state (`longctx.chunked_training`); None: whole
     overrides: dict[str, Any] = field(default_factory=dict)  # recipe fields (rank, alpha, …)
 
     def validate(self) -> None:
@@ -49,6 +50,8 @@ class TrainConfig:
         parse_dtype(self.dtype)  # one-line error naming the choices
         for name in ("train_length", "steps", "batch_size", "n_validation", "eval_every"):
             positive_int(name, getattr(self, name))
+        if self.chunk_size is not None:
+            positive_int("chunk_size", self.chunk_size)
 
 
 def encode_examples(tokenizer: Any, examples: list[Any]) -> list[dict[str, list[int]]]:
@@ -100,6 +103,37 @@ def _validation_callback(adapted: Any, tokenizer: Any, examples: list[Any], ever
     return Validate()
 
 
+def _chunked_trainer_class() -> type:
+    """HF `Trainer` whose step runs each batch through `chunked_training_loss`: one backward per
+    chunk, everything else (optimiser, clipping, schedule, checkpoints, resume) is Trainer's."""
+    from transformers import Trainer
+
+    from longctx.chunked_training import chunked_training_loss
+
+    class ChunkedTrainer(Trainer):
+        def __init__(self, *args: Any, adapted: Any, chunk_size: int, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.adapted, self.chunk_size = adapted, chunk_size
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            steps = self.args.gradient_accumulation_steps
+            loss = chunked_training_loss(self.adapted, inputs["input_ids"], inputs["labels"], self.chunk_size,
+                                         lambda part: self.accelerator.backward(part / steps), model=model)
+            return loss / steps
+    return ChunkedTrainer
+
+
+def _trainer(cfg: TrainConfig, adapted: Any, **kwargs: Any) -> Any:
+    """Trainer's own step for whole-sequence training, the chunked one with `cfg.chunk_size`."""
+    from transformers import Trainer
+
+    if cfg.chunk_size is None:
+        return Trainer(model=adapted.model, **kwargs)
+    return _chunked_trainer_class()(model=adapted.model, adapted=adapted, chunk_size=cfg.chunk_size, **kwargs)
+
+
 def _arguments(cfg: TrainConfig, lr: float, workdir: Path, progress: bool) -> Any:
     from transformers import TrainingArguments
 
@@ -119,8 +153,6 @@ def _warm_up_and_select(adapted: Any, cfg: TrainConfig, lr: float, train: list, 
     import dataclasses
     import tempfile
 
-    from transformers import Trainer
-
     select = getattr(adapted.method, "select_dimensions", None)
     if select is None:
         return None
@@ -130,8 +162,8 @@ def _warm_up_and_select(adapted: Any, cfg: TrainConfig, lr: float, train: list, 
     with tempfile.TemporaryDirectory() as tmp:
         args = _arguments(warm, lr, Path(tmp), progress=False)
         args.save_strategy = "no"
-        trainer = Trainer(model=adapted.model, args=args, train_dataset=train[:warm.steps * cfg.batch_size],
-                          data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0))
+        trainer = _trainer(cfg, adapted, args=args, train_dataset=train[:warm.steps * cfg.batch_size],
+                           data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0))
         _quiet(trainer)
         trainer.train()
     return select(adapted.model)
@@ -146,7 +178,6 @@ def _quiet(trainer: Any) -> None:
 
 def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train, validate and save; returns the adapter directory (`OUT/adapter`)."""
-    from transformers import Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
     from longctx.adapters import wrap
@@ -157,7 +188,9 @@ def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
     cfg.validate()
     out = Path(cfg.out)
     started = time.perf_counter()
-    model, tokenizer = load_base(cfg.base, dtype=cfg.dtype, attn_implementation="sdpa")
+    # Chunked: the chunk-over-cache attention (differentiable, no repeated K/V); whole: stock sdpa.
+    attention = "sdpa" if cfg.chunk_size is None else "longctx_sdpa"
+    model, tokenizer = load_base(cfg.base, dtype=cfg.dtype, attn_implementation=attention)
     adapted = wrap(model, cfg.method, seed=cfg.seed, **cfg.overrides)
     if adapted.trainable_parameters() == 0:
         raise LongctxError(f"method {cfg.method!r} has no trainable parameters; evaluate it without training")
@@ -169,9 +202,9 @@ def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
     selection = _warm_up_and_select(adapted, cfg, lr, train, tokenizer, out, progress)
     checkpoints = out / "checkpoints"
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    trainer = Trainer(model=adapted.model, args=_arguments(cfg, lr, checkpoints, progress), train_dataset=train,
-                      data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0),
-                      callbacks=[_validation_callback(adapted, tokenizer, validation, cfg.eval_every)])
+    trainer = _trainer(cfg, adapted, args=_arguments(cfg, lr, checkpoints, progress), train_dataset=train,
+                       data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0),
+                       callbacks=[_validation_callback(adapted, tokenizer, validation, cfg.eval_every)])
     if not progress:
         _quiet(trainer)
     trainer.train(resume_from_checkpoint=resume)
