@@ -1,4 +1,4 @@
-"""LoRA-XS against its definition written out here: y = W x + (alpha/r) · U_r Σ_r R V_rᵀ x (up to
+"""LoRA-XS against its definition written out here: y = W x + (alpha/r) · U_r R Σ_r V_rᵀ x (up to
 the sign of each singular pair), with exactly r² trainable parameters per adapted module."""
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_each_layer_equals_the_svd_formula_on_random_weights():
         assert torch.allclose(signs.abs(), torch.ones(r, dtype=torch.float64))
         d = torch.diag(signs)
         x = torch.randn(3, 5, weight.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        want = x @ weight.T + scale * x @ (u @ torch.diag(s) @ d @ layer.lora_xs_R.double() @ d @ vh).T
+        want = x @ weight.T + scale * x @ (u @ d @ layer.lora_xs_R.double() @ d @ torch.diag(s) @ vh).T
         with torch.no_grad():
             got = layer(x.float()).double()
         assert torch.allclose(got, want, atol=1e-4), name

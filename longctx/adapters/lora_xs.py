@@ -1,12 +1,28 @@
 """`lora-xs`: LoRA-XS (Bałazy et al., 2024, arXiv:2405.17604) — LoRA with frozen factors from the
-truncated SVD of each adapted weight and a trainable r×r matrix between them:
+truncated SVD of each adapted weight and a trainable r×r matrix R between them. For a linear layer
+y = W x + b with W of shape (d_out, d_in) and W ≈ U_r Σ_r V_rᵀ (top-r singular triplets):
 
-    y = W x + (alpha / r) · B R A x,   W ≈ U_r Σ_r V_rᵀ,  B = U_r Σ_r (d_out×r),  A = V_rᵀ (r×d_in)
+    y = W x + b + (alpha / r) · B R A x,   B = U_r (d_out×r, orthonormal),  A = Σ_r V_rᵀ = U_rᵀ W (r×d_in)
 
-Only R trains: r² parameters per module, independent of the model's width. R starts at zero,
-so a fresh adapter equals its base. A and B are recomputed from the base at load time (the base
-fingerprint guarantees it is the same base); singular vectors get a fixed sign (each column of
-U_r has a positive largest-magnitude entry), so the factors do not depend on the LAPACK build.
+Only R trains: r² parameters per module, independent of the model's width.
+
+Where we follow the reference code (github.com/MohammadrezaBanaei/LoRA-XS, `utils/initialization_utils.py`,
+`utils/svd_utils.py`, `utils/latent_utils.py`): it takes the truncated SVD of Wᵀ = P S Qᵀ and sets
+PEFT's `lora_A.weight = (Wᵀ Q)ᵀ = S Pᵀ` and `lora_B.weight = Q`; since W = Q S Pᵀ, that is B = U_r
+(no Σ) and A = Σ_r V_rᵀ (Σ on the input side), as above. R (its `default_lora_latent_mapping`, an
+r×r linear map applied between A and B) starts from a normal distribution with mean 0 and standard
+deviation 1e-5 (`torch.nn.init.normal_(std=1e-5)`), so a fresh adapter differs from its base by a
+branch of that order, not by exactly zero. The scale is PEFT's alpha / r; dropout acts on x.
+
+Where we depart: the reference's SVD is scikit-learn's randomized `TruncatedSVD` (n_iter=10,
+random_state=42); ours is the exact `torch.linalg.svd` (float32, float64 on a float64 base), which
+the randomized one approximates. Singular vectors get a fixed sign: each column of U_r (of B) has a
+positive largest-magnitude entry, so the factors do not depend on the LAPACK build. That is current
+scikit-learn's rule for `components_`; the 0.24 it pins fixes the sign by V_r's columns instead. A
+sign flip of a singular pair only re-expresses R (R -> D R D) and leaves R's initial law unchanged.
+R is drawn on the CPU in float32 from the global generator that `wrap(..., seed=...)` seeds, so
+its start is reproducible for a seed on any device and dtype. A and B are recomputed from the base
+at load time (the base fingerprint guarantees it is the same base).
 """
 from __future__ import annotations
 
@@ -17,15 +33,24 @@ from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import replace_modules, resolve_points
 from longctx.adapters.state import StateBinding
 
+R_INIT_STD = 1e-5  # the reference's `init_module_weights(..., sigma=0.00001)`: a standard deviation
+
 
 def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """(B = U_r Σ_r, A = V_rᵀ) of `weight` (d_out, d_in), in float32, with a fixed sign convention."""
-    u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)  # (o, k), (k,), (k, i)
+    """(B = U_r, A = Σ_r V_rᵀ) of `weight` (d_out, d_in), in the adapter's dtype (float32, or float64 on
+    a float64 weight), with a fixed sign convention."""
+    work = weight.detach().to(adapter_dtype(weight.dtype))
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)  # (o, k), (k,), (k, i)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     flip = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))  # (1, r)
     flip[flip == 0] = 1.0
     u, vh = u * flip, vh * flip.T
-    return u * s, vh  # (o, r), (r, i)
+    return u, s[:, None] * vh  # (o, r), (r, i)
+
+
+def initial_r(rank: int) -> Tensor:
+    """R's start, N(0, R_INIT_STD²) entries, drawn in float32 on the CPU from the global generator."""
+    return torch.randn(rank, rank, dtype=torch.float32) * R_INIT_STD  # (r, r)
 
 
 class LoraXSLinear(nn.Module):
@@ -39,7 +64,7 @@ class LoraXSLinear(nn.Module):
         dtype = adapter_dtype(base_layer.weight.dtype)  # float32 on a bf16/fp16 base
         self.register_buffer("lora_xs_B", b.to(dtype), persistent=False)  # (d_out, r)
         self.register_buffer("lora_xs_A", a.to(dtype), persistent=False)  # (r, d_in)
-        self.lora_xs_R = nn.Parameter(torch.zeros(rank, rank, dtype=dtype, device=base_layer.weight.device))
+        self.lora_xs_R = nn.Parameter(initial_r(rank).to(device=base_layer.weight.device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
