@@ -8,14 +8,16 @@ import torch
 
 
 def bench_llama(layers: int = 4, hidden: int = 256, vocab: int = 32000, heads: int = 8,
-                max_positions: int = 65536, seed: int = 0, device: str = "cpu", attn: str = "auto"):
-    """A randomly initialised Llama of benchmark size (fp32, eval mode); `attn` as in load_base."""
+                max_positions: int = 65536, seed: int = 0, device: str = "cpu", attn: str = "auto",
+                kv_heads: int | None = None):
+    """A randomly initialised Llama of benchmark size (fp32, eval mode); `attn` as in load_base;
+    `kv_heads` < `heads` for grouped-query attention."""
     from longctx.models import choose_attn_implementation
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                          max_position_embeddings=max_positions,
                          attn_implementation=choose_attn_implementation(attn))
     torch.manual_seed(seed)

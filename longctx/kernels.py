@@ -42,6 +42,15 @@ def _cpu_flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | Non
     return out, _normalise_lse(lse, q)
 
 
+def cpu_flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                       scale: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the CPU flash kernel given the output and log-sum-exp (B, H, C) of the whole
+    attention this block is part of: with those, each block of keys yields its exact share of dq
+    and its own dk, dv (FlashAttention's blockwise backward, Dao 2023, Alg. 2)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse.float().contiguous(), 0.0, causal, scale=scale)
+
+
 def _cudnn(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]

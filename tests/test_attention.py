@@ -152,3 +152,25 @@ def test_padding_the_query_rows_changes_nothing():
     assert padded_out.shape == plain_out.shape == (1, 2, 148, 16)
     torch.testing.assert_close(padded_out, plain_out, rtol=0, atol=1e-6)
     torch.testing.assert_close(padded_lse, plain_lse, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])  # max seen: 1e-6, 8e-3
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("past,chunk", [(1, 16), (50, 16), (83, 37)])
+def test_merged_attention_backward_equals_float64_autograd(dtype, tol, heads, kv_heads, past, chunk):
+    """Chunked training's attention (`_MergedAttention`: two flash calls forward, the flash kernel's
+    blockwise backward per block) has the gradients of plain float64 attention, with the cached
+    keys constant: dq everywhere, dk/dv on the chunk's own keys."""
+    q, k, v = cache_slices(heads, kv_heads, past, chunk, dtype, seed=past)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out, _ = attn_mod.chunked_attention(torch.nn.Module(), q, k, v, None)  # (B, C, H, d)
+    (out.transpose(1, 2).float() * grad.float()).sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    (reference_bottom_right(q64, k64, v64) * grad.double()).sum().backward()
+    scale = lambda t: t.abs().max().item()
+    assert out.dtype == dtype
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=0, atol=tol * scale(q64.grad))
+    for mine, ref in ((k.grad, k64.grad), (v.grad, v64.grad)):
+        assert not mine[:, :, :past].any()  # the cache is a constant
+        torch.testing.assert_close(mine[:, :, past:].double(), ref[:, :, past:], rtol=0, atol=tol * scale(ref))
