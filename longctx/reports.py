@@ -33,13 +33,18 @@ def _fmt(value: Any) -> str:
 
 def params_rows(build_base: Callable[[], nn.Module], methods: list[str],
                 insertion: str | None = None) -> list[dict[str, Any]]:
-    """Insertion points and trainable/total parameters of each method on a fresh base."""
+    """Insertion points and trainable/total parameters of each method on a fresh base. A method
+    that selects what trains after a warm-up (sdlora) is counted after selection: a selection of
+    the same sizes is applied without training (what trains in the real run, not the warm-up)."""
     from longctx.adapters import applicable, wrap
 
     rows, lora_trainable = [], None
     for method in applicable(methods, build_base()):
         overrides = {"insertion": insertion} if insertion and method not in ("base", "dense") else {}
         adapted = wrap(build_base(), method, **overrides)
+        select = getattr(adapted.method, "select_dimensions", None)
+        if select is not None:
+            select(adapted.model, from_updates=False)
         trainable, total = adapted.trainable_parameters(), adapted.total_parameters()
         if method == "lora":
             lora_trainable = trainable

@@ -1,5 +1,6 @@
-"""SDLoRA on Mamba: the shared adapter invariants, selection by update magnitude, and unselected
-SSM entries that an optimiser step cannot move."""
+"""SDLoRA on Mamba: the shared adapter invariants, the reference's selection sizes, save/load,
+and `longctx params` counting what trains after selection (numerics against a plain reference
+forward, frozen unselected entries and the discarded warm-up: tests/test_reference_sdlora.py)."""
 from __future__ import annotations
 
 import pytest
@@ -11,55 +12,32 @@ from longctx.errors import LongctxError
 from test_mamba import tiny_mamba
 
 
-def _ssm(model):
-    from longctx.adapters.sdlora import _mixers, _ssm_params
-
-    return [tuple(t.detach().clone() for t in _ssm_params(m)) for m in _mixers(model)]
-
-
 def test_fresh_adapter_equals_base_and_only_its_parameters_train():
     ids = random_ids(1, 30)
     adapted = wrap(tiny_mamba(), "sdlora")
     with torch.no_grad():
         assert torch.equal(adapted(ids).logits, tiny_mamba()(ids).logits)
     names = [n for n, p in adapted.model.named_parameters() if p.requires_grad]
-    assert names and all("lora_" in n or "sdlora_delta" in n for n in names)
+    assert sorted({n.split(".mixer.")[1] for n in names}) == [
+        "out_proj.lora_A.default.weight", "out_proj.lora_B.default.weight", "sdlora_delta_A"]  # warm-up: all of A_log
 
 
-def test_selection_keeps_the_largest_updates_and_unselected_entries_never_move():
+def test_reference_sizes_are_selected_and_counted():
+    """1% of channels (the reference's round(0.99 D) frozen, at least one), 25% of states; A_log at
+    the selected entries and x_proj's B and C columns of the selected channels train."""
+    from longctx.adapters.sdlora import n_trained
+
+    assert (n_trained(1536, 0.99), n_trained(16, 0.75), n_trained(16, 0.9), n_trained(16, 0.95)) == (15, 4, 2, 1)
+    assert n_trained(96, 0.99) == 1 and n_trained(40, 0.99) == 1  # the tiny model; never empty
     adapted = wrap(tiny_mamba(), "sdlora")
-    model = adapted.model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    ids = random_ids(2, 24)
-    for _ in range(3):  # warm-up: every entry trains
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    from longctx.adapters.sdlora import _mixers
-
-    scores = [(m.sdlora_delta_A.detach().abs().sum(1) + m.sdlora_delta_D.detach().abs()) for m in _mixers(model)]
-    report = adapted.method.select_dimensions(model)
-    for score, mixer in zip(scores, _mixers(model)):  # the selected channels have the largest updates
-        chosen = torch.zeros_like(score, dtype=torch.bool)
-        chosen[mixer.sdlora_channels] = True
-        assert score[chosen].min() >= score[~chosen].max()
-    d_inner, n_state = 96, 8
-    per_mixer = (d_inner // 4) * (n_state // 4) + d_inner // 4
-    assert report == {"selected_ssm_entries": 2 * per_mixer, "ssm_entries": 2 * (d_inner * n_state + d_inner)}
-    before = _ssm(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    model(ids, labels=ids).loss.backward()
-    opt.step()
-    after = _ssm(model)
-
-    for (a0, d0), (a1, d1), mixer in zip(before, after, _mixers(model)):
-        chosen = torch.zeros_like(a0, dtype=torch.bool)
-        chosen[mixer.sdlora_channels[:, None], mixer.sdlora_states] = True
-        assert torch.equal(a0[~chosen], a1[~chosen])  # unselected A_log entries unchanged
-        assert not torch.equal(a0[chosen], a1[chosen])  # the selected ones train
-        keep = torch.zeros_like(d0, dtype=torch.bool)
-        keep[mixer.sdlora_channels] = True
-        assert torch.equal(d0[~keep], d1[~keep])
+    report = adapted.method.select_dimensions(adapted.model)
+    d_inner, n_state, layers = 96, 8, 2
+    per_mixer = 1 * 2 + 2 * n_state * 1  # A_log (k_c x k_s) + x_proj's B and C columns (2 N x k_c)
+    assert report == {"channels": layers, "selected_ssm_entries": layers * per_mixer,
+                      "ssm_entries": layers * 3 * d_inner * n_state}
+    lora = layers * 8 * (d_inner + 48)  # r (in + out) on each out_proj
+    assert adapted.trainable_parameters() == lora + layers * per_mixer
+    assert adapted.method.select_dimensions(adapted.model) == report  # a second call changes nothing
 
 
 def test_save_load_round_trip_after_selection(tmp_path):
@@ -71,6 +49,23 @@ def test_save_load_round_trip_after_selection(tmp_path):
     ids = random_ids(1, 30)
     with torch.no_grad():
         assert torch.equal(adapted(ids).logits, loaded(ids).logits)
+
+
+def test_an_adapter_saved_in_the_old_layout_fails_with_one_clear_error(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    directory = wrap(tiny_mamba(), "sdlora").save(tmp_path / "a")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["longctx"]["recipe"].update(alpha=16.0, dropout=0.0, insertion="every-qv")  # the old recipe
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    old = {k: v for k, v in load_file(directory / "adapter_model.safetensors").items() if k.startswith("sdlora.")}
+    old |= {"base_model.model.backbone.layers.0.mixer.in_proj.lora_A.weight": torch.zeros(8, 48),
+            "sdlora.0.delta_D": torch.zeros(96)}
+    save_file(old, directory / "adapter_model.safetensors")
+    with pytest.raises(LongctxError, match="earlier layout.*retrain"):
+        load_adapter(tiny_mamba(), directory)
 
 
 def test_mismatched_base_is_refused(tmp_path):
@@ -86,21 +81,61 @@ def test_llama_bases_are_refused():
         wrap(tiny_llama(), "sdlora")
 
 
-@pytest.mark.slow
-def test_train_runs_the_warm_up_selects_and_logs_it(tmp_path):
-    import json
-
-    from longctx.train import TrainConfig, train_adapter
+@pytest.fixture(scope="module")
+def mamba_base(tmp_path_factory):
+    """The tiny Mamba saved as a base directory, with the tiny tokenizer."""
     from conftest import save_tiny_base
 
-    base = save_tiny_base(tmp_path / "base")
+    base = save_tiny_base(tmp_path_factory.mktemp("tiny-mamba"))
     for name in ("model.safetensors", "config.json", "generation_config.json"):
         (base / name).unlink(missing_ok=True)
     tiny_mamba().save_pretrained(base)
-    cfg = TrainConfig(method="sdlora", task="passkey", train_length=256, out=str(tmp_path / "run"), base=str(base),
-                      steps=3, batch_size=2, n_validation=1, eval_every=3)
+    return base
+
+
+def _params_trainable(base, capsys) -> int:
+    """`longctx params --base BASE --method sdlora` (the CLI's entry point, in this process): its
+    trainable figure."""
+    import re
+
+    from longctx import cli
+
+    capsys.readouterr()
+    assert cli.main(["params", "--base", str(base), "--method", "sdlora"]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    cells = dict(zip(re.split(r"\s{2,}", header.strip()), re.split(r"\s{2,}", row.strip())))
+    assert cells["method"] == "sdlora"
+    return int(cells["trainable"].replace(",", ""))
+
+
+def test_params_reports_what_trains_after_selection(mamba_base, capsys):
+    """The CLI's figure is the post-warm-up count (selected entries + LoRA), not the warm-up's."""
+    adapted = wrap(tiny_mamba(), "sdlora")
+    warm_up = adapted.trainable_parameters()  # all of A_log + LoRA
+    model = adapted.model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for i in range(2):
+        ids = random_ids(2, 16, seed=i)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    adapted.method.select_dimensions(model)
+    selected = adapted.trainable_parameters()
+    assert selected < warm_up
+    assert _params_trainable(mamba_base, capsys) == selected
+
+
+@pytest.mark.slow
+def test_train_runs_the_warm_up_selects_and_logs_it(tmp_path, mamba_base, capsys):
+    import json
+
+    from longctx.train import TrainConfig, train_adapter
+
+    cfg = TrainConfig(method="sdlora", task="passkey", train_length=256, out=str(tmp_path / "run"),
+                      base=str(mamba_base), steps=3, batch_size=2, n_validation=1, eval_every=3)
     train_adapter(cfg, progress=False)
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
-    assert log["selection"]["selected_ssm_entries"] == 2 * (24 * 2 + 24)
+    assert log["selection"]["selected_ssm_entries"] == 2 * (1 * 2 + 2 * 8 * 1)
+    assert log["trainable_parameters"] == _params_trainable(mamba_base, capsys)  # what `longctx params` reports
     loaded = load_adapter(tiny_mamba(), tmp_path / "run" / "adapter")
-    assert loaded.trainable_parameters() > 0
+    assert loaded.trainable_parameters() == log["trainable_parameters"]

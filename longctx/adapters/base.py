@@ -6,7 +6,7 @@ built on. Directories use PEFT's layout (`adapter_config.json` + `adapter_model.
 the config's `longctx` block records method, recipe and base fingerprint (SPEC §4).
 
 dtype policy (bf16/fp16 bases; as PEFT's `autocast_adapter_dtype=True`): an adapter's own weights
-(ssmlora, ssmlora-scan, lora-xs's R and SVD factors, sdlora's A_log/D deltas, PEFT's LoRA) and
+(ssmlora, ssmlora-scan, lora-xs's R and SVD factors, sdlora's A_log and x_proj deltas, PEFT's LoRA) and
 its SSM state are float32 (or the base's dtype if wider). PEFT's LoRA and lora-xs compute their
 branch in float32; ssmlora(-scan) run the two width-sized products (x A, · B) as GEMMs in the
 layer's dtype with float32 accumulation and their rank-r recurrence in float32

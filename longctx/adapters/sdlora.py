@@ -1,31 +1,52 @@
-"""`sdlora`: SDLoRA (Galim et al., 2024, "Parameter-Efficient Fine-Tuning of State Space Models")
-for Mamba bases — LoRA (through PEFT) on the mixer's linear projections plus Selective
-Dimension tuning of the SSM: a short warm-up trains every entry of A_log (D×N) and D (D), then
-the channels with the largest updates, and within each of them the states with the largest
-updates, are selected; only those entries train afterwards, the rest stay the base's.
+"""`sdlora`: SDLoRA / Sparse Dimension Tuning (Galim et al., 2024, "Parameter-Efficient Fine-Tuning
+of State Space Models"; code github.com/furiosa-ai/ssm-peft, `mamba_ssm_peft/peft/sd_lora.py`) for
+Mamba bases, in the reference's configuration (`cfg/peft/sd_lora/500it/n0.75_d0.99.json`):
 
-The SSM parameters are re-expressed as base + delta: each mixer's A_log and D become tensors
-recomputed before every forward from frozen base buffers and trainable `sdlora_delta_*`
-parameters (full-size during warm-up, only the selected entries after `select_dimensions`), so
-an unselected entry cannot move, whatever the optimiser's state. Deltas start at zero: a fresh
-adapter equals its base. The deltas, and A_log / D as recomputed, are float32 on a bf16/fp16
-base (the scan reads them as float32 anyway), so a small update is not lost to rounding.
+- LoRA (r=8, alpha=8, dropout 0.1: `W x + (alpha/r) B A dropout(x)`) on every mixer's out_proj
+  (the recipe's `insertion`), built from PEFT's own LoRA layer class as the reference does;
+- selective dimension tuning of the SSM. A warm-up trains every entry of A_log (D×N) as a delta
+  (and the LoRA); then, per mixer, the 1% of channels with the largest summed squared A_log
+  update, and in each of them the 25% of states with the largest squared update, are selected.
+  Afterwards only these train: A_log at the selected (channel, state) entries, and the selected
+  channels' input columns of x_proj's B and C rows (all N states). D, dt and everything else
+  stay the base's. A = -exp(A_log_base + ΔA) as the scan reads it.
+- the warm-up's updates are discarded: selection resets every trainable tensor (LoRA A/B, the
+  deltas) to its pre-warm-up value, as the reference re-creates the model for the real run.
+
+The SSM deltas are re-expressed as base + delta: A_log is recomputed before every forward from
+a frozen base buffer and `sdlora_delta_A` (full-size during warm-up, the selected entries after
+`select_dimensions`); x_proj gains `x[..., channels] @ [ΔB; ΔC]ᵀ` on its B and C outputs, i.e.
+x_proj's weight plus ΔB/ΔC at the selected columns. An unselected entry cannot move, whatever
+the optimiser's state. Deltas start at zero and LoRA B at zero: a fresh adapter equals its base.
+Deltas and LoRA weights are float32 on a bf16/fp16 base (`adapter_dtype`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
-from longctx.adapters.lora import Lora
+from longctx.adapters.insertion import replace_modules, resolve_points
 from longctx.adapters.state import StateBinding
 from longctx.errors import LongctxError
 
-CHANNEL_FRACTION = 0.25  # of the D channels of each mixer, selected after warm-up
-STATE_FRACTION = 0.25  # of the N states of each selected channel
-WARMUP_STEPS = 10
+# The reference's `num_freeze` (sd_lora.py `_parse_dims`: int(round(fraction * size)) frozen, the
+# rest trained). Its three Mamba configs share channel 0.99 and use state 0.75 / 0.9 / 0.95; the
+# n0.75 one (25% of states) is the default here.
+CHANNEL_FREEZE = 0.99  # of the D channels of each mixer: ~1% train
+STATE_FREEZE = 0.75  # of the N states of each selected channel (A_log only): 25% train
+WARMUP_STEPS = 10  # optimiser steps before selection (the reference: 500, or 250 on RTE; see README)
+ADAPTER_NAME = "default"
+
+
+def n_trained(size: int, freeze: float) -> int:
+    """How many of `size` dimensions train when a fraction `freeze` is frozen (the reference's
+    rounding), at least one (the reference asserts a non-empty selection)."""
+    return max(1, size - int(round(freeze * size)))
 
 
 def _mixers(model: nn.Module) -> list[nn.Module]:
@@ -34,53 +55,106 @@ def _mixers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, MambaMixer)]
 
 
-def _ssm_params(mixer: nn.Module) -> tuple[Tensor, Tensor]:
-    """(A_log, D) of the mixer as they enter the scan: base + delta (full or at the selection)."""
-    dtype = mixer.sdlora_delta_A.dtype  # float32 on a bf16/fp16 base
-    a, d = mixer.sdlora_A_base.to(dtype, copy=True), mixer.sdlora_D_base.to(dtype, copy=True)  # (D, N), (D,)
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora.layer import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _a_log(mixer: nn.Module) -> Tensor:
+    """A_log as it enters the scan: base + delta (everywhere, or at the selected entries). (D, N)"""
+    delta = mixer.sdlora_delta_A
+    a = mixer.sdlora_A_base.to(delta.dtype, copy=True)  # float32 on a bf16/fp16 base
     if hasattr(mixer, "sdlora_channels"):
-        rows = mixer.sdlora_channels[:, None]  # (k_c, 1)
-        a = a.index_put((rows, mixer.sdlora_states), mixer.sdlora_delta_A, accumulate=True)  # (k_c, k_s) entries
-        d = d.index_put((mixer.sdlora_channels,), mixer.sdlora_delta_D, accumulate=True)
-    else:
-        a, d = a + mixer.sdlora_delta_A, d + mixer.sdlora_delta_D
-    return a, d
+        return a.index_put((mixer.sdlora_channels[:, None], mixer.sdlora_states), delta, accumulate=True)
+    return a + delta
 
 
 def _refresh(mixer: nn.Module, args: Any) -> None:
-    mixer.A_log, mixer.D = _ssm_params(mixer)
+    mixer.A_log = _a_log(mixer)
+
+
+def _x_proj_delta(mixer: nn.Module, module: nn.Module, args: Any, out: Tensor) -> Tensor | None:
+    """Forward hook of x_proj: add ΔB/ΔC at the selected input columns, (…, D) -> (…, R + 2N)."""
+    if not hasattr(mixer, "sdlora_channels"):
+        return None  # warm-up: x_proj is the base's
+    delta = torch.cat([mixer.sdlora_delta_B, mixer.sdlora_delta_C])  # (2N, k_c)
+    extra = args[0][..., mixer.sdlora_channels].to(delta.dtype) @ delta.T  # (…, 2N)
+    return (out.to(delta.dtype) + F.pad(extra, (out.shape[-1] - extra.shape[-1], 0))).to(out.dtype)
 
 
 def _install(mixer: nn.Module) -> None:
-    """Swap the mixer's A_log / D parameters for base buffers + zero deltas."""
-    a, d = mixer.A_log.detach().clone(), mixer.D.detach().clone()
-    del mixer._parameters["A_log"], mixer._parameters["D"]
+    """Swap the mixer's A_log parameter for a base buffer + a zero delta; hook x_proj."""
+    a = mixer.A_log.detach().clone()
+    del mixer._parameters["A_log"]
     mixer.register_buffer("sdlora_A_base", a)
-    mixer.register_buffer("sdlora_D_base", d)
-    dtype = adapter_dtype(a.dtype)
-    mixer.sdlora_delta_A = nn.Parameter(torch.zeros_like(a, dtype=dtype))  # (D, N)
-    mixer.sdlora_delta_D = nn.Parameter(torch.zeros_like(d, dtype=dtype))  # (D,)
-    mixer.A_log, mixer.D = a.to(dtype, copy=True), d.to(dtype, copy=True)
+    mixer.sdlora_delta_A = nn.Parameter(torch.zeros_like(a, dtype=adapter_dtype(a.dtype)))  # (D, N)
+    mixer.A_log = _a_log(mixer)
     mixer.register_forward_pre_hook(_refresh)
+    mixer.x_proj.register_forward_hook(functools.partial(_x_proj_delta, mixer))
 
 
-def _select(mixer: nn.Module, channels: Tensor | None = None, states: Tensor | None = None) -> int:
-    """Keep only the selected entries' deltas (chosen by update magnitude unless given)."""
-    full_a, full_d = mixer.sdlora_delta_A.detach(), mixer.sdlora_delta_D.detach()  # (D, N), (D,)
-    if channels is None:
-        k_c = max(1, round(CHANNEL_FRACTION * full_a.shape[0]))
-        k_s = max(1, round(STATE_FRACTION * full_a.shape[1]))
-        score = full_a.abs().sum(1) + full_d.abs()  # (D,)
-        channels = score.topk(k_c).indices.sort().values  # (k_c,)
-        states = full_a[channels].abs().topk(k_s, dim=1).indices.sort(dim=1).values  # (k_c, k_s)
-    mixer.register_buffer("sdlora_channels", channels.to(torch.long))
-    mixer.register_buffer("sdlora_states", states.to(torch.long))
-    mixer.sdlora_delta_A = nn.Parameter(full_a[channels[:, None], states].clone())  # (k_c, k_s)
-    mixer.sdlora_delta_D = nn.Parameter(full_d[channels].clone())  # (k_c,)
-    return states.numel() + channels.numel()
+def _insert_lora(model: nn.Module, recipe: Recipe) -> list[str]:
+    """PEFT's LoRA layer on each insertion point, built directly as the reference builds it
+    (PEFT's injection refuses out_proj on Mamba: see the class docstring)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    points = list(resolve_points(model, recipe.insertion))
+    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
+                        target_modules=sorted({p.rsplit(".", 1)[-1] for p in points}), bias="none")
+
+    def build(name: str, layer: nn.Linear) -> nn.Module:
+        lora = LoraLinear(layer, ADAPTER_NAME, config=config, r=recipe.rank, lora_alpha=recipe.alpha)
+        dtype = adapter_dtype(layer.weight.dtype)
+        for part in (lora.lora_A[ADAPTER_NAME], lora.lora_B[ADAPTER_NAME]):
+            part.to(dtype)  # PEFT casts them to the base's dtype; float32 as PEFT's autocast_adapter_dtype
+        # the pre-warm-up values, restored by `select_dimensions` (buffers: they move with the module)
+        lora.register_buffer("sdlora_initial_A", lora.lora_A[ADAPTER_NAME].weight.detach().clone(), persistent=False)
+        lora.register_buffer("sdlora_initial_B", lora.lora_B[ADAPTER_NAME].weight.detach().clone(), persistent=False)
+        return lora
+
+    replace_modules(model, points, build)
+    return points
+
+
+def _lora_pair(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
+    return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight  # (r, in), (out, r)
+
+
+def _select(mixer: nn.Module, channels: Tensor, states: Tensor) -> None:
+    """Keep only the selected entries trainable, as fresh zero deltas: A_log at (channel, state),
+    x_proj's B and C rows at the selected input columns."""
+    n_state, dtype, device = mixer.sdlora_A_base.shape[1], mixer.sdlora_delta_A.dtype, mixer.sdlora_A_base.device
+    mixer.register_buffer("sdlora_channels", channels.to(device=device, dtype=torch.long))  # (k_c,)
+    mixer.register_buffer("sdlora_states", states.to(device=device, dtype=torch.long))  # (k_c, k_s)
+    mixer.sdlora_delta_A = nn.Parameter(torch.zeros(states.shape, dtype=dtype, device=device))  # (k_c, k_s)
+    mixer.sdlora_delta_B = nn.Parameter(torch.zeros(n_state, len(channels), dtype=dtype, device=device))  # (N, k_c)
+    mixer.sdlora_delta_C = nn.Parameter(torch.zeros(n_state, len(channels), dtype=dtype, device=device))  # (N, k_c)
+
+
+def _choose(mixer: nn.Module, from_updates: bool) -> tuple[Tensor, Tensor]:
+    """(channels (k_c,), states (k_c, k_s)), sorted: by the warm-up's squared A_log update (the
+    reference's `get_importances`: summed over states for channels, per channel for states), or
+    the first k_c / k_s indices (same sizes, no data: for parameter counts)."""
+    n_channel, n_state = mixer.sdlora_A_base.shape
+    k_c, k_s = n_trained(n_channel, CHANNEL_FREEZE), n_trained(n_state, STATE_FREEZE)
+    device = mixer.sdlora_A_base.device
+    if not from_updates:
+        return torch.arange(k_c, device=device), torch.arange(k_s, device=device).repeat(k_c, 1)
+    update = mixer.sdlora_delta_A.detach().float().square()  # (D, N)
+    channels = update.sum(1).topk(k_c).indices.sort().values  # (k_c,)
+    states = update[channels].topk(k_s, dim=1).indices.sort(dim=1).values  # (k_c, k_s)
+    return channels, states
 
 
 class SDLoRA(AdapterMethod):
+    """PEFT's `get_peft_model` refuses LoRA on a Mamba out_proj (peft `tuners_utils.
+    _check_lora_target_modules_mamba`): the fused training kernel reads out_proj's weight directly,
+    bypassing the adapter. Adapted Mambas never take that kernel here (`longctx.mamba`: training
+    runs the unfused path, which calls out_proj), so the reference's placement is kept, building
+    PEFT's LoRA layer directly as the reference's tuner does."""
+
     name = "sdlora"
     families = ("mamba",)
 
@@ -89,34 +163,64 @@ class SDLoRA(AdapterMethod):
         if not mixers:
             raise LongctxError(f"sdlora tunes the SSM of Mamba models; this is a {model.config.model_type!r} "
                                f"model (use lora, lora-xs, ssmlora or ssmlora-scan)")
-        peft_model, points = Lora().apply(model, recipe, binding)
-        for mixer in _mixers(peft_model):
+        points = _insert_lora(model, recipe)
+        names = {m: n for n, m in model.named_modules()}
+        for mixer in mixers:
             _install(mixer)
-        return peft_model, points + [f"{len(mixers)} SSMs (A_log, D): selective dimensions"]
+        ssm = [f"{names[m]}.{part}" for m in mixers for part in ("A_log", "x_proj[B,C]")]
+        return model, points + ssm
 
-    def select_dimensions(self, model: nn.Module) -> dict[str, int]:
-        """After warm-up: keep the largest-update channels/states; returns what was selected."""
-        selected = sum(_select(m) for m in _mixers(model) if not hasattr(m, "sdlora_channels"))
-        total = sum(m.sdlora_A_base.numel() + m.sdlora_D_base.numel() for m in _mixers(model))
-        return {"selected_ssm_entries": selected, "ssm_entries": total}
+    def select_dimensions(self, model: nn.Module, from_updates: bool = True) -> dict[str, int]:
+        """After warm-up: keep the largest-update channels/states, and discard the warm-up's
+        updates (every trainable tensor back to its pre-warm-up value). `from_updates=False`
+        selects the first indices instead (same sizes: what trains, without training)."""
+        fresh = [m for m in _mixers(model) if not hasattr(m, "sdlora_channels")]
+        for mixer in fresh:
+            _select(mixer, *_choose(mixer, from_updates))
+        if fresh:
+            with torch.no_grad():
+                for layer in _lora_layers(model).values():
+                    lora_a, lora_b = _lora_pair(layer)
+                    lora_a.copy_(layer.sdlora_initial_A)
+                    lora_b.copy_(layer.sdlora_initial_B)
+        mixers = _mixers(model)
+        return {"channels": sum(len(m.sdlora_channels) for m in mixers),
+                "selected_ssm_entries": sum(m.sdlora_delta_A.numel() + m.sdlora_delta_B.numel()
+                                            + m.sdlora_delta_C.numel() for m in mixers),
+                "ssm_entries": sum(3 * m.sdlora_A_base.numel() for m in mixers)}  # A_log, x_proj's B and C
 
     def weights(self, model: nn.Module) -> dict[str, Tensor]:
-        out = Lora().weights(model)
+        out = {}
+        for name, layer in _lora_layers(model).items():
+            out[f"lora.{name}.A"], out[f"lora.{name}.B"] = (p.detach() for p in _lora_pair(layer))
         for i, m in enumerate(_mixers(model)):
-            out[f"sdlora.{i}.delta_A"], out[f"sdlora.{i}.delta_D"] = m.sdlora_delta_A.detach(), m.sdlora_delta_D.detach()
+            out[f"sdlora.{i}.delta_A"] = m.sdlora_delta_A.detach()
             if hasattr(m, "sdlora_channels"):
                 out[f"sdlora.{i}.channels"], out[f"sdlora.{i}.states"] = m.sdlora_channels, m.sdlora_states
+                out[f"sdlora.{i}.delta_B"] = m.sdlora_delta_B.detach()
+                out[f"sdlora.{i}.delta_C"] = m.sdlora_delta_C.detach()
         return out
 
     def load_weights(self, model: nn.Module, weights: dict[str, Tensor]) -> None:
+        if any(k.endswith(".delta_D") or not k.startswith(("lora.", "sdlora.")) for k in weights):
+            raise LongctxError("this sdlora adapter was saved in the earlier layout (LoRA on in_proj/x_proj, D tuned); "
+                               "it cannot be loaded into the reference configuration: retrain it")
         for i, m in enumerate(_mixers(model)):
             if f"sdlora.{i}.channels" in weights and not hasattr(m, "sdlora_channels"):
                 _select(m, weights[f"sdlora.{i}.channels"], weights[f"sdlora.{i}.states"])
-        Lora().load_weights(model, {k: v for k, v in weights.items() if not k.startswith("sdlora.")})
+        own = self.weights(model)
+        missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        if missing or unexpected:
+            bad = (missing or unexpected)[0]
+            raise LongctxError(f"adapter weights do not fit the model: {'missing' if missing else 'unexpected'} "
+                               f"tensor {bad!r} ({len(missing)} missing, {len(unexpected)} unexpected)")
+        targets = {**{f"lora.{n}.{k}": p for n, layer in _lora_layers(model).items()
+                      for k, p in zip("AB", _lora_pair(layer))},
+                   **{f"sdlora.{i}.delta_{k}": getattr(m, f"sdlora_delta_{k}") for i, m in enumerate(_mixers(model))
+                      for k in "ABC" if hasattr(m, f"sdlora_delta_{k}")}}
         with torch.no_grad():
-            for i, m in enumerate(_mixers(model)):
-                for name in ("delta_A", "delta_D"):
-                    key, own = f"sdlora.{i}.{name}", getattr(m, f"sdlora_{name}")
-                    if key not in weights or weights[key].shape != own.shape:
-                        raise LongctxError(f"adapter tensor {key!r} is missing or has the wrong shape")
-                    own.copy_(weights[key])
+            for key, own_tensor in targets.items():
+                if weights[key].shape != own_tensor.shape:
+                    raise LongctxError(f"adapter tensor {key!r} has shape {tuple(weights[key].shape)}, "
+                                       f"the model expects {tuple(own_tensor.shape)}")
+                own_tensor.copy_(weights[key])
