@@ -56,7 +56,7 @@ def _mixers(model: nn.Module) -> list[nn.Module]:
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora import LoraLayer  # exported by peft.tuners.lora (its __all__)
 
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
@@ -98,7 +98,7 @@ def _insert_lora(model: nn.Module, recipe: Recipe) -> list[str]:
     """PEFT's LoRA layer on each insertion point, built directly as the reference builds it
     (PEFT's injection refuses out_proj on Mamba: see the class docstring)."""
     from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora import Linear as LoraLinear
 
     points = list(resolve_points(model, recipe.insertion))
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
