@@ -99,7 +99,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from longctx.sweep import load_config, run_sweep
 
     cfg = load_config(args.config)
-    out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet, retry_failed=args.retry_failed)
+    if args.status:
+        from longctx.reports import format_table
+        from longctx.cluster import sweep_status
+
+        print(format_table(sweep_status(cfg, args.out or cfg.out, args.executor)))
+        return
+    out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet, retry_failed=args.retry_failed,
+                    executor=args.executor)
     print(f"results: {out / 'results.jsonl'} and {out / 'results.csv'}")
 
 
@@ -168,6 +175,11 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--quiet", action="store_true")
     w.add_argument("--retry-failed", action="store_true",
                    help="rerun cells recorded as error, oom or timeout (else they are kept as recorded)")
+    w.add_argument("--executor", default=None,
+                   help="where cell groups run: local (default), slurm (submitit job array), ray; "
+                        "overrides the config's executor.kind")
+    w.add_argument("--status", action="store_true",
+                   help="print cells done / running / queued / failed per method and task, and exit")
     w.set_defaults(run=cmd_sweep)
     p = sub.add_parser("plot", help="figures and effective-length table from a results directory")
     p.add_argument("results", help="directory holding results.jsonl or results.csv")

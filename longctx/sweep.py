@@ -62,6 +62,7 @@ class SweepConfig:
     truncation: str = "refuse"
     cell_timeout_s: float | None = None  # each cell's evaluation (the first one's includes loading the model)
     train_timeout_s: float | None = None  # training one adapter
+    executor: dict[str, Any] = field(default_factory=dict)  # where groups run (`executors.ExecutorConfig`)
     out: str = "runs/sweep"
 
 
@@ -129,6 +130,9 @@ def _check_settings(cfg: SweepConfig) -> None:
             raise choice_error(key, value, [c for c in choices if c is not None])
     if cfg.depths is not None:
         cfg.depths = _check_depths(cfg.depths)
+    from longctx.executors import parse_executor
+
+    parse_executor(cfg.executor)  # unknown keys and bad values: one line
     for key in ("learning_rate", "cell_timeout_s", "train_timeout_s"):
         value = getattr(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
@@ -281,7 +285,7 @@ def plan(cfg: SweepConfig, base_id: str) -> list[tuple[tuple, list[dict[str, Any
     return out
 
 
-def _job(cfg: SweepConfig, group: tuple, cells: list[dict[str, Any]], out: Path, base_id: str,
+def group_job(cfg: SweepConfig, group: tuple, cells: list[dict[str, Any]], out: Path, base_id: str,
          log: Path) -> dict[str, Any]:
     seed, method, task, chunk, train_chunk = group
     train = training_settings(cfg, method, task, seed, train_chunk)
@@ -289,7 +293,8 @@ def _job(cfg: SweepConfig, group: tuple, cells: list[dict[str, Any]], out: Path,
     if train:
         train["out"] = str(adapter.parent)
     return {"config": asdict(cfg), "method": method, "task": task, "seed": seed, "chunk_size": chunk,
-            "train_chunk_size": train_chunk, "cells": cells, "train": train, "adapter": str(adapter) if adapter else None, "out": str(out),
+            "train_chunk_size": train_chunk, "cells": cells,
+            "limits": {"cell": cfg.cell_timeout_s, "train": cfg.train_timeout_s}, "train": train, "adapter": str(adapter) if adapter else None, "out": str(out),
             "tasks_dir": str(task_dir()), "git_commit": git_commit(), "log": str(log)}
 
 
@@ -348,28 +353,49 @@ def _current_table(cfg: SweepConfig, out: Path, current: set[str], retry_failed:
     return {row_id(r) for r in read_rows(results)}
 
 
-def run_sweep(cfg: SweepConfig, out: Path, progress: bool = True, retry_failed: bool = False) -> Path:
-    """Run every cell without a current row; returns the results directory."""
-    from tqdm import tqdm
+def run_sweep(cfg: SweepConfig, out: Path, progress: bool = True, retry_failed: bool = False,
+              executor: str | None = None) -> Path:
+    """Run every cell without a current row; returns the results directory. `executor` (else the
+    config's `executor.kind`, else `local`): where the cell groups run (`longctx.executors`)."""
+    from longctx.executors import parse_executor
 
-    from longctx.sweep_cell import run_group
-
-    out = Path(out)
+    engine = parse_executor(cfg.executor, executor)
+    out = Path(out) if engine.kind == "local" else Path(out).resolve()  # workers elsewhere need whole paths
     _check_output(out)
     with _lock(out):
         base_id = base_identity(cfg.base)
         groups = plan(cfg, base_id)
         done = _current_table(cfg, out, {c["cell_id"] for _, cells in groups for c in cells}, retry_failed)
-        bar = tqdm(total=sum(len(cells) for _, cells in groups), desc="sweep cells", disable=not progress,
-                   initial=sum(c["cell_id"] in done for _, cells in groups for c in cells))
-        for group, cells in groups:
-            missing = [c for c in cells if c["cell_id"] not in done]
-            if missing:
-                bar.set_postfix_str(f"{group[1]} {group[2]}" + ("" if group[3] else " unchunked")
-                                    + (f" trained chunk {group[4]}" if group[4] else ""))
-                run_group(_job(cfg, group, missing, out, base_id, log_path(out, group, cells)),
-                          cfg.cell_timeout_s, cfg.train_timeout_s)
-                bar.update(len(missing))
-        bar.close()
+        if engine.kind == "local":
+            _run_locally(cfg, out, base_id, groups, done, progress)
+        else:
+            from longctx.cluster import dispatch, group_tag
+
+            jobs = {}
+            for group, cells in groups:
+                missing = [c for c in cells if c["cell_id"] not in done]
+                if missing:
+                    job = group_job(cfg, group, missing, out, base_id, log_path(out, group, cells))
+                    jobs[group_tag(Path(job["log"]))] = job
+            dispatch(jobs, engine, out, progress)
         write_csv(out / "results.jsonl", out / "results.csv")
     return out
+
+
+def _run_locally(cfg: SweepConfig, out: Path, base_id: str, groups: list, done: set[str], progress: bool) -> None:
+    from tqdm import tqdm
+
+    from longctx.sweep_cell import run_group
+
+    bar = tqdm(total=sum(len(cells) for _, cells in groups), desc="sweep cells", disable=not progress,
+               initial=sum(c["cell_id"] in done for _, cells in groups for c in cells))
+    for group, cells in groups:
+        missing = [c for c in cells if c["cell_id"] not in done]
+        if missing:
+            bar.set_postfix_str(f"{group[1]} {group[2]}" + ("" if group[3] else " unchunked")
+                                + (f" trained chunk {group[4]}" if group[4] else ""))
+            run_group(group_job(cfg, group, missing, out, base_id, log_path(out, group, cells)),
+                      cfg.cell_timeout_s, cfg.train_timeout_s)
+            bar.update(len(missing))
+    bar.close()
+

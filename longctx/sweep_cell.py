@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -258,7 +259,8 @@ def _failure_values(outcome: Outcome, limits: dict[str, float | None]) -> dict[s
 def run_group(job: dict[str, Any], cell_timeout_s: float | None = None, train_timeout_s: float | None = None) -> None:
     """The driver's side of one job: run children until every cell has a row; a child that times
     out or dies is recorded against the cell in flight (or every cell left, outside a length) and a
-    fresh child takes the rest."""
+    fresh child takes the rest. A child ended by SIGTERM was cancelled from outside (`scancel`,
+    preemption): its cells are left without rows, for the next run or resubmission to do."""
     results, log = Path(job["out"]) / "results.jsonl", Path(job["log"])
     log.parent.mkdir(parents=True, exist_ok=True)
     limits = {"cell": cell_timeout_s, "train": train_timeout_s}
@@ -270,6 +272,10 @@ def run_group(job: dict[str, Any], cell_timeout_s: float | None = None, train_ti
         done = {row_id(r) for r in read_rows(results)}
         cells = [c for c in cells if c["cell_id"] not in done]
         if not cells:
+            return
+        if outcome.returncode == -signal.SIGTERM and not outcome.timed_out:  # scancel, preemption, kill
+            with open(log, "a") as sink:
+                sink.write(f"==== cancelled (SIGTERM): {len(cells)} cell(s) left without a row, for a rerun\n")
             return
         blamed = _blamed(outcome, cells)
         values = _failure_values(outcome, limits)
