@@ -28,10 +28,12 @@ DEMO = SweepConfig(
 DEMO_MAMBA = dataclasses.replace(DEMO, base="longctx-tiny-mamba", methods=["base", "sdlora"], tasks=["passkey"],
                                  lengths=[128, 256, 512, 1024], train_length=128, train_steps=40,
                                  chunk_size=128, out="runs/demo/mamba")
-# `--quick` (a check that everything runs, not a measurement): one task, 2 samples, 10 steps, no
-# unchunked memory baseline, in its own directory, so its cells never enter the full demo's table.
-QUICK = dataclasses.replace(DEMO, tasks=["passkey"], train_steps=10, batch_size=4, num_samples=2,
-                            lengths=[256, 512], unchunked_methods=[], out="runs/demo-quick")
+# `--quick` (a check that everything runs, not a measurement): the base, LoRA and both SSMLoRAs on
+# one task, 2 samples, 10 steps, no unchunked memory baseline, in its own directory, so its cells
+# never enter the full demo's table.
+QUICK = dataclasses.replace(DEMO, methods=["base", "lora", "ssmlora", "ssmlora-scan"], tasks=["passkey"],
+                            train_steps=10, batch_size=4, num_samples=2, lengths=[256, 512], unchunked_methods=[],
+                            out="runs/demo-quick")
 QUICK_MAMBA = dataclasses.replace(DEMO_MAMBA, train_steps=10, batch_size=4, num_samples=2, lengths=[128, 256],
                                   unchunked_methods=[], out="runs/demo-quick/mamba")
 

@@ -10,11 +10,14 @@ failures) goes through the shared results directory. `submitit` and `ray` are op
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from longctx.errors import LongctxError, choice_error
 
@@ -28,7 +31,7 @@ class ExecutorConfig:
 
     kind: str = "local"
     partition: str | None = None  # Slurm partition (None: the cluster's default)
-    gpus_per_cell: float = 0  # GPUs per cell group; below 1 (Ray) or with cells_per_gpu (Slurm) groups share
+    gpus_per_cell: float = 1  # GPUs per cell group (0: CPU only); below 1 (Ray) or cells_per_gpu > 1 share one
     cells_per_gpu: int = 1  # Slurm: cell groups run side by side in one task holding one GPU
     cpus_per_cell: int = 1
     mem_gb: float | None = None
@@ -75,6 +78,21 @@ def require(module: str, executor: str) -> None:
         raise LongctxError(f"--executor {executor} needs the {module!r} package: {EXTRA}")
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Send this process's file descriptor 2 (what child processes such as sbatch write to) to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 class SlurmEngine:
     """A Slurm job array per submission (submitit's `map_array`); job ids `ARRAY_TASK`."""
 
@@ -101,7 +119,13 @@ class SlurmEngine:
         self.executor.update_parameters(**params)
 
     def submit(self, work: Callable[[list[str]], None], bundles: list[list[str]]) -> list[str]:
-        jobs = self.executor.map_array(work, bundles)
+        try:
+            with _stderr_to(self.folder / "sbatch.stderr"):  # sbatch's own complaint goes into our one line
+                jobs = self.executor.map_array(work, bundles)
+        except Exception as err:  # sbatch refused (bad partition, no GPUs there, ...): its own words
+            text = " ".join(str(err).split())[:400]
+            raise LongctxError(f"Slurm refused the job array: {text} (executor: partition, gpus_per_cell — 0 on "
+                               f"CPU-only partitions —, mem_gb, time_limit_min)") from None
         return [job.job_id for job in jobs]
 
     def alive(self, job_ids: list[str]) -> dict[str, str]:

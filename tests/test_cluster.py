@@ -167,7 +167,7 @@ def slurm(tmp_path_factory):
 
 
 def test_slurm_sweep_survives_scancel_and_a_killed_driver(slurm, local_table, tmp_path):
-    config, out = _config(tmp_path / "sweep.yaml", kind="slurm"), tmp_path / "out"
+    config, out = _config(tmp_path / "sweep.yaml", kind="slurm", gpus_per_cell=0), tmp_path / "out"
     driver = _sweep(config, out, env=slurm, background=True)
     _wait_for(lambda: _log_says(out, "lora", "begin train"), 180, "the lora task to start training")
     lora = next(s["job"] for tag, s in _state(out).items() if tag.startswith("lora-"))
@@ -184,6 +184,14 @@ def test_slurm_sweep_survives_scancel_and_a_killed_driver(slurm, local_table, tm
     assert {tag.split("-")[0]: s["attempts"] for tag, s in state.items()} == {"base": 1, "lora": 2}
     again = _sweep(config, out, env=slurm)  # nothing left: no new job
     assert again.returncode == 0 and _state(out) == state
+
+
+def test_slurm_refusing_the_array_is_one_line(slurm, tmp_path):
+    """The default asks one GPU per cell group; this node has none: sbatch's refusal, in one line."""
+    done = _sweep(_config(tmp_path / "sweep.yaml", kind="slurm"), tmp_path / "out", env=slurm)
+    assert done.returncode == 2 and "Slurm refused the job array" in done.stderr and "gpus_per_cell" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "results.jsonl").exists() or not (tmp_path / "out" / "results.jsonl").read_text()
 
 
 # ---- Ray --------------------------------------------------------------------------------------
@@ -203,7 +211,7 @@ def _worker_of(method: str) -> int | None:
 
 def test_ray_sweep_survives_a_worker_killed_mid_cell(local_table, tmp_path):
     pytest.importorskip("ray", reason="the Ray executor needs `pip install longctx[cluster]`")
-    config, out = _config(tmp_path / "sweep.yaml", kind="ray", ray_num_cpus=2), tmp_path / "out"
+    config, out = _config(tmp_path / "sweep.yaml", kind="ray", ray_num_cpus=2, gpus_per_cell=0), tmp_path / "out"
     driver = _sweep(config, out, background=True)
     _wait_for(lambda: _log_says(out, "lora", "begin length=256") and _worker_of("lora"), 180,
               "the lora task to evaluate its first cell")
