@@ -99,3 +99,38 @@ def tokenizers(char_tokenizer_dir):
 
     return {"bpe": AutoTokenizer.from_pretrained(default_base_path()),
             "char": AutoTokenizer.from_pretrained(char_tokenizer_dir)}
+
+
+# The small sweep both the local and the cluster executors are tested on: 2 methods x 2 lengths.
+SWEEP_SMOKE = {"methods": ["base", "lora"], "tasks": ["passkey"], "lengths": [256, 320], "train_length": 256,
+               "train_steps": 2, "batch_size": 2, "num_samples": 1, "chunk_size": 128}
+
+
+@pytest.fixture(scope="session")
+def sigkilled_local_sweep(tmp_path_factory):
+    """`SWEEP_SMOKE` run locally, SIGKILLed (with its child) at four moments and finished by a last
+    run: the results directory. `test_sweep` checks it as a crash test; `test_cluster` uses its
+    table as the local run's (the sweep is deterministic, so it must equal an uninterrupted run's)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    config = tmp / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**SWEEP_SMOKE, "out": str(tmp / "out")}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "longctx.cli", "sweep", str(config), "--quiet"]
+    root = Path(__file__).resolve().parent.parent
+    for delay in (2.0, 6.0, 10.0, 14.0):
+        proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its child evaluation, mid-flight
+        proc.wait()
+    final = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-2000:]
+    return {"config": config, "out": tmp / "out"}

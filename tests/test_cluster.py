@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import SWEEP_SMOKE
 from longctx.errors import LongctxError
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = {"methods": ["base", "lora"], "tasks": ["passkey"], "lengths": [256, 320], "train_length": 256,
-         "train_steps": 2, "batch_size": 2, "num_samples": 1, "chunk_size": 128}
+SMALL = SWEEP_SMOKE
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 pytestmark = pytest.mark.slow
 
@@ -48,11 +48,10 @@ def _table(out: Path) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def local_table(tmp_path_factory) -> dict[str, tuple]:
-    tmp = tmp_path_factory.mktemp("local")
-    done = _sweep(_config(tmp / "sweep.yaml"), tmp / "out")
-    assert done.returncode == 0, done.stderr[-2000:]
-    return _table(tmp / "out")
+def local_table(sigkilled_local_sweep) -> dict[str, tuple]:
+    """The same config's table from the local executor (a run SIGKILLed and finished, shared with
+    `test_sweep`; deterministic, so equal to an uninterrupted run's)."""
+    return _table(sigkilled_local_sweep["out"])
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import SWEEP_SMOKE
 from longctx.errors import LongctxError
 from longctx.results import COLUMNS, cell_key, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 LONGCTX = [sys.executable, "-m", "longctx.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-SMOKE = {"methods": ["base", "lora"], "tasks": ["passkey"], "lengths": [256, 320], "train_length": 256,
-         "train_steps": 2, "batch_size": 2, "num_samples": 1, "chunk_size": 128}
+SMOKE = SWEEP_SMOKE
 
 
 def _config(tmp_path: Path, **changes) -> Path:
@@ -91,17 +89,9 @@ def _complete(out: Path, expected: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sweep_survives_sigkill_at_several_points(tmp_path):
-    config = _config(tmp_path)
-    out = tmp_path / "out"
-    for delay in (2.0, 6.0, 10.0, 14.0):
-        proc = subprocess.Popen([*LONGCTX, "sweep", str(config), "--quiet"], env=ENV, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its child evaluation, mid-flight
-        proc.wait()
-    final = _longctx("sweep", str(config), "--quiet")
-    assert final.returncode == 0, final.stderr[-2000:]
+def test_sweep_survives_sigkill_at_several_points(sigkilled_local_sweep):
+    """The sweep SIGKILLed four times mid-flight, then finished (`conftest.sigkilled_local_sweep`)."""
+    config, out = sigkilled_local_sweep["config"], sigkilled_local_sweep["out"]
     rows = _complete(out, expected=4)
     assert {cell_key(r)[:3] for r in rows} == {(m, "passkey", n) for m in ("base", "lora") for n in (256, 320)}
     assert all(r["status"] == "ok" for r in rows)
