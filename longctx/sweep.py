@@ -8,9 +8,10 @@ truncation, dtype). A rerun evaluates exactly the cells whose id has no row, mov
 the config no longer has to `results.archive.jsonl`, and repeats nothing else; `retry_failed`
 also reruns error/oom/timeout cells.
 
-Per (seed, method, task, chunk size, training chunk size) one child process (`longctx.sweep_cell`) trains the adapter
-unless cached — under `OUT/adapters/<method>-<task>-<adapter_key>`, keyed by the training
-settings — then evaluates its missing cells, appending a row per cell. Its whole output is kept
+Per (seed, method, task, chunk size, training chunk size) a child process (`longctx.sweep_cell`)
+trains the adapter unless cached — under `OUT/adapters/<method>-<task>-<adapter_key>`, keyed by
+the training settings — and a fresh one (whose memory figures training cannot inflate) evaluates
+its missing cells, appending a row per cell. Its whole output is kept
 in `OUT/logs/` and named in the rows. The driver enforces `cell_timeout_s` (each cell) and
 `train_timeout_s` (training) by killing the child, and records a child that dies (out of memory
 included) against the cell in flight; the other cells still run. One sweep per directory at a

@@ -1,10 +1,11 @@
 """Child process of `longctx sweep`: for one (method, task, seed, chunk size) it trains the adapter
-if it is not cached yet, then evaluates the given cells (lengths) through lm-eval in increasing
-order, appending one results row per cell as soon as it is measured.
+if it is not cached yet — and exits, so that a fresh child measures the evaluation's memory —
+or evaluates the given cells (lengths) through lm-eval in increasing order, appending one
+results row per cell as soon as it is measured.
 
 `python -m longctx.sweep_cell JOB.json` (the sweep writes the job next to the log). Its stdout
 and stderr are the cell log (warnings and logging on); before each phase it prints a marker line
-(`longctx-sweep-cell: begin train|load|length=L`) by which the driver enforces time limits and
+(`longctx-sweep-cell: begin train|trained|load|length=L`) by which the driver enforces time limits and
 knows which cell was in flight. A cell that fails is recorded as `error`, or `oom` for
 out-of-memory (CUDA or CPU), and the next cell still runs; a failed training records every cell.
 """
@@ -112,7 +113,8 @@ def train(job: dict[str, Any]) -> None:
 
 def run(job: dict[str, Any], evaluate: Callable[..., dict[str, Any]] = evaluate_length,
         load: Callable[[dict[str, Any]], Any] = load_lm, trainer: Callable[[dict[str, Any]], None] = train) -> None:
-    """Train if needed, then evaluate every cell of the job, one row each."""
+    """Train if needed (and stop there: the next child evaluates), else evaluate every cell of
+    the job, one row each."""
     results = Path(job["out"]) / "results.jsonl"
     if job.get("train") and not (Path(job["adapter"]) / "adapter_config.json").is_file():
         phase("train")
@@ -123,6 +125,10 @@ def run(job: dict[str, Any], evaluate: Callable[..., dict[str, Any]] = evaluate_
             for cell in job["cells"]:
                 append_row(results, make_row(job, cell, **values))
             return
+        # A fresh child evaluates: on CPU this process's resident memory still holds what training
+        # used (freed to the allocator, not the OS), which would inflate every request's peak.
+        phase("trained")
+        return
     phase("load")
     lm = load(job)
     params = {"trainable_parameters": lm.description["trainable_parameters"],
@@ -269,6 +275,8 @@ def run_group(job: dict[str, Any], cell_timeout_s: float | None = None, train_ti
         job_file = log.with_suffix(".job.json")
         atomic_write_text(job_file, json.dumps({**job, "cells": cells}, indent=1, default=str) + "\n")
         outcome = supervise(job_file, log, limits)
+        if outcome.phase == "trained" and outcome.returncode == 0 and not outcome.timed_out:
+            continue  # the adapter is saved; the next child loads it and evaluates
         done = {row_id(r) for r in read_rows(results)}
         cells = [c for c in cells if c["cell_id"] not in done]
         if not cells:

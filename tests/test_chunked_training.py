@@ -9,8 +9,6 @@ chunks (the defect of issue 12); a chunked run resumes from its checkpoint to th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,6 @@ from longctx.adapters import wrap
 from longctx.chunked_training import chunked_training_loss, next_token_targets
 from tests.conftest import VOCAB, perturb, tiny_llama
 
-ROOT = Path(__file__).resolve().parent.parent
 EXACT = [("llama", m) for m in ("dense", "lora", "lora-xs", "ssmlora-scan")] + \
         [("mamba", m) for m in ("lora", "sdlora", "ssmlora-scan")]
 
@@ -135,12 +132,6 @@ def test_no_repeated_cache_in_the_differentiable_attention(monkeypatch):
     assert max(repeated, default=0) <= 16  # at most one chunk's own K/V, never the cache's
 
 
-def _train(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "longctx.cli", "train", "--task", "passkey", "--train-length", "96",
-                           "--batch-size", "2", "--out", str(tmp_path / name), "--quiet", *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-
-
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -203,8 +194,12 @@ def test_chunked_training_resumes_mid_run_to_the_same_weights(tmp_path, monkeypa
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_cli_refuses_a_bad_chunk_size_in_one_line(tmp_path):
-    done = _train(tmp_path, "bad", "--method", "lora", "--chunk-size", "0")
-    assert done.returncode == 2 and "chunk_size" in done.stderr and "0" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+def test_cli_refuses_a_bad_chunk_size_in_one_line(tmp_path, capsys):
+    from longctx.cli import main
+
+    code = main(["train", "--method", "lora", "--task", "passkey", "--train-length", "96",
+                 "--out", str(tmp_path / "bad"), "--quiet", "--chunk-size", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "chunk_size" in err and "0" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "bad").exists()

@@ -17,6 +17,32 @@ def longctx(*args, cwd=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.fixture
+def longctx_here(capsys, monkeypatch):
+    """`longctx ARGS` through `longctx.cli.main` in this process (what the console script calls;
+    no interpreter start-up per call): (exit status, stdout, stderr). An exception that escapes
+    `main` fails the test, as a traceback would fail `assert_one_line_error`."""
+    from transformers.utils import logging as hf_logging
+
+    from longctx import cli
+
+    # main() turns transformers' progress bars off through the environment, which transformers read
+    # when this process imported it: turn them off here too, for this test only.
+    monkeypatch.setattr(hf_logging, "_tqdm_active", False)
+    for key in ("TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS",
+                "TRANSFORMERS_VERBOSITY"):  # main() sets these: keep them to this test
+        monkeypatch.setenv(key, os.environ.get(key, "1" if key.endswith("OFFLINE") else "error"))
+
+    def run(*args):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run
+
+
 def assert_one_line_error(code, err, *fragments):
     assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -53,24 +79,30 @@ def test_forward_runs_every_method_chunked_and_matches_unchunked(tiny_base_dir):
     (["pretrain", "--out", "x", "--arch", "rwkv"], ["rwkv", "llama"]),
     (["frobnicate"], ["invalid choice: 'frobnicate'"]),
 ])
-def test_bad_input_is_one_line_exit_2(args, fragments, tiny_base_dir):
+def test_bad_input_is_one_line_exit_2(args, fragments, tiny_base_dir, longctx_here):
     args = [*args, "--base", str(tiny_base_dir)] if args[0] == "forward" else args
-    code, _, err = longctx(*args)
+    code, _, err = longctx_here(*args)
     assert_one_line_error(code, err, *fragments)
 
 
-def test_missing_corrupt_or_foreign_adapter_directory(tiny_base_dir, tmp_path):
+def test_bad_input_from_the_real_command_is_one_line_exit_2():
+    """The same through the interpreter (`python -m longctx.cli`): nothing but the one line."""
+    code, _, err = longctx("forward", "--method", "lorax")
+    assert_one_line_error(code, err, "unknown method 'lorax'", "valid choices: base, dense, lora")
+
+
+def test_missing_corrupt_or_foreign_adapter_directory(tiny_base_dir, tmp_path, longctx_here):
     base = ["forward", "--base", str(tiny_base_dir), "--length", "200", "--adapter"]
-    assert_one_line_error(*longctx(*base, str(tmp_path / "none"))[::2], "does not exist")
+    assert_one_line_error(*longctx_here(*base, str(tmp_path / "none"))[::2], "does not exist")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter_config.json").write_text("{")
-    assert_one_line_error(*longctx(*base, str(tmp_path / "bad"))[::2], "corrupt")
+    assert_one_line_error(*longctx_here(*base, str(tmp_path / "bad"))[::2], "corrupt")
     wrap(tiny_llama(seed=5), "ssmlora").save(tmp_path / "foreign")
-    assert_one_line_error(*longctx(*base, str(tmp_path / "foreign"))[::2], "fingerprint")
+    assert_one_line_error(*longctx_here(*base, str(tmp_path / "foreign"))[::2], "fingerprint")
 
 
-def test_length_beyond_the_position_limit(tiny_base_dir):
-    code, _, err = longctx("forward", "--base", str(tiny_base_dir), "--length", "4096")
+def test_length_beyond_the_position_limit(tiny_base_dir, longctx_here):
+    code, _, err = longctx_here("forward", "--base", str(tiny_base_dir), "--length", "4096")
     assert_one_line_error(code, err, "position limit of 512", "rope_scaling")
 
 
