@@ -60,9 +60,9 @@ class ExecutorConfig:
 
 def parse_executor(values: Any, kind: str | None = None) -> ExecutorConfig:
     """The executor block (a mapping, or None), with `kind` (the command line's) taking precedence."""
-    values = dict(values or {})
-    if not isinstance(values, dict):
+    if values is not None and not isinstance(values, dict):
         raise LongctxError(f"executor must be a mapping, got {values!r}")
+    values = dict(values or {})
     known = {f.name for f in dataclasses.fields(ExecutorConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -235,5 +235,7 @@ def test_missing_extra_and_bad_executor_settings_are_one_line(tmp_path, monkeypa
         parse_executor({"kind": "slurm", "gpus_per_cell": 0.5})
     with pytest.raises(LongctxError, match="unknown key 'partitions' in executor"):
         parse_executor({"partitions": "gpu"})
+    with pytest.raises(LongctxError, match="executor must be a mapping"):
+        parse_executor(["slurm"])
     bad = _sweep(_config(tmp_path / "s.yaml", kind="pbs"), tmp_path / "out")
     assert bad.returncode == 2 and "pbs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
