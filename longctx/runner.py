@@ -59,7 +59,7 @@ def new_cache(model: nn.Module, capacity: int) -> Any:
 
 def forward_chunk(model: nn.Module, ids: Tensor, mask: Tensor | None, positions: Tensor, cache: Any, keep: Any,
                   family: str | None = None) -> Any:
-    """One forward of a chunk (B, C) after `cache`; `mask` covers every token so far (B, N), or is
+    """One forward of a chunk (B, C) after `cache`, which every layer fills in place; `mask` covers every token so far (B, N), or is
     None when nothing is padded (no mask to build or inspect: no host-device sync per chunk).
     `family`: the model's (`models.model_family`), given when `model` is a wrapper without a config
     (DDP under `accelerate launch`). Evaluation and chunked training both run chunks through here."""
@@ -67,14 +67,10 @@ def forward_chunk(model: nn.Module, ids: Tensor, mask: Tensor | None, positions:
         from longctx.mamba import cache_keyword
 
         chunk_mask = None if mask is None else mask[:, -ids.shape[1]:]
-        out = model(input_ids=ids, attention_mask=chunk_mask, use_cache=True, logits_to_keep=keep,
-                    **{cache_keyword(): cache})
-        out.past_key_values = cache  # filled in place by every layer
-        return out
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
-                **{_llama_cache_keyword(): cache})
-    out.past_key_values = cache  # filled in place (the output's name for it varies across versions)
-    return out
+        return model(input_ids=ids, attention_mask=chunk_mask, use_cache=True, logits_to_keep=keep,
+                     **{cache_keyword(): cache})
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
+                 **{_llama_cache_keyword(): cache})
 
 
 @functools.cache
@@ -135,7 +131,7 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
         with _bind(adapted, state), torch.no_grad():
             out = forward_chunk(model, input_ids[:, start:end], None if mask is None else mask[:, :end],
                         positions[:, start:end], cache, local)
-        cache, n_chunks = out.past_key_values, n_chunks + 1
+        n_chunks += 1  # `cache` was filled in place by every layer (whatever the output calls it)
         if local.numel():
             kept.append(out.logits.float())  # (B, K_chunk, V)
     logits = torch.cat(kept, dim=1) if kept else torch.empty(input_ids.shape[0], 0, 0)
@@ -189,5 +185,5 @@ def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_ne
             state.reset()
         with _bind(adapted, state), torch.no_grad():
             step = forward_chunk(model, token[:, None], mask, position, cache, 1)
-        cache, token = step.past_key_values, step.logits[:, -1].argmax(-1)
+        token = step.logits[:, -1].argmax(-1)  # `cache` filled in place
     return torch.stack(new, dim=1)  # (B, T_new)
