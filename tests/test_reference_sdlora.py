@@ -155,7 +155,7 @@ def test_after_selection_only_the_selected_entries_move():
     before = _effective(adapted)
     _steps(adapted, 3, seed=10)
     after = _effective(adapted)
-    rank, n = adapted.config.time_step_rank, adapted.config.state_size
+    rank = adapted.config.time_step_rank
     for (a0, x0, d0), (a1, x1, d1), m in zip(before, after, _mixers(adapted.model)):
         chosen = torch.zeros_like(a0, dtype=torch.bool)
         chosen[m.sdlora_channels[:, None], m.sdlora_states] = True
