@@ -71,42 +71,63 @@ def _efficient(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | Non
 KERNELS: dict[str, Kernel] = {"cudnn": _cudnn, "flash": _flash, "efficient": _efficient, "cpu_flash": _cpu_flash}
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> tuple[Tensor, Tensor]:
-    """Plain float64 attention (top-left causal, as the kernels): (out, lse (B, H, C)). For checks only."""
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None,
+                        bottom_right: bool = False) -> tuple[Tensor, Tensor]:
+    """Plain float64 attention: (out, lse (B, H, C)). For checks only. Causal is top-left (as the
+    kernels' documented convention) unless `bottom_right` (query i sees keys up to N - C + i);
+    K/V with fewer heads (B, H_kv, N, d) serve groups of H / H_kv consecutive query heads."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q.double() @ k.double().transpose(-1, -2)) * scale  # (B, H, C, N)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)  # (B, H, N, d)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale  # (B, H, C, N)
     if causal:
         c, n = scores.shape[-2:]
-        scores = scores.masked_fill(~torch.ones(c, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        allowed = torch.ones(c, n, dtype=torch.bool, device=q.device).tril(n - c if bottom_right else 0)
+        scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, C)
-    return (scores - lse[..., None]).exp() @ v.double(), lse
+    return (scores - lse[..., None]).exp() @ v, lse
 
 
 def _probe_inputs(device: torch.device, dtype: torch.dtype, head_dim: int, q_len: int,
-                  k_len: int) -> tuple[Tensor, Tensor, Tensor]:
+                  k_len: int, heads: int = 2, kv_heads: int = 2) -> tuple[Tensor, Tensor, Tensor]:
     """Random q/k/v laid out as the model hands them over: the query a transposed view, keys and
     values a prefix of a larger cache buffer."""
     gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(1, q_len, 2, head_dim, device=device, generator=gen).to(dtype).transpose(1, 2)  # (1, 2, C, d)
-    buf = torch.randn(2, 1, 2, k_len + 16, head_dim, device=device, generator=gen).to(dtype)
-    return q, buf[0, :, :, :k_len], buf[1, :, :, :k_len]  # (1, 2, N, d) views
+    q = torch.randn(1, q_len, heads, head_dim, device=device, generator=gen).to(dtype).transpose(1, 2)  # (1, H, C, d)
+    buf = torch.randn(2, 1, kv_heads, k_len + 16, head_dim, device=device, generator=gen).to(dtype)
+    return q, buf[0, :, :, :k_len], buf[1, :, :, :k_len]  # (1, H_kv, N, d) views
+
+
+def _matches(name: str, dtype: torch.dtype, q: Tensor, k: Tensor, v: Tensor, causal: bool,
+             bottom_right: bool = False) -> bool:
+    """Kernel `name`'s output and log-sum-exp equal the float64 reference's (False if it refuses)."""
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    try:
+        out, lse = KERNELS[name](q, k, v, causal, None)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    ref_out, ref_lse = reference_attention(q, k, v, causal, None, bottom_right)
+    return (out.shape == ref_out.shape and torch.allclose(out.double(), ref_out, atol=tol, rtol=0)
+            and torch.allclose(lse.double(), ref_lse, atol=tol, rtol=0))
 
 
 def _agrees(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Does kernel `name` run here and match the float64 reference, causal (C = N) and unmasked
     (C != N), on strided inputs like the model's?"""
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    try:
-        for causal, q_len, k_len in ((True, 80, 80), (False, 48, 112)):
-            q, k, v = _probe_inputs(device, dtype, head_dim, q_len, k_len)
-            out, lse = KERNELS[name](q, k, v, causal, None)
-            ref_out, ref_lse = reference_attention(q, k, v, causal, None)
-            if not (torch.allclose(out.double(), ref_out, atol=tol, rtol=0)
-                    and torch.allclose(lse.double(), ref_lse, atol=tol, rtol=0)):
-                return False
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    return True
+    return all(_matches(name, dtype, *_probe_inputs(device, dtype, head_dim, q_len, k_len), causal)
+               for causal, q_len, k_len in ((True, 80, 80), (False, 48, 112)))
+
+
+@functools.lru_cache(maxsize=None)
+def one_call_capable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, grouped: bool) -> bool:
+    """Does kernel `name`, asked for causal attention of C queries over N > C keys, align the mask
+    bottom-right (query i sees keys up to N - C + i, as flash-attn does) exactly — and, if
+    `grouped`, take fewer KV heads than query heads without their being repeated? Then a chunk over
+    its cache is one call. Probed once against the float64 reference; the CUDA kernels' documented
+    convention is top-left, so only a kernel observed to do this is trusted with it."""
+    heads, kv_heads = (4, 2) if grouped else (2, 2)
+    return _agrees(name, device, dtype, head_dim) and _matches(
+        name, dtype, *_probe_inputs(device, dtype, head_dim, 48, 112, heads, kv_heads), True, bottom_right=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,15 +159,32 @@ def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, causal: bool, 
     over to the next exact one."""
     if kernel is not None:
         return KERNELS[kernel](query, key, value, causal, scale)
-    candidates = working_kernels(query.device, query.dtype, query.shape[-1])
-    if len(candidates) > 1 and candidates[0] == "cudnn" and (query.shape[2] % ROWS or key.shape[2] % ROWS):
-        candidates = candidates[1:]
+    candidates = _candidates(query, key)
     for name in candidates[:-1]:
         try:
             return KERNELS[name](query, key, value, causal, scale)
         except RuntimeError:
             continue
     return KERNELS[candidates[-1]](query, key, value, causal, scale)
+
+
+def _candidates(query: Tensor, key: Tensor) -> tuple[str, ...]:
+    """The correct kernels for these shapes, fastest first (cuDNN only on lengths it has plans for)."""
+    candidates = working_kernels(query.device, query.dtype, query.shape[-1])
+    if len(candidates) > 1 and candidates[0] == "cudnn" and (query.shape[2] % ROWS or key.shape[2] % ROWS):
+        candidates = candidates[1:]
+    return candidates
+
+
+def one_call_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor | None:
+    """Bottom-right causal attention of query (B, H, C, d) over key/value (B, H_kv, N, d) as one
+    call of the fastest kernel for these shapes, if that kernel does it exactly (`one_call_capable`):
+    no split, no merge, no repeated or folded heads. None where it does not."""
+    name = _candidates(query, key)[0]
+    grouped = query.shape[1] != key.shape[1]
+    if not one_call_capable(name, query.device, query.dtype, query.shape[-1], grouped):
+        return None
+    return KERNELS[name](query, key, value, True, scale)[0]  # (B, H, C, d)
 
 
 @functools.lru_cache(maxsize=None)

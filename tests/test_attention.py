@@ -174,3 +174,56 @@ def test_merged_attention_backward_equals_float64_autograd(dtype, tol, heads, kv
     for mine, ref in ((k.grad, k64.grad), (v.grad, v64.grad)):
         assert not mine[:, :, :past].any()  # the cache is a constant
         torch.testing.assert_close(mine[:, :, past:].double(), ref[:, :, past:], rtol=0, atol=tol * scale(ref))
+
+
+# ---- one call per chunk, where the kernel does bottom-right causal with grouped heads ---------------
+
+def _reference_kernel(bottom_right: bool, kv_head_of=lambda h, groups, kv_heads: h // groups):
+    """A stand-in kernel with the given causal alignment and grouped-head convention (float64 maths)."""
+    def kernel(q, k, v, causal, scale):
+        heads, kv_heads = q.shape[1], k.shape[1]
+        index = torch.tensor([kv_head_of(h, heads // kv_heads, kv_heads) for h in range(heads)])
+        out, lse = kernels.reference_attention(q, k[:, index], v[:, index], causal, scale, bottom_right)
+        return out.to(q.dtype), lse.float()
+    return kernel
+
+
+@pytest.fixture
+def stand_in_kernels(monkeypatch):
+    """Three stand-ins: bottom-right with the right grouping, top-left (the documented CUDA
+    convention), and bottom-right with query heads assigned to KV heads round-robin (wrong)."""
+    monkeypatch.setitem(kernels.KERNELS, "bottom_right", _reference_kernel(True))
+    monkeypatch.setitem(kernels.KERNELS, "top_left", _reference_kernel(False))
+    monkeypatch.setitem(kernels.KERNELS, "round_robin", _reference_kernel(True, lambda h, g, kv: h % kv))
+    kernels.one_call_capable.cache_clear()
+    yield
+    kernels.one_call_capable.cache_clear()
+
+
+def test_one_call_probe_accepts_only_exact_bottom_right_grouped_kernels(stand_in_kernels):
+    cpu = torch.device("cpu")
+    assert kernels.one_call_capable("bottom_right", cpu, torch.float32, 16, grouped=True)
+    assert not kernels.one_call_capable("top_left", cpu, torch.float32, 16, grouped=False)
+    assert not kernels.one_call_capable("round_robin", cpu, torch.float32, 16, grouped=True)
+    assert kernels.one_call_capable("round_robin", cpu, torch.float32, 16, grouped=False)  # no groups: fine
+    assert not kernels.one_call_capable("cpu_flash", cpu, torch.float32, 16, grouped=False)  # CPU's is top-left
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("name,one_call", [("bottom_right", True), ("top_left", False), ("round_robin", False)])
+def test_merged_attention_is_one_call_only_where_exact(stand_in_kernels, monkeypatch, name, one_call, dtype, tol):
+    """A capable kernel gets the chunk over its whole cache in one call with the K/V un-repeated;
+    any other runs the two-call merge. Either way the result is bottom-right causal attention."""
+    calls = []
+    kernel = kernels.KERNELS[name]
+    monkeypatch.setitem(kernels.KERNELS, name, lambda q, k, v, c, s: calls.append((q.shape, k.shape, c)) or kernel(q, k, v, c, s))
+    monkeypatch.setattr(kernels, "working_kernels", lambda device, dtype, head_dim: (name,))
+    q, k, v = cache_slices(8, 2, 40, 12, dtype)
+    out = attn_mod.merged_attention(q, k, v, None)
+    assert out.dtype == dtype
+    assert (out.double() - reference_bottom_right(q, k, v)).abs().max() < tol
+    work = [c for c in calls if c[1][2] not in (80, 112)]  # the probes use 80 and 112 keys
+    if one_call:
+        assert work == [((1, 8, 12, 16), (1, 2, 52, 16), True)]
+    else:  # the chunk's own 12 keys repeated to 8 heads, causal; the 40 past keys, 4 query heads folded per KV head
+        assert sorted(work) == [((1, 2, 48, 16), (1, 2, 40, 16), False), ((1, 8, 12, 16), (1, 8, 12, 16), True)]

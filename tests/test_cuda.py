@@ -107,6 +107,28 @@ def test_each_working_kernel_merges_exactly_with_gqa(name, head_dim):
     assert (out.double() - expected).abs().max() < 2e-2
 
 
+def test_default_chunk_attention_is_exact_on_a_realistic_gqa_chunk(monkeypatch):
+    """The path longctx takes by default (one call where the fastest kernel does bottom-right causal
+    with grouped heads, else the merge) on 32 query / 8 KV heads, a 512-token chunk over 3,584 keys
+    (lengths cuDNN takes), equals float64 attention; one call means one kernel call."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(1, 512, 32, 64, device="cuda", generator=gen).bfloat16().transpose(1, 2)
+    buf = torch.randn(2, 1, 8, 4096, 64, device="cuda", generator=gen).bfloat16()
+    k, v = buf[0, :, :, :3584], buf[1, :, :, :3584]
+    name = kernels.choose_kernel(torch.device("cuda"), torch.bfloat16, 64)
+    one_call = kernels.one_call_capable(name, torch.device("cuda"), torch.bfloat16, 64, True)
+    calls = []
+    kernel = kernels.KERNELS[name]
+    monkeypatch.setitem(kernels.KERNELS, name, lambda *a: calls.append(a[1].shape) or kernel(*a))
+    out = merged_attention(q, k, v, None)
+    calls = [shape for shape in calls if shape[2] not in (80, 112)]  # the probes' key lengths
+    expected, _ = kernels.reference_attention(q, k, v, True, None, bottom_right=True)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - expected).abs().max() < 2e-2
+    assert len(calls) == (1 if one_call else 2), (name, one_call, calls)
+    print(f"kernel {name}: one call per chunk {one_call}")
+
+
 def test_gqa_attention_allocates_no_repeated_cache():
     """The merged call's own memory stays far below one repeated copy of the cached K/V."""
     q = torch.randn(1, 32, 1024, 64, device="cuda", dtype=torch.bfloat16)

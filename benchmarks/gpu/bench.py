@@ -104,7 +104,7 @@ def random_ids(n: int, device: str, seed: int = 0, vocab: int = 128000) -> torch
 
 
 def bench_kernels(device: str) -> None:
-    from longctx.kernels import CUDA_ORDER, KERNELS, choose_kernel
+    from longctx.kernels import CUDA_ORDER, KERNELS, choose_kernel, one_call_capable
 
     n, heads, d = 64 * K, 32, 64
     q, k, v = (torch.randn(1, heads, n, d, device=device, dtype=torch.bfloat16) for _ in range(3))
@@ -118,11 +118,13 @@ def bench_kernels(device: str) -> None:
             speeds[name] = None
             print(f"  kernel {name}: unavailable ({str(err).splitlines()[0][:80]})")
     chosen = choose_kernel(q.device, torch.bfloat16, d)
+    one_call = one_call_capable(chosen, q.device, torch.bfloat16, d, grouped=True)
     fastest = max((s, name) for name, s in speeds.items() if s)[1]
     text = ", ".join(f"{name} {s:.0f}" for name, s in speeds.items() if s)
     report("kernel", f"kernel  64K causal layer 32x64 bf16 TFLOP/s: {text}; longctx uses {chosen} "
-                     f"(fastest: {fastest}) {verdict(chosen == fastest)}",
-           {"tflops": speeds, "chosen": chosen, "fastest": fastest})
+                     f"(fastest: {fastest}) {verdict(chosen == fastest)}; a chunk over its cache (GQA) is "
+                     f"{'one call' if one_call else 'two calls merged'}",
+           {"tflops": speeds, "chosen": chosen, "fastest": fastest, "one_call": one_call})
 
 
 def bench_prefill(model: torch.nn.Module, device: str) -> None:
@@ -221,18 +223,24 @@ def one_request(lm: Any, n: int, device: str, vocab: int, seed: int = 7) -> dict
             "logprob": logprob}
 
 
-def measure_lm(lm: Any, lengths: tuple[int, ...], device: str, vocab: int) -> dict[int, dict[str, Any]]:
-    """Per length: the first request (cold: kernels meet new shapes) and a second one of the same
-    length with other tokens (warm: what the other samples of a length cost)."""
+def measure_lm(lm: Any, lengths: tuple[int, ...], device: str, vocab: int, warm: int = 3) -> dict[int, dict[str, Any]]:
+    """Per length: the first request (cold: kernels meet new shapes), then `warm` more of the same
+    length with other tokens (what the other samples of a length cost). Time and memory are the
+    warm request of median time (one request varies by a few percent); the log-prob is the first
+    warm request's, the same tokens on either side of a comparison."""
     one_request(lm, 4 * K, device, vocab)  # process warm-up
     figures = {}
     for n in lengths:
         cold = one_request(lm, n, device, vocab, seed=7)
-        figures[n] = {**one_request(lm, n, device, vocab, seed=8), "cold_seconds": cold["seconds"]}
+        runs = [one_request(lm, n, device, vocab, seed=8 + i) for i in range(warm)]
+        median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+        figures[n] = {**median, "logprob": runs[0]["logprob"], "cold_seconds": cold["seconds"],
+                      "warm_seconds": [r["seconds"] for r in runs]}
     return figures
 
 
-def bench_vs_hf(directory: str, device: str, vocab: int, chunks: tuple[int, ...]) -> None:
+def bench_vs_hf(directory: str, device: str, vocab: int, chunks: tuple[int, ...],
+                methods: tuple[str, ...] = ("ssmlora",)) -> None:
     """G4: lm-eval's `hf` (stock sdpa, every position's logits) vs the ssmlora model type (chunked).
     Each loads the checkpoint itself; nothing else is on the card meanwhile."""
     from lm_eval.models.huggingface import HFLM
@@ -244,21 +252,21 @@ def bench_vs_hf(directory: str, device: str, vocab: int, chunks: tuple[int, ...]
     hf = measure_lm(lm, lengths, device, vocab)
     del lm
     empty_cache()
-    for chunk in chunks:
-        lm = SsmloraLM(pretrained=directory, method="ssmlora", chunk_size=chunk, device=device)
+    for method, chunk in ((m, c) for m in methods for c in chunks):
+        lm = SsmloraLM(pretrained=directory, method=method, chunk_size=chunk, device=device)
         ours = measure_lm(lm, lengths, device, vocab)
         del lm
         empty_cache()
         for n in lengths:
             h, o = hf[n], ours[n]
             memory, speed = o["peak_bytes"] / h["peak_bytes"], o["seconds"] / h["seconds"]
-            report(f"G4_{n}_chunk{chunk}",
-                   f"G4      {n // K}K one request, ssmlora chunk {chunk}: hf {h['peak_bytes'] / GIB:.1f} GiB "
-                   f"{h['seconds']:.2f} s (cold {h['cold_seconds']:.2f}), ssmlora {o['peak_bytes'] / GIB:.1f} GiB "
+            report(f"G4_{n}_{method}_chunk{chunk}",
+                   f"G4      {n // K}K one request, {method} chunk {chunk}: hf {h['peak_bytes'] / GIB:.1f} GiB "
+                   f"{h['seconds']:.2f} s (cold {h['cold_seconds']:.2f}), {method} {o['peak_bytes'] / GIB:.1f} GiB "
                    f"{o['seconds']:.2f} s (cold {o['cold_seconds']:.2f}): memory {memory:.3f}x (<= 0.25x) "
                    f"{verdict(memory <= 0.25)}, time {speed:.2f}x (<= 1.0x) {verdict(speed <= 1.0)}; "
                    f"log-probs {h['logprob']:.2f} / {o['logprob']:.2f}",
-                   {"hf": h, "ssmlora": o, "memory_ratio": memory, "time_ratio": speed})
+                   {"hf": h, "longctx": o, "method": method, "chunk": chunk, "memory_ratio": memory, "time_ratio": speed})
 
 
 def bench_plan_cost(device: str) -> None:
@@ -306,7 +314,8 @@ def main() -> None:
     parser.add_argument("--out", help="write every figure here as JSON")
     parser.add_argument("--skip", default="", help="comma-separated: g4,kernel,g1,adapters,long,million")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and lengths / 64: checks the script")
-    parser.add_argument("--g4-chunks", default="4096", help="chunk sizes of the ssmlora side of G4, comma-separated")
+    parser.add_argument("--g4-chunks", default="4096", help="chunk sizes of the longctx side of G4, comma-separated")
+    parser.add_argument("--g4-methods", default="ssmlora", help="methods of the longctx side of G4 (e.g. ssmlora,base)")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: error: no CUDA device here (run on a GPU, or --smoke --device cpu to check the script)")
@@ -322,7 +331,7 @@ def main() -> None:
         save_random_checkpoint(tmp, args.device, shape)
         if "g4" not in skip:
             chunks = tuple(int(c) // (1024 // K) for c in args.g4_chunks.split(","))
-            bench_vs_hf(tmp, args.device, shape["vocab_size"], chunks)
+            bench_vs_hf(tmp, args.device, shape["vocab_size"], chunks, tuple(args.g4_methods.split(",")))
         run_in_process(tmp, args.device, skip, shape["vocab_size"])
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     if args.out:

@@ -1,0 +1,103 @@
+"""Where a chunked 64K prefill spends its time on a GPU, next to transformers' stock unchunked one.
+
+Companion of `bench.py` (same Llama-3.2-1B-shaped bf16 model): prints
+  - attention alone over a 64K sequence (32 query / 8 KV heads of 64): one causal call vs the
+    chunked merge at several chunk sizes, split into its past-keys calls, own-chunk calls and merge;
+  - the whole model's prefill at several chunk sizes vs stock `sdpa` unchunked;
+  - the CUDA kernels that take the most time in each, from torch.profiler.
+Usage: python benchmarks/gpu/profile_prefill.py [--length 65536] [--chunks 4096,8192,16384]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import LLAMA_3_2_1B, cuda_time, random_ids, save_random_checkpoint, use_attention  # noqa: E402
+
+
+def attention_alone(n: int, chunks: list[int]) -> None:
+    """Per layer: one causal call over n tokens vs the chunk-by-chunk merge, and its parts."""
+    from longctx.attention import _fold_groups, _unmasked, merged_attention
+    from longctx.kernels import attention_with_lse
+
+    heads, kv_heads, d = 32, 8, 64
+    q = torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16)  # (1, H, N, d)
+    k, v = (torch.randn(1, kv_heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))  # (1, H_kv, N, d)
+    k_rep, v_rep = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    flops = 2 * n * n * d * heads
+    whole = cuda_time(lambda: attention_with_lse(q, k_rep, v_rep, True, None))
+    print(f"attn    one causal call {n}: {whole * 1e3:.1f} ms ({flops / whole / 1e12:.0f} TFLOP/s)", flush=True)
+    for c in chunks:
+        spans = [(s, min(s + c, n)) for s in range(0, n, c)]
+        merged = cuda_time(lambda: [merged_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], None) for s, e in spans])
+        past = cuda_time(lambda: [_unmasked(_fold_groups(q[:, :, s:e], kv_heads), k[:, :, :s], v[:, :, :s], None, None)
+                                  for s, e in spans if s])
+        local = cuda_time(lambda: [attention_with_lse(q[:, :, s:e], k_rep[:, :, s:e], v_rep[:, :, s:e], True, None)
+                                   for s, e in spans])
+        print(f"attn    chunk {c}: merged {merged * 1e3:.1f} ms ({merged / whole:.2f}x the one call; "
+              f"{flops / merged / 1e12:.0f} TFLOP/s): past calls {past * 1e3:.1f}, own-chunk calls {local * 1e3:.1f}, "
+              f"rest (repeat, fold, merge) {(merged - past - local) * 1e3:.1f} ms", flush=True)
+
+
+def top_kernels(fn, label: str, rows: int = 14) -> None:
+    """The CUDA kernels with the most total time in one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            totals[event.name[:90]][0] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+            totals[event.name[:90]][1] += 1
+    total = sum(t for t, _ in totals.values())
+    print(f"profile {label}: GPU busy {total / 1e3:.1f} ms", flush=True)
+    for name, (t, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"          {t / 1e3:8.1f} ms {count:6d}x  {name}")
+
+
+def whole_model(n: int, chunks: list[int]) -> None:
+    from longctx.models import load_base
+    from longctx.runner import chunked_forward
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_random_checkpoint(tmp, "cuda", LLAMA_3_2_1B)
+        model, _ = load_base(tmp, dtype="auto", attn_implementation="longctx_sdpa", device="cuda")
+    ids = random_ids(n, "cuda", vocab=model.config.vocab_size)
+    use_attention(model, "sdpa")
+    with torch.no_grad():
+        stock = lambda: model(input_ids=ids, logits_to_keep=1)  # noqa: E731
+        stock_s = cuda_time(stock)
+        print(f"model   stock sdpa unchunked {n}: {stock_s:.3f} s", flush=True)
+        top_kernels(stock, "stock sdpa unchunked")
+    use_attention(model, "longctx_sdpa")
+    for c in chunks + [n]:
+        run = lambda: chunked_forward(model, ids, chunk_size=c)  # noqa: E731
+        seconds = cuda_time(run)
+        print(f"model   longctx chunk {c}: {seconds:.3f} s = {stock_s / seconds:.3f}x stock throughput", flush=True)
+        if c == chunks[0]:
+            top_kernels(run, f"longctx chunk {c}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--length", type=int, default=65536)
+    parser.add_argument("--chunks", default="4096,8192,16384")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_prefill.py: error: needs a CUDA device")
+    chunks = [int(c) for c in args.chunks.split(",")]
+    attention_alone(args.length, chunks)
+    whole_model(args.length, chunks)
+
+
+if __name__ == "__main__":
+    main()
