@@ -1,14 +1,20 @@
 """The recipe of the embedded base models `longctx-tiny` / `longctx-tiny-mamba` (`longctx pretrain`).
 
 A byte-level BPE tokenizer (digits split one by one, so numbers are copied digit by digit) and a
-small Llama or Mamba are trained with HF `Trainer` in two stages:
+small Llama or Mamba are trained with HF `Trainer` in up to three stages:
 
+0. recall curriculum (Mamba): multi-query associative recall on random tokens as in Zoology
+   (Arora et al., 2023, arXiv 2312.04927): key-value pairs, then queried keys whose values must
+   follow; the number of pairs doubles from 4 up to `recall_pairs` over the stage (each batch
+   draws its count up to the current level). Attention learns recall from text alone; Mamba at
+   this size did not (0 on every probe after the mixed stage) — MQAR is the task the Mamba and
+   Zoology papers show small SSMs solving.
 1. copy warm-up: blocks of random tokens in which spans reappear at random later offsets; loss
    only on the predictable copied tokens. This is the cleanest signal for an induction circuit
    (find the earlier occurrence, continue from it; Olsson et al., 2022). Random *offsets* matter:
    with a fixed offset a RoPE model learns a positional shortcut instead.
 2. mixed stage: prose that ships with Python, synthetic copy / associative-recall / needle-in-
-   prose documents (`longctx.corpus`) and, so the skill is kept, more copy blocks.
+   prose documents (`longctx.corpus`) and, so the skill is kept, more copy (or MQAR) blocks.
 
 The aim is a base that copies and retrieves a little before any adapter is trained (measured
 on held-out probes by `evaluate_capability`, recorded in the manifest). Same seed, device and
@@ -32,10 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from longctx.errors import LongctxError, choice_error
+from longctx.pretrain_data import MixedBlocks, RecallCurriculum, copy_blocks, document_pool, mqar_blocks
 
 EMBEDDED_NAME = "longctx-tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 DEVICES = ("cpu", "cuda")
+MIXED_BLOCKS = ("copy", "mqar")
 
 
 @dataclass(frozen=True)
@@ -53,11 +61,17 @@ class PretrainRecipe:
     induction_batch: int = 128
     induction_len: int = 256
     induction_copies: int = 3  # spans per block that reappear later
+    # stage 0: multi-query associative recall curriculum on random tokens
+    recall_steps: int = 0
+    recall_batch: int = 64
+    recall_len: int = 256
+    recall_pairs: int = 32  # the curriculum's last level (4, 8, ... up to this)
     # stage 2: text + synthetic documents + copy blocks
     steps: int = 3000
     batch_size: int = 32
     seq_len: int = 1024
-    copy_share: float = 0.25  # fraction of stage-2 blocks that are copy blocks
+    copy_share: float = 0.25  # fraction of stage-2 blocks that are copy (or MQAR) blocks
+    mixed_blocks: str = "copy"  # the synthetic blocks of stage 2: "copy" or "mqar"
     prose_share: float = 0.15  # fraction of documents that are prose windows
     pool_tokens: int = 8_000_000  # the stage-2 document stream, cycled
     learning_rate: float = 2e-3
@@ -123,75 +137,9 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def copy_blocks(n: int, length: int, copies: int, low: int, high: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """`n` blocks of random tokens in [low, high) where `copies` spans reappear at random later offsets.
-
-    Returns (input_ids, labels), both (n, length); labels are -100 except on copied tokens after
-    a span's first (the only positions an induction circuit can predict).
-    """
-    ids = torch.randint(low, high, (n, length), generator=gen)  # (n, T)
-    labels = torch.full_like(ids, -100)
-    pos = torch.arange(length).expand(n, length)  # (n, T)
-    for _ in range(copies):
-        span = torch.randint(8, max(9, length // 8), (n, 1), generator=gen)  # (n, 1)
-        src = (torch.rand(n, 1, generator=gen) * (length - 2 * span)).long()  # (n, 1)
-        dst = src + span + (torch.rand(n, 1, generator=gen) * (length - 2 * span - src + 1)).long()
-        inside = (pos >= dst) & (pos < dst + span)  # (n, T)
-        ids = ids.gather(1, torch.where(inside, pos - dst + src, pos))
-        labels = torch.where(inside & (pos > dst), ids, torch.where(inside, -100, labels))
-    return ids, torch.where(labels >= 0, ids, -100)
-
-
-def _document_pool(recipe: PretrainRecipe, prose: str, words: list[str], tokenizer: Any) -> Tensor:
-    """Token stream (documents joined by EOS) of `pool_tokens`, deterministic in the seed."""
-    from longctx.corpus import synthetic_documents
-
-    rng = random.Random(recipe.seed + 1)
-    stream: list[int] = []
-    batch_seed = recipe.seed * 1000
-    while len(stream) < recipe.pool_tokens:
-        docs = synthetic_documents(256, batch_seed, words, prose)
-        batch_seed += 1
-        for i in range(len(docs)):
-            if rng.random() < recipe.prose_share:
-                start = rng.randrange(0, len(prose) - 4000)
-                docs[i] = prose[start:start + rng.randint(500, 4000)]
-        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-            stream.extend(ids + [tokenizer.eos_token_id])
-    return torch.tensor(stream[:recipe.pool_tokens], dtype=torch.long)
-
-
-class _Blocks(torch.utils.data.IterableDataset):
-    """Training rows in a fixed order (iterable, so Trainer does not reshuffle them).
-
-    Each row is a copy block with probability `copy_share`, else the next `length` tokens of the
-    (cycled) document pool. Generated lazily in groups, from one seeded generator.
-    """
-
-    def __init__(self, rows: int, length: int, copy_share: float, copies: int, pool: Tensor | None,
-                 vocab: tuple[int, int], seed: int) -> None:
-        self.rows, self.length, self.copy_share, self.copies = rows, length, copy_share, copies
-        self.pool, self.vocab, self.seed = pool, vocab, seed
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        gen, offset, group = torch.Generator().manual_seed(self.seed), 0, 512
-        for start in range(0, self.rows, group):
-            n = min(group, self.rows - start)
-            ids, labels = copy_blocks(n, self.length, self.copies, *self.vocab, gen)
-            use_text = torch.rand(n, generator=gen) >= self.copy_share  # (n,)
-            for i in range(n):
-                if self.pool is not None and bool(use_text[i]):
-                    if offset + self.length > len(self.pool):
-                        offset = 0
-                    text = self.pool[offset:offset + self.length]
-                    offset += self.length
-                    yield {"input_ids": text, "labels": text}
-                else:
-                    yield {"input_ids": ids[i], "labels": labels[i]}
-
-
-def _copy_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
-    """Greedy next-token accuracy on the copied positions of held-out copy blocks."""
+def _token_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
+    """Greedy next-token accuracy on the labelled positions of held-out blocks (copied tokens,
+    recalled values)."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -202,18 +150,21 @@ def _copy_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
     return round(hit.sum().item() / max(1, (target >= 0).sum().item()), 4)
 
 
-def _train(model: nn.Module, data: _Blocks, recipe: PretrainRecipe, steps: int, batch: int, progress: bool,
-           workdir: str, probe: tuple[Tensor, Tensor], stage: str) -> list[dict]:
-    """One stage with HF Trainer (cosine schedule); logs loss and held-out copy accuracy."""
+def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: PretrainRecipe, steps: int, batch: int, progress: bool,
+           workdir: str, probes: dict[str, tuple[Tensor, Tensor]], stage: str) -> list[dict]:
+    """One stage with HF Trainer (cosine schedule); logs loss, wall time and each held-out probe's
+    accuracy (`{name}_accuracy`)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     history: list[dict] = []
+    started = time.perf_counter()
 
     class CopyProbe(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             if logs and "loss" in logs:
                 history.append({"stage": stage, "step": state.global_step, "loss": round(logs["loss"], 4),
-                                "copy_accuracy": _copy_accuracy(model, *probe)})
+                                **{f"{name}_accuracy": _token_accuracy(model, *p) for name, p in probes.items()},
+                                "seconds": round(time.perf_counter() - started, 1)})
                 if not progress:
                     print(json.dumps(history[-1]), flush=True)
 
@@ -267,6 +218,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def recipe_overrides(items: list[str]) -> dict[str, Any]:
+    """`FIELD=VALUE` strings -> recipe overrides, each value parsed as its field's type."""
+    fields = {f.name: f.type for f in dataclasses.fields(PretrainRecipe)}
+    overrides = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise choice_error("recipe field", name, list(fields))
+        kind = {"int": int, "float": float}.get(str(fields[name]), str)
+        try:
+            overrides[name] = kind(raw)
+        except ValueError:
+            raise LongctxError(f"recipe field {name}: {raw!r} is not a valid {kind.__name__}") from None
+    return overrides
+
+
 def _recipe(arch: str, seed: int, device: str, overrides: dict[str, Any]) -> PretrainRecipe:
     if arch not in ARCHS:
         raise choice_error("architecture", arch, ARCHS)
@@ -277,8 +244,11 @@ def _recipe(arch: str, seed: int, device: str, overrides: dict[str, Any]) -> Pre
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PretrainRecipe)})
     if unknown:
         raise choice_error("recipe field", unknown[0], [f.name for f in dataclasses.fields(PretrainRecipe)])
-    return dataclasses.replace(PretrainRecipe(arch=arch, seed=seed, device=device),
-                               **{**ARCH_DEFAULTS[arch], **overrides})
+    recipe = dataclasses.replace(PretrainRecipe(arch=arch, seed=seed, device=device),
+                                 **{**ARCH_DEFAULTS[arch], **overrides})
+    if recipe.mixed_blocks not in MIXED_BLOCKS:
+        raise choice_error("mixed_blocks", recipe.mixed_blocks, MIXED_BLOCKS)
+    return recipe
 
 
 def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed: int = 0,
@@ -303,17 +273,27 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
     tokenizer = train_tokenizer([prose, *synthetic_documents(2000, recipe.seed + 7, words, prose)], recipe.vocab_size)
     model = ARCHS[arch](recipe, tokenizer)
     vocab = (len(SPECIAL_TOKENS), len(tokenizer))
-    probe = copy_blocks(64, recipe.induction_len, recipe.induction_copies, *vocab, torch.Generator().manual_seed(99))
-    warmup = _Blocks(recipe.induction_steps * recipe.induction_batch, recipe.induction_len, 1.0,
+    probes = {"copy": copy_blocks(64, recipe.induction_len, recipe.induction_copies, *vocab,
+                                  torch.Generator().manual_seed(99))}
+    if recipe.recall_steps or recipe.mixed_blocks == "mqar":
+        probes.update({f"mqar_{p}": mqar_blocks(64, recipe.recall_len, p, *vocab, torch.Generator().manual_seed(98))
+                       for p in (8, recipe.recall_pairs)})
+    recall = RecallCurriculum(recipe.recall_steps * recipe.recall_batch, recipe.recall_len, recipe.recall_pairs,
+                               vocab, recipe.seed + 4)
+    warmup = MixedBlocks(recipe.induction_steps * recipe.induction_batch, recipe.induction_len, 1.0,
                      recipe.induction_copies, None, vocab, recipe.seed + 2)
-    mixed = _Blocks(recipe.steps * recipe.batch_size, recipe.seq_len, recipe.copy_share, recipe.induction_copies,
-                    _document_pool(recipe, prose, words, tokenizer), vocab, recipe.seed + 3)
+    mixed = MixedBlocks(recipe.steps * recipe.batch_size, recipe.seq_len, recipe.copy_share, recipe.induction_copies,
+                    document_pool(recipe.pool_tokens, recipe.prose_share, recipe.seed, prose, words, tokenizer), vocab, recipe.seed + 3, recipe.mixed_blocks,
+                    recipe.recall_pairs)
     history: list[dict] = []
     with tempfile.TemporaryDirectory() as workdir:
+        if recipe.recall_steps:
+            history += _train(model, recall, recipe, recipe.recall_steps, recipe.recall_batch, progress, workdir,
+                              probes, "recall curriculum")
         if recipe.induction_steps:
             history += _train(model, warmup, recipe, recipe.induction_steps, recipe.induction_batch, progress,
-                              workdir, probe, "copy warm-up")
-        history += _train(model, mixed, recipe, recipe.steps, recipe.batch_size, progress, workdir, probe, "mixed")
+                              workdir, probes, "copy warm-up")
+        history += _train(model, mixed, recipe, recipe.steps, recipe.batch_size, progress, workdir, probes, "mixed")
     model = model.float().cpu().eval()  # capability is measured on CPU in float32, as tests re-measure it
     capability = evaluate_capability(model, tokenizer, n=30 if recipe.steps >= 100 else 2) if measure else None
     with atomic_directory(Path(out_dir)) as tmp:

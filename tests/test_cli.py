@@ -77,6 +77,9 @@ def test_forward_runs_every_method_chunked_and_matches_unchunked(tiny_base_dir):
     (["params", "--base", "shape:gpt-9"], ["unknown model shape 'gpt-9'", "llama-2-7b"]),
     (["params", "--base", "/no/such/model"], ["cannot load base model '/no/such/model'"]),
     (["pretrain", "--out", "x", "--arch", "rwkv"], ["rwkv", "llama"]),
+    (["pretrain", "--out", "x", "--set", "widht=3"], ["unknown recipe field 'widht'", "hidden_size"]),
+    (["pretrain", "--out", "x", "--set", "recall_steps=lots"], ["recall_steps: 'lots' is not a valid int"]),
+    (["pretrain", "--out", "x", "--set", "mixed_blocks=text"], ["unknown mixed_blocks 'text'", "copy, mqar"]),
     (["frobnicate"], ["invalid choice: 'frobnicate'"]),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragments, tiny_base_dir, longctx_here):

@@ -10,7 +10,8 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.models import EMBEDDED_BASES, default_base_path
-from longctx.pretrain import copy_blocks, evaluate_capability, pretrain
+from longctx.pretrain import evaluate_capability, pretrain
+from longctx.pretrain_data import copy_blocks, mqar_blocks
 
 
 @pytest.fixture(scope="module", params=sorted(EMBEDDED_BASES))
@@ -90,6 +91,33 @@ def test_copy_blocks_label_only_tokens_an_induction_circuit_can_predict():
             predictable += any(row[q] == row[p - 1] and row[q + 1] == target for q in range(p - 1))
     assert total >= 64 * 3 * 6  # every block carries copied spans (>= 8 tokens, first unlabelled)
     assert predictable / total > 0.9  # the few others lost their source to a later span
+
+
+def test_mqar_blocks_label_exactly_the_values_recall_can_predict():
+    """Zoology's MQAR: distinct keys from the vocabulary's lower half, values from the upper half,
+    then queries; every label is the value that followed its key in the table."""
+    ids, labels = mqar_blocks(32, 100, 12, 3, 4096, torch.Generator().manual_seed(0))
+    assert ids.shape == labels.shape == (32, 100)
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        keys, values = row[0:24:2], row[1:24:2]
+        assert len(set(keys)) == 12 and all(3 <= k < 2049 for k in keys) and all(2049 <= v < 4096 for v in values)
+        table = dict(zip(keys, values))
+        labelled = [(p, t) for p, t in enumerate(lab) if t != -100]
+        assert len(labelled) == (100 - 24) // 2 and all(p > 24 for p, _ in labelled)
+        assert all(t == row[p] == table[row[p - 1]] for p, t in labelled)
+
+
+def test_recall_curriculum_grows_the_number_of_pairs():
+    from longctx.pretrain_data import RecallCurriculum, curriculum_levels
+
+    assert curriculum_levels(32) == [4, 8, 16, 32] and curriculum_levels(24) == [4, 8, 16, 24]
+    rows = list(RecallCurriculum(64 * 8, 80, 32, (3, 4096), seed=0))
+    table_sizes = [next(p for p, t in enumerate(r["labels"].tolist()) if t != -100) // 2 for r in rows]
+    assert max(table_sizes[:128]) <= 4 and max(table_sizes[-128:]) > 16  # first level 4 pairs, last up to 32
+    assert min(table_sizes[-128:]) >= 4  # every level still draws short tables
+    assert len(rows) == 64 * 8
+    assert [r["input_ids"].tolist() for r in RecallCurriculum(64, 80, 32, (3, 4096), seed=0)] == \
+        [r["input_ids"].tolist() for r in rows[:64]]  # seeded: the same rows every time
 
 
 def test_committed_base_learned_to_copy_in_its_warm_up():

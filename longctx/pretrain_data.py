@@ -1,0 +1,124 @@
+"""Training rows of the embedded bases' recipe (`longctx.pretrain`): synthetic blocks on random
+tokens (copying, multi-query associative recall), the text document pool, and the datasets that
+interleave them in a fixed, seeded order (iterable, so HF Trainer does not reshuffle them)."""
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+
+def copy_blocks(n: int, length: int, copies: int, low: int, high: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`n` blocks of random tokens in [low, high) where `copies` spans reappear at random later offsets.
+
+    Returns (input_ids, labels), both (n, length); labels are -100 except on copied tokens after
+    a span's first (the only positions an induction circuit can predict).
+    """
+    ids = torch.randint(low, high, (n, length), generator=gen)  # (n, T)
+    labels = torch.full_like(ids, -100)
+    pos = torch.arange(length).expand(n, length)  # (n, T)
+    for _ in range(copies):
+        span = torch.randint(8, max(9, length // 8), (n, 1), generator=gen)  # (n, 1)
+        src = (torch.rand(n, 1, generator=gen) * (length - 2 * span)).long()  # (n, 1)
+        dst = src + span + (torch.rand(n, 1, generator=gen) * (length - 2 * span - src + 1)).long()
+        inside = (pos >= dst) & (pos < dst + span)  # (n, T)
+        ids = ids.gather(1, torch.where(inside, pos - dst + src, pos))
+        labels = torch.where(inside & (pos > dst), ids, torch.where(inside, -100, labels))
+    return ids, torch.where(labels >= 0, ids, -100)
+
+
+def mqar_blocks(n: int, length: int, pairs: int, low: int, high: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """`n` MQAR blocks (Zoology): `pairs` distinct keys from [low, mid) each followed by its value
+    from [mid, high), then (key, value) queries drawn from them until `length`; labels only on the
+    queried values (the one thing recall predicts). Returns (input_ids, labels), both (n, length)."""
+    mid = (low + high) // 2
+    keys = torch.rand(n, mid - low, generator=gen).argsort(-1)[:, :pairs] + low  # (n, P) distinct per row
+    values = torch.randint(mid, high, (n, pairs), generator=gen)  # (n, P)
+    asked = torch.randint(0, pairs, (n, (length - 2 * pairs + 1) // 2), generator=gen)  # (n, Q)
+    table = torch.stack([keys, values], -1).reshape(n, 2 * pairs)  # (n, 2P): k1 v1 k2 v2 ...
+    queries = torch.stack([keys.gather(1, asked), values.gather(1, asked)], -1).reshape(n, -1)  # (n, 2Q)
+    ids = torch.cat([table, queries], 1)[:, :length]  # (n, T)
+    labels = torch.full_like(ids, -100)
+    labels[:, 2 * pairs + 1::2] = ids[:, 2 * pairs + 1::2]
+    return ids, labels
+
+
+def curriculum_levels(top: int) -> list[int]:
+    """The curriculum's pair counts: 4, 8, ... doubling, ending at `top`."""
+    levels = [4]
+    while levels[-1] * 2 < top:
+        levels.append(levels[-1] * 2)
+    return levels + [top] if top > 4 else [top]
+
+
+class RecallCurriculum(torch.utils.data.IterableDataset):
+    """Stage 0's rows in a fixed order: MQAR blocks whose pair count grows level by level (equal
+    shares of the stage); each group of rows draws its count uniformly up to the current level,
+    so the short tables are not forgotten."""
+
+    def __init__(self, rows: int, length: int, top: int, vocab: tuple[int, int], seed: int) -> None:
+        self.rows, self.length, self.levels, self.vocab, self.seed = rows, length, curriculum_levels(top), vocab, seed
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        gen, group = torch.Generator().manual_seed(self.seed), 64
+        for start in range(0, self.rows, group):
+            level = self.levels[min(len(self.levels) - 1, start * len(self.levels) // self.rows)]
+            pairs = int(torch.randint(min(4, level), level + 1, (1,), generator=gen))
+            ids, labels = mqar_blocks(min(group, self.rows - start), self.length, pairs, *self.vocab, gen)
+            yield from ({"input_ids": i, "labels": l} for i, l in zip(ids, labels))
+
+
+def document_pool(pool_tokens: int, prose_share: float, seed: int, prose: str, words: list[str],
+                  tokenizer: Any) -> Tensor:
+    """Token stream (documents joined by EOS) of `pool_tokens`, deterministic in the seed: synthetic
+    documents (`longctx.corpus`), a `prose_share` of them replaced by windows of prose."""
+    from longctx.corpus import synthetic_documents
+
+    rng = random.Random(seed + 1)
+    stream: list[int] = []
+    batch_seed = seed * 1000
+    while len(stream) < pool_tokens:
+        docs = synthetic_documents(256, batch_seed, words, prose)
+        batch_seed += 1
+        for i in range(len(docs)):
+            if rng.random() < prose_share:
+                start = rng.randrange(0, len(prose) - 4000)
+                docs[i] = prose[start:start + rng.randint(500, 4000)]
+        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+            stream.extend(ids + [tokenizer.eos_token_id])
+    return torch.tensor(stream[:pool_tokens], dtype=torch.long)
+
+
+class MixedBlocks(torch.utils.data.IterableDataset):
+    """Training rows in a fixed order (iterable, so Trainer does not reshuffle them).
+
+    Each row is a copy block with probability `copy_share`, else the next `length` tokens of the
+    (cycled) document pool. Generated lazily in groups, from one seeded generator.
+    """
+
+    def __init__(self, rows: int, length: int, copy_share: float, copies: int, pool: Tensor | None,
+                 vocab: tuple[int, int], seed: int, kind: str = "copy", pairs: int = 32) -> None:
+        self.rows, self.length, self.copy_share, self.copies = rows, length, copy_share, copies
+        self.pool, self.vocab, self.seed, self.kind, self.pairs = pool, vocab, seed, kind, pairs
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        gen, offset, group = torch.Generator().manual_seed(self.seed), 0, 512
+        for start in range(0, self.rows, group):
+            n = min(group, self.rows - start)
+            if self.kind == "mqar":
+                pairs = int(torch.randint(4, self.pairs + 1, (1,), generator=gen))
+                ids, labels = mqar_blocks(n, self.length, min(pairs, self.length // 4), *self.vocab, gen)
+            else:
+                ids, labels = copy_blocks(n, self.length, self.copies, *self.vocab, gen)
+            use_text = torch.rand(n, generator=gen) >= self.copy_share  # (n,)
+            for i in range(n):
+                if self.pool is not None and bool(use_text[i]):
+                    if offset + self.length > len(self.pool):
+                        offset = 0
+                    text = self.pool[offset:offset + self.length]
+                    offset += self.length
+                    yield {"input_ids": text, "labels": text}
+                else:
+                    yield {"input_ids": ids[i], "labels": labels[i]}
