@@ -118,6 +118,12 @@ def build_mamba(recipe: PretrainRecipe, tokenizer: Any) -> nn.Module:
     """
     from transformers import MambaConfig, MambaForCausalLM
 
+    try:
+        import mambapy  # noqa: F401
+    except ImportError:
+        raise LongctxError("training Mamba needs mambapy (a longctx dependency: pip install 'mambapy>=1.2,<2'); "
+                           "without it transformers falls back to a per-token loop, measured ~20x slower "
+                           "(benchmarks/p6_mamba_training.py)") from None
     config = MambaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
         state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -257,7 +263,8 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
     """Run the recipe and write an HF model directory (+ manifest.json) to `out_dir` atomically.
 
     `overrides` replace recipe fields by name (e.g. `induction_steps=0`, `pool_tokens=...`);
-    `measure=False` leaves the capability probes to `record_capability` (slow for Mamba on CPU).
+    `measure=False` leaves the manifest's capability empty (the probes are slow for Mamba on CPU;
+    `evaluate_capability` runs them on the saved model later).
     """
     from longctx.corpus import python_prose, synthetic_documents, word_list
     from longctx.fileio import atomic_directory
@@ -282,9 +289,10 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
                                vocab, recipe.seed + 4)
     warmup = MixedBlocks(recipe.induction_steps * recipe.induction_batch, recipe.induction_len, 1.0,
                      recipe.induction_copies, None, vocab, recipe.seed + 2)
+    pool = document_pool(recipe.pool_tokens, recipe.prose_share, recipe.seed, prose, words, tokenizer) \
+        if recipe.steps else None  # steps=0: synthetic stages only (e.g. an MQAR-only run)
     mixed = MixedBlocks(recipe.steps * recipe.batch_size, recipe.seq_len, recipe.copy_share, recipe.induction_copies,
-                    document_pool(recipe.pool_tokens, recipe.prose_share, recipe.seed, prose, words, tokenizer), vocab, recipe.seed + 3, recipe.mixed_blocks,
-                    recipe.recall_pairs)
+                        pool, vocab, recipe.seed + 3, recipe.mixed_blocks, recipe.recall_pairs)
     history: list[dict] = []
     with tempfile.TemporaryDirectory() as workdir:
         if recipe.recall_steps:
@@ -293,7 +301,9 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
         if recipe.induction_steps:
             history += _train(model, warmup, recipe, recipe.induction_steps, recipe.induction_batch, progress,
                               workdir, probes, "copy warm-up")
-        history += _train(model, mixed, recipe, recipe.steps, recipe.batch_size, progress, workdir, probes, "mixed")
+        if recipe.steps:
+            history += _train(model, mixed, recipe, recipe.steps, recipe.batch_size, progress, workdir, probes,
+                              "mixed")
     model = model.float().cpu().eval()  # capability is measured on CPU in float32, as tests re-measure it
     capability = evaluate_capability(model, tokenizer, n=30 if recipe.steps >= 100 else 2) if measure else None
     with atomic_directory(Path(out_dir)) as tmp:

@@ -93,6 +93,17 @@ def test_copy_blocks_label_only_tokens_an_induction_circuit_can_predict():
     assert predictable / total > 0.9  # the few others lost their source to a later span
 
 
+def test_mamba_training_without_mambapy_is_refused(tmp_path, monkeypatch):
+    """Without mambapy transformers trains Mamba through a per-token loop (~20x slower): refuse
+    before any work rather than run for hours."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mambapy", None)  # import fails
+    with pytest.raises(LongctxError, match="training Mamba needs mambapy"):
+        pretrain(tmp_path / "m", arch="mamba", **SMALL)
+    assert not (tmp_path / "m").exists()
+
+
 def test_mqar_blocks_label_exactly_the_values_recall_can_predict():
     """Zoology's MQAR: distinct keys from the vocabulary's lower half, values from the upper half,
     then queries; every label is the value that followed its key in the table."""
