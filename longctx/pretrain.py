@@ -118,12 +118,6 @@ def build_mamba(recipe: PretrainRecipe, tokenizer: Any) -> nn.Module:
     """
     from transformers import MambaConfig, MambaForCausalLM
 
-    try:
-        import mambapy  # noqa: F401
-    except ImportError:
-        raise LongctxError("training Mamba needs mambapy (a longctx dependency: pip install 'mambapy>=1.2,<2'); "
-                           "without it transformers falls back to a per-token loop, measured ~20x slower "
-                           "(benchmarks/p6_mamba_training.py)") from None
     config = MambaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
         state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -240,11 +234,23 @@ def recipe_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _require_mambapy() -> None:
+    """Training Mamba without mambapy falls back to transformers' per-token loop: refuse up front."""
+    try:
+        import mambapy  # noqa: F401
+    except ImportError:
+        raise LongctxError("training Mamba needs mambapy (a longctx dependency: pip install 'mambapy>=1.2,<2'); "
+                           "without it transformers falls back to a per-token loop, measured ~20x slower "
+                           "(benchmarks/p6_mamba_training.py)") from None
+
+
 def _recipe(arch: str, seed: int, device: str, overrides: dict[str, Any]) -> PretrainRecipe:
     if arch not in ARCHS:
         raise choice_error("architecture", arch, ARCHS)
     if device not in DEVICES:
         raise choice_error("device", device, DEVICES)
+    if arch == "mamba":
+        _require_mambapy()
     if device == "cuda" and not torch.cuda.is_available():
         raise LongctxError("device 'cuda': no CUDA device is visible here; use --device cpu (much slower)")
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PretrainRecipe)})
