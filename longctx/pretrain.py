@@ -150,8 +150,8 @@ def _token_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
     return round(hit.sum().item() / max(1, (target >= 0).sum().item()), 4)
 
 
-def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: PretrainRecipe, steps: int, batch: int, progress: bool,
-           workdir: str, probes: dict[str, tuple[Tensor, Tensor]], stage: str) -> list[dict]:
+def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: PretrainRecipe, steps: int,
+           batch: int, progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]], stage: str) -> list[dict]:
     """One stage with HF Trainer (cosine schedule); logs loss, wall time and each held-out probe's
     accuracy (`{name}_accuracy`)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -220,10 +220,13 @@ def _sha256(path: Path) -> str:
 
 def recipe_overrides(items: list[str]) -> dict[str, Any]:
     """`FIELD=VALUE` strings -> recipe overrides, each value parsed as its field's type."""
-    fields = {f.name: f.type for f in dataclasses.fields(PretrainRecipe)}
+    own_flags = {"arch": "--arch", "seed": "--seed", "device": "--device", "steps": "--steps"}
+    fields = {f.name: f.type for f in dataclasses.fields(PretrainRecipe) if f.name not in own_flags}
     overrides = {}
     for item in items:
         name, sep, raw = item.partition("=")
+        if name in own_flags:
+            raise LongctxError(f"recipe field {name}: set it with {own_flags[name]}, not --set")
         if not sep or name not in fields:
             raise choice_error("recipe field", name, list(fields))
         kind = {"int": int, "float": float}.get(str(fields[name]), str)
@@ -240,8 +243,8 @@ def _require_mambapy() -> None:
         import mambapy  # noqa: F401
     except ImportError:
         raise LongctxError("training Mamba needs mambapy (a longctx dependency: pip install 'mambapy>=1.2,<2'); "
-                           "without it transformers falls back to a per-token loop, measured ~20x slower "
-                           "(benchmarks/p6_mamba_training.py)") from None
+                           "without it transformers falls back to a per-token loop, measured 4x slower at "
+                           "128 tokens and 21x at 256 (benchmarks/p6_mamba_training.py)") from None
 
 
 def _recipe(arch: str, seed: int, device: str, overrides: dict[str, Any]) -> PretrainRecipe:

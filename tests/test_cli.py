@@ -79,6 +79,7 @@ def test_forward_runs_every_method_chunked_and_matches_unchunked(tiny_base_dir):
     (["pretrain", "--out", "x", "--arch", "rwkv"], ["rwkv", "llama"]),
     (["pretrain", "--out", "x", "--set", "widht=3"], ["unknown recipe field 'widht'", "hidden_size"]),
     (["pretrain", "--out", "x", "--set", "recall_steps=lots"], ["recall_steps: 'lots' is not a valid int"]),
+    (["pretrain", "--out", "x", "--set", "steps=5"], ["recipe field steps: set it with --steps"]),
     (["pretrain", "--out", "x", "--set", "mixed_blocks=text"], ["unknown mixed_blocks 'text'", "copy, mqar"]),
     (["frobnicate"], ["invalid choice: 'frobnicate'"]),
 ])
