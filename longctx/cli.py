@@ -66,7 +66,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         if not args.out:
             raise LongctxError("pretrain needs --out DIR (or --verify to rebuild and compare the committed base)")
         out = pretrain(Path(args.out), arch=args.arch, steps=args.steps, seed=args.seed, device=args.device,
-                       **recipe_overrides(args.set))
+                       progress=not args.quiet, **recipe_overrides(args.set))
         print(f"wrote {out}")
         return
     name = EMBEDDED_NAME if args.arch == "llama" else f"{EMBEDDED_NAME}-{args.arch}"
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", default="llama", help="llama (longctx-tiny) or mamba (longctx-tiny-mamba)")
     t.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true",
+                   help="no progress bars; print each log entry (loss, probe accuracies, seconds) as a JSON line")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one recipe field (repeatable), e.g. --set hidden_size=256")
     t.add_argument("--device", default="cpu",

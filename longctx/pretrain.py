@@ -56,6 +56,7 @@ class PretrainRecipe:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     max_positions: int = 4096
+    state_size: int = 16  # Mamba's d_state (N per channel); Zoology's MQAR configs use 8-24
     # stage 1: copy warm-up on random tokens
     induction_steps: int = 5000
     induction_batch: int = 128
@@ -120,8 +121,9 @@ def build_mamba(recipe: PretrainRecipe, tokenizer: Any) -> nn.Module:
 
     config = MambaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
-        state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_mambapy=True)
+        state_size=recipe.state_size, expand=2, conv_kernel=4, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        use_mambapy=True)
     torch.manual_seed(recipe.seed)
     return MambaForCausalLM(config)
 
@@ -154,7 +156,7 @@ def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: Pre
            batch: int, progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]], stage: str) -> list[dict]:
     """One stage with HF Trainer (cosine schedule); logs loss, wall time and each held-out probe's
     accuracy (`{name}_accuracy`)."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     history: list[dict] = []
     started = time.perf_counter()
@@ -174,7 +176,10 @@ def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: Pre
         weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, steps // 20), save_strategy="no",
         report_to=[], use_cpu=recipe.device == "cpu", bf16=recipe.device == "cuda", seed=recipe.seed,
         data_seed=recipe.seed, dataloader_num_workers=0, disable_tqdm=not progress)
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[CopyProbe()]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CopyProbe()])
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # its dicts would interleave with the JSON lines
+    trainer.train()
     return history
 
 

@@ -136,3 +136,20 @@ def test_committed_base_learned_to_copy_in_its_warm_up():
     log = json.loads((path / "manifest.json").read_text())["loss_log"]
     warm_up = [e for e in log if e["stage"] == "copy warm-up"]
     assert warm_up[0]["copy_accuracy"] < 0.01 and warm_up[-1]["copy_accuracy"] > 0.9
+
+
+def test_quiet_pretrain_logs_json_lines_and_builds_the_asked_state_size(tmp_path, capsys):
+    from longctx import cli
+
+    code = cli.main(["pretrain", "--arch", "mamba", "--quiet", "--out", str(tmp_path / "m"), "--steps", "2",
+                     "--set", "state_size=8", "--set", "seq_len=64", "--set", "batch_size=2",
+                     "--set", "pool_tokens=3000", "--set", "recall_steps=2", "--set", "recall_batch=2",
+                     "--set", "recall_len=32", "--set", "recall_pairs=4", "--set", "num_layers=1"])
+    out = capsys.readouterr().out.splitlines()
+    assert code in (0, None) and out[-1] == f"wrote {tmp_path / 'm'}"
+    logs = [json.loads(line) for line in out[:-1]]  # one JSON object per log entry, nothing else
+    assert [e["stage"] for e in logs] == ["recall curriculum"] * 2 + ["mixed"] * 2
+    assert all({"loss", "seconds", "mqar_8_accuracy", "copy_accuracy"} <= set(e) for e in logs)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert config["state_size"] == manifest["recipe"]["state_size"] == 8 and config["num_hidden_layers"] == 1
