@@ -67,6 +67,7 @@ class PretrainRecipe:
     recall_batch: int = 64
     recall_len: int = 256
     recall_pairs: int = 32  # the curriculum's last level (4, 8, ... up to this)
+    recall_advance: float = 0.0  # > 0: next level once held-out accuracy at this one reaches it; 0: equal shares
     # stage 2: text + synthetic documents + copy blocks
     steps: int = 3000
     batch_size: int = 32
@@ -152,8 +153,36 @@ def _token_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
     return round(hit.sum().item() / max(1, (target >= 0).sum().item()), 4)
 
 
+ADVANCE_CHECK_STEPS = 25  # how often an adaptive curriculum measures held-out recall at its level
+
+
+def _advance_callback(curriculum: RecallCurriculum, measure: Callable[[int], float], threshold: float,
+                      history: list[dict]) -> Any:
+    """Trainer callback for an adaptive curriculum: every `ADVANCE_CHECK_STEPS` steps, held-out
+    recall at the current level (`measure(pairs)`); at `threshold` or above, the next level, and
+    an entry in `history` (where the phase change at each level happened)."""
+    from transformers import TrainerCallback
+
+    class AdvanceOnRecall(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            last = curriculum.level_index + 1 >= len(curriculum.levels)
+            if state.global_step % ADVANCE_CHECK_STEPS or last:
+                return
+            pairs = curriculum.levels[curriculum.level_index]
+            accuracy = round(measure(pairs), 4)
+            if accuracy >= threshold:
+                curriculum.level_index += 1
+                history.append({"stage": "recall curriculum", "step": state.global_step, "level_passed": pairs,
+                                "level_accuracy": accuracy, "next_level": curriculum.levels[curriculum.level_index]})
+                if args.disable_tqdm:
+                    print(json.dumps(history[-1]), flush=True)
+
+    return AdvanceOnRecall()
+
+
 def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: PretrainRecipe, steps: int,
-           batch: int, progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]], stage: str) -> list[dict]:
+           batch: int, progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]], stage: str,
+           callbacks: tuple[Any, ...] = ()) -> list[dict]:
     """One stage with HF Trainer (cosine schedule); logs loss, wall time and each held-out probe's
     accuracy (`{name}_accuracy`)."""
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
@@ -176,11 +205,25 @@ def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: Pre
         weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, steps // 20), save_strategy="no",
         report_to=[], use_cpu=recipe.device == "cpu", bf16=recipe.device == "cuda", seed=recipe.seed,
         data_seed=recipe.seed, dataloader_num_workers=0, disable_tqdm=not progress)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CopyProbe()])
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CopyProbe(), *callbacks])
     if not progress:
         trainer.remove_callback(PrinterCallback)  # its dicts would interleave with the JSON lines
     trainer.train()
     return history
+
+
+def _recall_stage(model: nn.Module, curriculum: RecallCurriculum, recipe: PretrainRecipe, vocab: tuple[int, int],
+                  progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]]) -> list[dict]:
+    """Stage 0; with `recall_advance`, each level's held-out blocks decide when the next begins."""
+    callbacks, moves = (), []
+    if curriculum.adaptive:
+        held_out = {p: mqar_blocks(64, recipe.recall_len, p, *vocab, torch.Generator().manual_seed(97 + p))
+                    for p in curriculum.levels}
+        measure = lambda pairs: _token_accuracy(model, *held_out[pairs])  # noqa: E731
+        callbacks = (_advance_callback(curriculum, measure, recipe.recall_advance, moves),)
+    history = _train(model, curriculum, recipe, recipe.recall_steps, recipe.recall_batch, progress, workdir,
+                     probes, "recall curriculum", callbacks)
+    return sorted(history + moves, key=lambda entry: entry["step"])
 
 
 def _recall_probe(rng: random.Random, words: list[str], pairs: int) -> tuple[str, str]:
@@ -300,7 +343,7 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
         probes.update({f"mqar_{p}": mqar_blocks(64, recipe.recall_len, p, *vocab, torch.Generator().manual_seed(98))
                        for p in (8, recipe.recall_pairs)})
     recall = RecallCurriculum(recipe.recall_steps * recipe.recall_batch, recipe.recall_len, recipe.recall_pairs,
-                               vocab, recipe.seed + 4)
+                              vocab, recipe.seed + 4, adaptive=recipe.recall_advance > 0)
     warmup = MixedBlocks(recipe.induction_steps * recipe.induction_batch, recipe.induction_len, 1.0,
                      recipe.induction_copies, None, vocab, recipe.seed + 2)
     pool = document_pool(recipe.pool_tokens, recipe.prose_share, recipe.seed, prose, words, tokenizer) \
@@ -310,8 +353,7 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
     history: list[dict] = []
     with tempfile.TemporaryDirectory() as workdir:
         if recipe.recall_steps:
-            history += _train(model, recall, recipe, recipe.recall_steps, recipe.recall_batch, progress, workdir,
-                              probes, "recall curriculum")
+            history += _recall_stage(model, recall, recipe, vocab, progress, workdir, probes)
         if recipe.induction_steps:
             history += _train(model, warmup, recipe, recipe.induction_steps, recipe.induction_batch, progress,
                               workdir, probes, "copy warm-up")

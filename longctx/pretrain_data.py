@@ -54,17 +54,22 @@ def curriculum_levels(top: int) -> list[int]:
 
 
 class RecallCurriculum(torch.utils.data.IterableDataset):
-    """Stage 0's rows in a fixed order: MQAR blocks whose pair count grows level by level (equal
-    shares of the stage); each group of rows draws its count uniformly up to the current level,
-    so the short tables are not forgotten."""
+    """Stage 0's rows in a fixed order: MQAR blocks whose pair count grows level by level; each
+    group of rows draws its count uniformly up to the current level, so the short tables are not
+    forgotten. Levels take equal shares of the stage, or (`adaptive`) the trainer moves
+    `level_index` on when held-out recall at the current level is good enough: MQAR is learned in
+    a sudden phase change whose step is not known in advance (Zoology, arXiv 2312.04927)."""
 
-    def __init__(self, rows: int, length: int, top: int, vocab: tuple[int, int], seed: int) -> None:
+    def __init__(self, rows: int, length: int, top: int, vocab: tuple[int, int], seed: int,
+                 adaptive: bool = False) -> None:
         self.rows, self.length, self.levels, self.vocab, self.seed = rows, length, curriculum_levels(top), vocab, seed
+        self.adaptive, self.level_index = adaptive, 0  # adaptive: raised by the trainer (one sequence of levels)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         gen, group = torch.Generator().manual_seed(self.seed), 64
         for start in range(0, self.rows, group):
-            level = self.levels[min(len(self.levels) - 1, start * len(self.levels) // self.rows)]
+            share = min(len(self.levels) - 1, start * len(self.levels) // self.rows)
+            level = self.levels[self.level_index if self.adaptive else share]
             pairs = int(torch.randint(min(4, level), level + 1, (1,), generator=gen))
             ids, labels = mqar_blocks(min(group, self.rows - start), self.length, pairs, *self.vocab, gen)
             yield from ({"input_ids": i, "labels": l} for i, l in zip(ids, labels))

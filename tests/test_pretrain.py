@@ -131,6 +131,27 @@ def test_recall_curriculum_grows_the_number_of_pairs():
         [r["input_ids"].tolist() for r in rows[:64]]  # seeded: the same rows every time
 
 
+def test_adaptive_curriculum_moves_on_only_when_held_out_recall_is_good_enough():
+    from types import SimpleNamespace
+
+    from longctx.pretrain import ADVANCE_CHECK_STEPS, _advance_callback
+    from longctx.pretrain_data import RecallCurriculum
+
+    curriculum = RecallCurriculum(64 * 6, 80, 16, (3, 4096), seed=0, adaptive=True)  # levels 4, 8, 16
+    rows = iter(curriculum)
+    table_size = lambda row: next(p for p, t in enumerate(row["labels"].tolist()) if t != -100) // 2  # noqa: E731
+    assert max(table_size(next(rows)) for _ in range(64)) <= 4
+    scores, measured, history = iter([0.2, 0.95, 0.5, 0.91]), [], []
+    callback = _advance_callback(curriculum, lambda pairs: measured.append(pairs) or next(scores), 0.9, history)
+    for step in range(1, 6 * ADVANCE_CHECK_STEPS + 1):
+        callback.on_step_end(SimpleNamespace(disable_tqdm=False), SimpleNamespace(global_step=step), None)
+    assert measured == [4, 4, 8, 8]  # once per check, at the current level; nothing after the last level
+    assert [(e["step"], e["level_passed"], e["level_accuracy"], e["next_level"]) for e in history] == \
+        [(2 * ADVANCE_CHECK_STEPS, 4, 0.95, 8), (4 * ADVANCE_CHECK_STEPS, 8, 0.91, 16)]
+    later = [table_size(next(rows)) for _ in range(64 * 3)]  # the rows drawn after the moves
+    assert max(later) > 8 and max(later) <= 16 and min(later) >= 4
+
+
 def test_committed_base_learned_to_copy_in_its_warm_up():
     path = default_base_path("longctx-tiny")  # the Mamba recipe has no warm-up (see ARCH_DEFAULTS)
     log = json.loads((path / "manifest.json").read_text())["loss_log"]
@@ -144,7 +165,8 @@ def test_quiet_pretrain_logs_json_lines_and_builds_the_asked_state_size(tmp_path
     code = cli.main(["pretrain", "--arch", "mamba", "--quiet", "--out", str(tmp_path / "m"), "--steps", "2",
                      "--set", "state_size=8", "--set", "seq_len=64", "--set", "batch_size=2",
                      "--set", "pool_tokens=3000", "--set", "recall_steps=2", "--set", "recall_batch=2",
-                     "--set", "recall_len=32", "--set", "recall_pairs=4", "--set", "num_layers=1"])
+                     "--set", "recall_len=32", "--set", "recall_pairs=8", "--set", "num_layers=1",
+                     "--set", "recall_advance=0.5"])
     out = capsys.readouterr().out.splitlines()
     assert code in (0, None) and out[-1] == f"wrote {tmp_path / 'm'}"
     logs = [json.loads(line) for line in out[:-1]]  # one JSON object per log entry, nothing else
