@@ -159,17 +159,21 @@ ADVANCE_CHECK_STEPS = 25  # how often an adaptive curriculum measures held-out r
 def _advance_callback(curriculum: RecallCurriculum, measure: Callable[[int], float], threshold: float,
                       history: list[dict]) -> Any:
     """Trainer callback for an adaptive curriculum: every `ADVANCE_CHECK_STEPS` steps, held-out
-    recall at the current level (`measure(pairs)`); at `threshold` or above, the next level, and
-    an entry in `history` (where the phase change at each level happened)."""
+    recall at the current level (`measure(pairs)`), kept in `latest` for the stage's log; at
+    `threshold` or above, the next level, and an entry in `history` (where each phase change was)."""
     from transformers import TrainerCallback
 
     class AdvanceOnRecall(TrainerCallback):
+        def __init__(self) -> None:
+            self.latest: dict[str, float] = {}
+
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             last = curriculum.level_index + 1 >= len(curriculum.levels)
             if state.global_step % ADVANCE_CHECK_STEPS or last:
                 return
             pairs = curriculum.levels[curriculum.level_index]
             accuracy = round(measure(pairs), 4)
+            self.latest = {"level": pairs, "level_accuracy": accuracy}
             if accuracy >= threshold:
                 curriculum.level_index += 1
                 history.append({"stage": "recall curriculum", "step": state.global_step, "level_passed": pairs,
@@ -182,9 +186,9 @@ def _advance_callback(curriculum: RecallCurriculum, measure: Callable[[int], flo
 
 def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: PretrainRecipe, steps: int,
            batch: int, progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]], stage: str,
-           callbacks: tuple[Any, ...] = ()) -> list[dict]:
-    """One stage with HF Trainer (cosine schedule); logs loss, wall time and each held-out probe's
-    accuracy (`{name}_accuracy`)."""
+           callbacks: tuple[Any, ...] = (), log_extra: Callable[[], dict] = dict) -> list[dict]:
+    """One stage with HF Trainer (cosine schedule); logs loss, wall time, each held-out probe's
+    accuracy (`{name}_accuracy`) and what `log_extra()` adds."""
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     history: list[dict] = []
@@ -195,7 +199,7 @@ def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: Pre
             if logs and "loss" in logs:
                 history.append({"stage": stage, "step": state.global_step, "loss": round(logs["loss"], 4),
                                 **{f"{name}_accuracy": _token_accuracy(model, *p) for name, p in probes.items()},
-                                "seconds": round(time.perf_counter() - started, 1)})
+                                **log_extra(), "seconds": round(time.perf_counter() - started, 1)})
                 if not progress:
                     print(json.dumps(history[-1]), flush=True)
 
@@ -215,14 +219,15 @@ def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: Pre
 def _recall_stage(model: nn.Module, curriculum: RecallCurriculum, recipe: PretrainRecipe, vocab: tuple[int, int],
                   progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]]) -> list[dict]:
     """Stage 0; with `recall_advance`, each level's held-out blocks decide when the next begins."""
-    callbacks, moves = (), []
+    callbacks, moves, log_extra = (), [], dict
     if curriculum.adaptive:
         held_out = {p: mqar_blocks(64, recipe.recall_len, p, *vocab, torch.Generator().manual_seed(97 + p))
                     for p in curriculum.levels}
         measure = lambda pairs: _token_accuracy(model, *held_out[pairs])  # noqa: E731
         callbacks = (_advance_callback(curriculum, measure, recipe.recall_advance, moves),)
+        log_extra = lambda: dict(callbacks[0].latest)  # noqa: E731  the level and its last check
     history = _train(model, curriculum, recipe, recipe.recall_steps, recipe.recall_batch, progress, workdir,
-                     probes, "recall curriculum", callbacks)
+                     probes, "recall curriculum", callbacks, log_extra)
     return sorted(history + moves, key=lambda entry: entry["step"])
 
 

@@ -146,6 +146,7 @@ def test_adaptive_curriculum_moves_on_only_when_held_out_recall_is_good_enough()
     for step in range(1, 6 * ADVANCE_CHECK_STEPS + 1):
         callback.on_step_end(SimpleNamespace(disable_tqdm=False), SimpleNamespace(global_step=step), None)
     assert measured == [4, 4, 8, 8]  # once per check, at the current level; nothing after the last level
+    assert callback.latest == {"level": 8, "level_accuracy": 0.91}  # what the stage's log entries carry
     assert [(e["step"], e["level_passed"], e["level_accuracy"], e["next_level"]) for e in history] == \
         [(2 * ADVANCE_CHECK_STEPS, 4, 0.95, 8), (4 * ADVANCE_CHECK_STEPS, 8, 0.91, 16)]
     later = [table_size(next(rows)) for _ in range(64 * 3)]  # the rows drawn after the moves
