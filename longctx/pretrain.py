@@ -316,6 +316,11 @@ def _recipe(arch: str, seed: int, device: str, overrides: dict[str, Any]) -> Pre
                                  **{**ARCH_DEFAULTS[arch], **overrides})
     if recipe.mixed_blocks not in MIXED_BLOCKS:
         raise choice_error("mixed_blocks", recipe.mixed_blocks, MIXED_BLOCKS)
+    if not 0.0 <= recipe.recall_advance <= 1.0:
+        raise LongctxError(f"recipe field recall_advance: {recipe.recall_advance} is not an accuracy in [0, 1] "
+                           "(0: levels in equal shares of the stage)")
+    if recipe.state_size < 1:
+        raise LongctxError(f"recipe field state_size: {recipe.state_size} is not a positive int")
     return recipe
 
 

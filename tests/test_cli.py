@@ -81,6 +81,8 @@ def test_forward_runs_every_method_chunked_and_matches_unchunked(tiny_base_dir):
     (["pretrain", "--out", "x", "--set", "recall_steps=lots"], ["recall_steps: 'lots' is not a valid int"]),
     (["pretrain", "--out", "x", "--set", "steps=5"], ["recipe field steps: set it with --steps"]),
     (["pretrain", "--out", "x", "--set", "mixed_blocks=text"], ["unknown mixed_blocks 'text'", "copy, mqar"]),
+    (["pretrain", "--out", "x", "--set", "recall_advance=1.5"], ["recall_advance: 1.5 is not an accuracy in [0, 1]"]),
+    (["pretrain", "--out", "x", "--set", "state_size=0"], ["state_size: 0 is not a positive int"]),
     (["frobnicate"], ["invalid choice: 'frobnicate'"]),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragments, tiny_base_dir, longctx_here):
