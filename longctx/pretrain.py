@@ -6,7 +6,8 @@ small Llama or Mamba are trained with HF `Trainer` in up to three stages:
 0. recall curriculum (Mamba): multi-query associative recall on random tokens as in Zoology
    (Arora et al., 2023, arXiv 2312.04927): key-value pairs, then queried keys whose values must
    follow; the number of pairs doubles from 4 up to `recall_pairs` over the stage (each batch
-   draws its count up to the current level). Attention learns recall from text alone; Mamba at
+   draws its count up to the current level), in equal shares or, with `recall_advance`, once
+   held-out recall at the current level is good enough. Attention learns recall from text alone; Mamba at
    this size did not (0 on every probe after the mixed stage) — MQAR is the task the Mamba and
    Zoology papers show small SSMs solving.
 1. copy warm-up: blocks of random tokens in which spans reappear at random later offsets; loss
