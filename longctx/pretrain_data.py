@@ -68,8 +68,8 @@ class RecallCurriculum(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         gen, group = torch.Generator().manual_seed(self.seed), 64
         for start in range(0, self.rows, group):
-            share = min(len(self.levels) - 1, start * len(self.levels) // self.rows)
-            level = self.levels[self.level_index if self.adaptive else share]
+            share = start * len(self.levels) // self.rows  # equal shares of the stage
+            level = self.levels[self.level_index if self.adaptive else min(len(self.levels) - 1, share)]
             pairs = int(torch.randint(min(4, level), level + 1, (1,), generator=gen))
             ids, labels = mqar_blocks(min(group, self.rows - start), self.length, pairs, *self.vocab, gen)
             yield from ({"input_ids": i, "labels": l} for i, l in zip(ids, labels))

@@ -118,12 +118,17 @@ def test_mqar_blocks_label_exactly_the_values_recall_can_predict():
         assert all(t == row[p] == table[row[p - 1]] for p, t in labelled)
 
 
+def _table_size(row: dict) -> int:
+    """The number of key-value pairs of an MQAR row: the first labelled position is past the table."""
+    return next(p for p, t in enumerate(row["labels"].tolist()) if t != -100) // 2
+
+
 def test_recall_curriculum_grows_the_number_of_pairs():
     from longctx.pretrain_data import RecallCurriculum, curriculum_levels
 
     assert curriculum_levels(32) == [4, 8, 16, 32] and curriculum_levels(24) == [4, 8, 16, 24]
     rows = list(RecallCurriculum(64 * 8, 80, 32, (3, 4096), seed=0))
-    table_sizes = [next(p for p, t in enumerate(r["labels"].tolist()) if t != -100) // 2 for r in rows]
+    table_sizes = [_table_size(r) for r in rows]
     assert max(table_sizes[:128]) <= 4 and max(table_sizes[-128:]) > 16  # first level 4 pairs, last up to 32
     assert min(table_sizes[-128:]) >= 4  # every level still draws short tables
     assert len(rows) == 64 * 8
@@ -139,8 +144,7 @@ def test_adaptive_curriculum_moves_on_only_when_held_out_recall_is_good_enough()
 
     curriculum = RecallCurriculum(64 * 6, 80, 16, (3, 4096), seed=0, adaptive=True)  # levels 4, 8, 16
     rows = iter(curriculum)
-    table_size = lambda row: next(p for p, t in enumerate(row["labels"].tolist()) if t != -100) // 2  # noqa: E731
-    assert max(table_size(next(rows)) for _ in range(64)) <= 4
+    assert max(_table_size(next(rows)) for _ in range(64)) <= 4
     scores, measured, history = iter([0.2, 0.95, 0.5, 0.91]), [], []
     callback = _advance_callback(curriculum, lambda pairs: measured.append(pairs) or next(scores), 0.9, history)
     for step in range(1, 6 * ADVANCE_CHECK_STEPS + 1):
@@ -149,7 +153,7 @@ def test_adaptive_curriculum_moves_on_only_when_held_out_recall_is_good_enough()
     assert callback.latest == {"level": 8, "level_accuracy": 0.91}  # what the stage's log entries carry
     assert [(e["step"], e["level_passed"], e["level_accuracy"], e["next_level"]) for e in history] == \
         [(2 * ADVANCE_CHECK_STEPS, 4, 0.95, 8), (4 * ADVANCE_CHECK_STEPS, 8, 0.91, 16)]
-    later = [table_size(next(rows)) for _ in range(64 * 3)]  # the rows drawn after the moves
+    later = [_table_size(next(rows)) for _ in range(64 * 3)]  # the rows drawn after the moves
     assert max(later) > 8 and max(later) <= 16 and min(later) >= 4
 
 
