@@ -39,12 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from longctx.errors import LongctxError, choice_error
-from longctx.pretrain_data import MixedBlocks, RecallCurriculum, copy_blocks, document_pool, mqar_blocks
+from longctx.pretrain_data import (MixedBlocks, RecallCurriculum, copy_blocks, document_pool, mqar_blocks,
+                                   table_blocks)
 
 EMBEDDED_NAME = "longctx-tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 DEVICES = ("cpu", "cuda")
-MIXED_BLOCKS = ("copy", "mqar")
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ class PretrainRecipe:
     steps: int = 3000
     batch_size: int = 32
     seq_len: int = 1024
-    copy_share: float = 0.25  # fraction of stage-2 blocks that are copy (or MQAR) blocks
-    mixed_blocks: str = "copy"  # the synthetic blocks of stage 2: "copy" or "mqar"
+    copy_share: float = 0.25  # fraction of stage-2 rows that are synthetic blocks (`mixed_blocks`)
+    mixed_blocks: str = "copy"  # the synthetic blocks of stage 2: a key of SYNTHETIC_BLOCKS
     prose_share: float = 0.15  # fraction of documents that are prose windows
     pool_tokens: int = 8_000_000  # the stage-2 document stream, cycled
     learning_rate: float = 2e-3
@@ -138,6 +138,22 @@ ARCHS: dict[str, Callable[[PretrainRecipe, Any], nn.Module]] = {"llama": build_l
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {},
     "mamba": {"induction_steps": 0, "steps": 1000, "batch_size": 16, "seq_len": 256, "pool_tokens": 4_000_000},
+}
+
+
+def _mqar_of_any_size(recipe: PretrainRecipe, vocab: tuple[int, int]) -> Callable:
+    def make(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        pairs = int(torch.randint(4, recipe.recall_pairs + 1, (1,), generator=gen))
+        return mqar_blocks(n, recipe.seq_len, min(pairs, recipe.seq_len // 4), *vocab, gen)
+    return make
+
+
+# Stage 2's synthetic rows, by `mixed_blocks`: (recipe, token range, words, tokenizer) -> make(n, gen).
+SYNTHETIC_BLOCKS: dict[str, Callable[[PretrainRecipe, tuple[int, int], list[str], Any], Callable]] = {
+    "copy": lambda r, vocab, words, tok: lambda n, gen: copy_blocks(n, r.seq_len, r.induction_copies, *vocab, gen),
+    "mqar": lambda r, vocab, words, tok: _mqar_of_any_size(r, vocab),
+    "table": lambda r, vocab, words, tok: lambda n, gen: table_blocks(
+        n, r.seq_len, r.recall_pairs, words, tok, random.Random(int(torch.randint(1 << 31, (1,), generator=gen)))),
 }
 
 
@@ -315,8 +331,8 @@ def _recipe(arch: str, seed: int, device: str, overrides: dict[str, Any]) -> Pre
         raise choice_error("recipe field", unknown[0], [f.name for f in dataclasses.fields(PretrainRecipe)])
     recipe = dataclasses.replace(PretrainRecipe(arch=arch, seed=seed, device=device),
                                  **{**ARCH_DEFAULTS[arch], **overrides})
-    if recipe.mixed_blocks not in MIXED_BLOCKS:
-        raise choice_error("mixed_blocks", recipe.mixed_blocks, MIXED_BLOCKS)
+    if recipe.mixed_blocks not in SYNTHETIC_BLOCKS:
+        raise choice_error("mixed_blocks", recipe.mixed_blocks, tuple(SYNTHETIC_BLOCKS))
     if not 0.0 <= recipe.recall_advance <= 1.0:
         raise LongctxError(f"recipe field recall_advance: {recipe.recall_advance} is not an accuracy in [0, 1] "
                            "(0: levels in equal shares of the stage)")
@@ -350,17 +366,20 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
     vocab = (len(SPECIAL_TOKENS), len(tokenizer))
     probes = {"copy": copy_blocks(64, recipe.induction_len, recipe.induction_copies, *vocab,
                                   torch.Generator().manual_seed(99))}
-    if recipe.recall_steps or recipe.mixed_blocks == "mqar":
+    if recipe.recall_steps or recipe.mixed_blocks != "copy":
         probes.update({f"mqar_{p}": mqar_blocks(64, recipe.recall_len, p, *vocab, torch.Generator().manual_seed(98))
                        for p in (8, recipe.recall_pairs)})
     recall = RecallCurriculum(recipe.recall_steps * recipe.recall_batch, recipe.recall_len, recipe.recall_pairs,
                               vocab, recipe.seed + 4, adaptive=recipe.recall_advance > 0)
     warmup = MixedBlocks(recipe.induction_steps * recipe.induction_batch, recipe.induction_len, 1.0,
-                     recipe.induction_copies, None, vocab, recipe.seed + 2)
+                         lambda n, gen: copy_blocks(n, recipe.induction_len, recipe.induction_copies, *vocab, gen),
+                         None, recipe.seed + 2)
     pool = document_pool(recipe.pool_tokens, recipe.prose_share, recipe.seed, prose, words, tokenizer) \
         if recipe.steps else None  # steps=0: synthetic stages only (e.g. an MQAR-only run)
-    mixed = MixedBlocks(recipe.steps * recipe.batch_size, recipe.seq_len, recipe.copy_share, recipe.induction_copies,
-                        pool, vocab, recipe.seed + 3, recipe.mixed_blocks, recipe.recall_pairs)
+    if recipe.mixed_blocks == "table":  # text-format recall, held out: the curve the probes follow
+        probes["table"] = table_blocks(64, recipe.seq_len, recipe.recall_pairs, words, tokenizer, random.Random(98))
+    mixed = MixedBlocks(recipe.steps * recipe.batch_size, recipe.seq_len, recipe.copy_share,
+                        SYNTHETIC_BLOCKS[recipe.mixed_blocks](recipe, vocab, words, tokenizer), pool, recipe.seed + 3)
     history: list[dict] = []
     with tempfile.TemporaryDirectory() as workdir:
         if recipe.recall_steps:

@@ -1,10 +1,10 @@
 """Training rows of the embedded bases' recipe (`longctx.pretrain`): synthetic blocks on random
-tokens (copying, multi-query associative recall), the text document pool, and the datasets that
+tokens (copying, multi-query associative recall), recall in the words of the probes, the text document pool, and the datasets that
 interleave them in a fixed, seeded order (iterable, so HF Trainer does not reshuffle them)."""
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -42,6 +42,41 @@ def mqar_blocks(n: int, length: int, pairs: int, low: int, high: int, gen: torch
     ids = torch.cat([table, queries], 1)[:, :length]  # (n, T)
     labels = torch.full_like(ids, -100)
     labels[:, 2 * pairs + 1::2] = ids[:, 2 * pairs + 1::2]
+    return ids, labels
+
+
+TABLE_PAIR_TOKENS = 11  # an upper bound on the tokens of one "key = 1234;" entry
+
+
+def table_blocks(n: int, length: int, top: int, words: list[str], tokenizer: Any,
+                 rng: random.Random) -> tuple[Tensor, Tensor]:
+    """`n` rows of associative recall in words, the format of `evaluate_capability`'s recall probe:
+    "Table: k1 = 1234; ... kP = 5678. The value of kq is 1234. The value of ..." with P drawn from
+    4..`top` (capped so the table leaves room for queries), queries drawn from the table until the
+    row is full. Labels only on each answer (the space and the four digits after "is"): MQAR's
+    training signal (Zoology) on the tokens the text probes ask for. Returns (ids, labels), (n, T).
+    """
+    ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)  # (n, T)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    for row in range(n):
+        pairs = rng.randint(4, max(4, min(top, (length - 4 * TABLE_PAIR_TOKENS) // TABLE_PAIR_TOKENS)))
+        keys = rng.sample(words, pairs)
+        values = {k: "".join(rng.choice("0123456789") for _ in range(4)) for k in keys}
+        text, answers = "Table: " + "; ".join(f"{k} = {values[k]}" for k in keys) + ".", []
+        while len(text) < 4 * length:  # a token is at least one character
+            key = rng.choice(keys)
+            text += f" The value of {key} is"
+            answers.append((len(text), len(text) + 5))
+            text += f" {values[key]}."
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        tokens = enc["input_ids"][:length]
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        spans, k = enc["offset_mapping"][:length], 0
+        for t, (begin, end) in enumerate(spans):
+            while k < len(answers) and begin >= answers[k][1]:
+                k += 1
+            if k < len(answers) and begin >= answers[k][0] and end <= answers[k][1]:
+                labels[row, t] = tokens[t]
     return ids, labels
 
 
@@ -99,25 +134,23 @@ def document_pool(pool_tokens: int, prose_share: float, seed: int, prose: str, w
 class MixedBlocks(torch.utils.data.IterableDataset):
     """Training rows in a fixed order (iterable, so Trainer does not reshuffle them).
 
-    Each row is a copy block with probability `copy_share`, else the next `length` tokens of the
-    (cycled) document pool. Generated lazily in groups, from one seeded generator.
+    Each row is a synthetic block (`make_blocks(n, gen)` -> (ids, labels), both (n, length)) with
+    probability `synthetic_share`, else the next `length` tokens of the (cycled) document pool.
+    Generated lazily in groups, from one seeded generator.
     """
 
-    def __init__(self, rows: int, length: int, copy_share: float, copies: int, pool: Tensor | None,
-                 vocab: tuple[int, int], seed: int, kind: str = "copy", pairs: int = 32) -> None:
-        self.rows, self.length, self.copy_share, self.copies = rows, length, copy_share, copies
-        self.pool, self.vocab, self.seed, self.kind, self.pairs = pool, vocab, seed, kind, pairs
+    def __init__(self, rows: int, length: int, synthetic_share: float,
+                 make_blocks: Callable[[int, torch.Generator], tuple[Tensor, Tensor]], pool: Tensor | None,
+                 seed: int) -> None:
+        self.rows, self.length, self.synthetic_share = rows, length, synthetic_share
+        self.make_blocks, self.pool, self.seed = make_blocks, pool, seed
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         gen, offset, group = torch.Generator().manual_seed(self.seed), 0, 512
         for start in range(0, self.rows, group):
             n = min(group, self.rows - start)
-            if self.kind == "mqar":
-                pairs = int(torch.randint(4, self.pairs + 1, (1,), generator=gen))
-                ids, labels = mqar_blocks(n, self.length, min(pairs, self.length // 4), *self.vocab, gen)
-            else:
-                ids, labels = copy_blocks(n, self.length, self.copies, *self.vocab, gen)
-            use_text = torch.rand(n, generator=gen) >= self.copy_share  # (n,)
+            ids, labels = self.make_blocks(n, gen)  # (n, T) each
+            use_text = torch.rand(n, generator=gen) >= self.synthetic_share  # (n,)
             for i in range(n):
                 if self.pool is not None and bool(use_text[i]):
                     if offset + self.length > len(self.pool):

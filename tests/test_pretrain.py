@@ -118,6 +118,43 @@ def test_mqar_blocks_label_exactly_the_values_recall_can_predict():
         assert all(t == row[p] == table[row[p - 1]] for p, t in labelled)
 
 
+def test_table_blocks_label_exactly_the_answers_of_the_recall_probe_format():
+    """Text-format recall rows: each label is a queried key's value (space + four digits) as
+    stated in the row's own table; nothing else is labelled; the table fits with room to ask."""
+    import random
+    import re
+
+    from longctx.models import default_base_path
+    from longctx.pretrain_data import table_blocks
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_base_path("longctx-tiny-mamba"))
+    words = ["about", "zen", "value", "table", "python", "module", "class", "lambda"] * 8
+    words = list(dict.fromkeys(words)) + [f"w{i}" for i in range(40)]
+    ids, labels = table_blocks(6, 160, 32, words, tok, random.Random(0))
+    assert ids.shape == labels.shape == (6, 160)
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        text = tok.decode(row)
+        table = dict(re.findall(r"(\w+) = (\d{4})", text.split(".")[0]))
+        assert 4 <= len(table) <= (160 - 44) // 11
+        asked = re.findall(r"The value of (\w+) is (\d{4})", text)
+        assert asked and all(table[k] == v for k, v in asked)
+        answers = [t for t in lab if t != -100]
+        complete = len(asked) * 5  # a query cut off by the row's end keeps its first answer tokens
+        assert complete <= len(answers) < complete + 5
+        assert tok.decode(answers).split()[:len(asked)] == [v for _, v in asked]
+    again, _ = table_blocks(6, 160, 32, words, tok, random.Random(0))
+    assert torch.equal(ids, again)
+
+
+@pytest.mark.parametrize("kind", ["mqar", "table"])
+def test_mixed_stage_with_recall_blocks_logs_their_held_out_accuracy(tmp_path, kind):
+    out = pretrain(tmp_path / "m", arch="mamba", measure=False,
+                   **{**SMALL, "seq_len": 96, "mixed_blocks": kind, "recall_pairs": 8, "copy_share": 0.5})
+    log = json.loads((out / "manifest.json").read_text())["loss_log"]
+    assert log and all(0 <= e[f"{'table' if kind == 'table' else 'mqar_8'}_accuracy"] <= 1 for e in log)
+
+
 def _table_size(row: dict) -> int:
     """The number of key-value pairs of an MQAR row: the first labelled position is past the table."""
     return next(p for p, t in enumerate(row["labels"].tolist()) if t != -100) // 2
