@@ -45,6 +45,7 @@ from longctx.pretrain_data import (MixedBlocks, RecallCurriculum, copy_blocks, d
 EMBEDDED_NAME = "longctx-tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 DEVICES = ("cpu", "cuda")
+PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class PretrainRecipe:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
+    precision: str = "bf16"  # on CUDA: "bf16" autocast or "fp32" (CPU always trains in float32)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -224,7 +226,8 @@ def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: Pre
         output_dir=workdir, max_steps=steps, per_device_train_batch_size=batch,
         learning_rate=recipe.learning_rate, lr_scheduler_type="cosine", warmup_steps=recipe.warmup_steps,
         weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, steps // 20), save_strategy="no",
-        report_to=[], use_cpu=recipe.device == "cpu", bf16=recipe.device == "cuda", seed=recipe.seed,
+        report_to=[], use_cpu=recipe.device == "cpu",
+        bf16=recipe.device == "cuda" and recipe.precision == "bf16", seed=recipe.seed,
         data_seed=recipe.seed, dataloader_num_workers=0, disable_tqdm=not progress)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CopyProbe(), *callbacks])
     if not progress:
@@ -333,6 +336,8 @@ def _recipe(arch: str, seed: int, device: str, overrides: dict[str, Any]) -> Pre
                                  **{**ARCH_DEFAULTS[arch], **overrides})
     if recipe.mixed_blocks not in SYNTHETIC_BLOCKS:
         raise choice_error("mixed_blocks", recipe.mixed_blocks, tuple(SYNTHETIC_BLOCKS))
+    if recipe.precision not in PRECISIONS:
+        raise choice_error("precision", recipe.precision, PRECISIONS)
     if not 0.0 <= recipe.recall_advance <= 1.0:
         raise LongctxError(f"recipe field recall_advance: {recipe.recall_advance} is not an accuracy in [0, 1] "
                            "(0: levels in equal shares of the stage)")

@@ -1,6 +1,7 @@
 """Training rows of the embedded bases' recipe (`longctx.pretrain`): synthetic blocks on random
-tokens (copying, multi-query associative recall), recall in the words of the probes, the text document pool, and the datasets that
-interleave them in a fixed, seeded order (iterable, so HF Trainer does not reshuffle them)."""
+tokens (copying, multi-query associative recall), associative recall in the words of the recall
+probe, the text document pool, and the datasets that interleave them in a fixed, seeded order
+(iterable, so HF Trainer does not reshuffle them)."""
 from __future__ import annotations
 
 import random
@@ -55,28 +56,32 @@ def table_blocks(n: int, length: int, top: int, words: list[str], tokenizer: Any
     4..`top` (capped so the table leaves room for queries), queries drawn from the table until the
     row is full. Labels only on each answer (the space and the four digits after "is"): MQAR's
     training signal (Zoology) on the tokens the text probes ask for. Returns (ids, labels), (n, T).
+
+    Rows are assembled from separately tokenized pieces (each word, digit and punctuation mark is
+    its own pre-token, so this equals tokenizing the whole text; the tests check it): ~20x faster
+    than tokenizing the text, which would otherwise stall a GPU run.
     """
+    cache: dict[str, list[int]] = {}
+    piece = lambda text: cache.get(text) or cache.setdefault(  # noqa: E731
+        text, tokenizer(text, add_special_tokens=False)["input_ids"])
     ids = torch.full((n, length), tokenizer.pad_token_id, dtype=torch.long)  # (n, T)
     labels = torch.full((n, length), -100, dtype=torch.long)
     for row in range(n):
         pairs = rng.randint(4, max(4, min(top, (length - 4 * TABLE_PAIR_TOKENS) // TABLE_PAIR_TOKENS)))
         keys = rng.sample(words, pairs)
-        values = {k: "".join(rng.choice("0123456789") for _ in range(4)) for k in keys}
-        text, answers = "Table: " + "; ".join(f"{k} = {values[k]}" for k in keys) + ".", []
-        while len(text) < 4 * length:  # a token is at least one character
+        values = {k: [piece(" ")[0], *(piece(d)[0] for d in rng.choices("0123456789", k=4))] for k in keys}
+        tokens = list(piece("Table:"))
+        for i, key in enumerate(keys):
+            tokens = tokens + piece(" " + key) + piece(" =") + values[key] + piece(";" if i < pairs - 1 else ".")
+        mask = [False] * len(tokens)
+        while len(tokens) < length:
             key = rng.choice(keys)
-            text += f" The value of {key} is"
-            answers.append((len(text), len(text) + 5))
-            text += f" {values[key]}."
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        tokens = enc["input_ids"][:length]
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-        spans, k = enc["offset_mapping"][:length], 0
-        for t, (begin, end) in enumerate(spans):
-            while k < len(answers) and begin >= answers[k][1]:
-                k += 1
-            if k < len(answers) and begin >= answers[k][0] and end <= answers[k][1]:
-                labels[row, t] = tokens[t]
+            asked = piece(" The value of") + piece(" " + key) + piece(" is")
+            tokens += asked + values[key] + piece(".")
+            mask += [False] * len(asked) + [True] * 5 + [False]
+        row_ids = torch.tensor(tokens[:length])  # (T,)
+        ids[row] = row_ids
+        labels[row] = torch.where(torch.tensor(mask[:length]), row_ids, -100)
     return ids, labels
 
 

@@ -119,8 +119,9 @@ def test_mqar_blocks_label_exactly_the_values_recall_can_predict():
 
 
 def test_table_blocks_label_exactly_the_answers_of_the_recall_probe_format():
-    """Text-format recall rows: each label is a queried key's value (space + four digits) as
-    stated in the row's own table; nothing else is labelled; the table fits with room to ask."""
+    """Text-format recall rows: the tokens of the text they decode to; each label is a queried
+    key's value (space + four digits) as stated in the row's own table; nothing else is labelled;
+    the table fits with room to ask."""
     import random
     import re
 
@@ -135,6 +136,7 @@ def test_table_blocks_label_exactly_the_answers_of_the_recall_probe_format():
     assert ids.shape == labels.shape == (6, 160)
     for row, lab in zip(ids.tolist(), labels.tolist()):
         text = tok.decode(row)
+        assert tok(text, add_special_tokens=False)["input_ids"] == row  # pieces = tokenizing the text
         table = dict(re.findall(r"(\w+) = (\d{4})", text.split(".")[0]))
         assert 4 <= len(table) <= (160 - 44) // 11
         asked = re.findall(r"The value of (\w+) is (\d{4})", text)
