@@ -1,0 +1,146 @@
+"""Run several `longctx pretrain --arch mamba` recipes side by side on one GPU within a time budget.
+
+Why: a borrowed GPU comes for minutes, and how fast transformers' mambapy scan trains on it is not
+known in advance. Each variant is first run briefly at two stage lengths with the same number of
+log entries (so the difference in wall time is the cost of the extra steps alone), then again
+with as many steps as fit the budget. Every variant's model directory (model, tokenizer,
+manifest.json with the loss / probe log and capability) and its JSON-line log land in
+OUT/<variant>/; a summary is printed at the end.
+
+    python benchmarks/gpu/mamba_recipes.py OUT --until EPOCH_SECONDS [--only NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Shared by every variant: fp32 (the tiny model is launch-bound; bf16 buys nothing and risks the
+# scan's precision), Zoology-style MQAR curriculum on tokens (stage 0, adaptive), then text with
+# recall in the probes' own words (`mixed_blocks=table`) for 60% of its rows.
+COMMON = ["precision=fp32", "recall_len=256", "recall_batch=64", "recall_pairs=32", "recall_advance=0.8",
+          "seq_len=512", "batch_size=32", "mixed_blocks=table", "copy_share=0.6", "pool_tokens=2000000",
+          "threads=2"]
+# name -> (share of the training time given to the token MQAR stage, recipe fields)
+VARIANTS: dict[str, tuple[float, list[str]]] = {
+    "d128x2": (0.3, ["hidden_size=128", "num_layers=2", "learning_rate=3e-3"]),
+    "d256x2": (0.3, ["hidden_size=256", "num_layers=2", "learning_rate=2e-3"]),
+    "d192x3": (0.3, ["hidden_size=192", "num_layers=3", "learning_rate=2e-3"]),
+    "d256x2-text-only": (0.0, ["hidden_size=256", "num_layers=2", "learning_rate=2e-3"]),
+}
+CALIBRATION_STEPS = (20, 100)  # both log 20 entries (logging every steps // 20)
+STAGES = {"recall curriculum": "recall", "mixed": "text"}
+EXTRA: list[str] = []  # --extra: fields set after the variant's (e.g. small shapes for a CPU dry run)
+PRETRAIN = "import sys; from longctx.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def command(out: Path, recall_steps: int, text_steps: int, fields: list[str], device: str) -> list[str]:
+    fields = [*COMMON, *fields, *EXTRA, f"recall_steps={recall_steps}"]
+    sets = [arg for field in fields for arg in ("--set", field)]
+    return [sys.executable, "-c", PRETRAIN, "pretrain", "--arch", "mamba", "--device", device, "--quiet",
+            "--out", str(out), "--steps", str(text_steps), *sets]
+
+
+def stage_seconds(log: Path) -> dict[str, float]:
+    """Wall seconds of each stage: its last log entry's `seconds`."""
+    seconds: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if "seconds" in entry:
+                seconds[STAGES[entry["stage"]]] = entry["seconds"]
+    return seconds
+
+
+def launch(runs: dict[str, list[str]], logs: dict[str, Path], until: float) -> dict[str, float]:
+    """Start every command at once; wait (killing what is still running at `until`); wall seconds each."""
+    started = time.time()
+    procs = {name: subprocess.Popen(cmd, stdout=logs[name].open("w"), stderr=subprocess.STDOUT)
+             for name, cmd in runs.items()}
+    walls: dict[str, float] = {}
+    while len(walls) < len(procs):
+        for name, proc in procs.items():
+            if name not in walls and proc.poll() is not None:
+                walls[name] = time.time() - started
+                print(f"  {name}: exit {proc.returncode} after {walls[name]:.0f} s", flush=True)
+        if time.time() > until:
+            for name, proc in procs.items():
+                if name not in walls:
+                    proc.kill()
+                    walls[name] = float("inf")
+                    print(f"  {name}: killed at the deadline", flush=True)
+        time.sleep(1)
+    return walls
+
+
+def calibrate(names: list[str], until: float, device: str, lengths: tuple[int, int]) -> dict[str, dict[str, float]]:
+    """Per variant: seconds per step of each stage, and the fixed seconds (start-up, probes, saving)."""
+    runs, logs = {}, {}
+    scratch = Path(tempfile.mkdtemp(prefix="calibrate-"))
+    for name in names:
+        share, fields = VARIANTS[name]
+        for steps in lengths:
+            key = f"{name}@{steps}"
+            runs[key] = command(scratch / key, steps if share else 0, steps, fields, device)
+            logs[key] = scratch / f"{key}.log"
+    walls = launch(runs, logs, until)
+    costs = {}
+    for name in names:
+        if any(walls[f"{name}@{s}"] == float("inf") for s in lengths):
+            print(f"  {name}: calibration did not finish; dropped (see {scratch})", flush=True)
+            continue
+        short, long = (stage_seconds(logs[f"{name}@{s}"]) for s in lengths)
+        per_step = {stage: max(1e-3, (long[stage] - short[stage]) / (lengths[1] - lengths[0])) for stage in long}
+        fixed = walls[f"{name}@{lengths[1]}"] - sum(per_step[s] * lengths[1] for s in per_step)
+        costs[name] = {**{f"{s}_step_seconds": round(v, 4) for s, v in per_step.items()}, "fixed_seconds": round(fixed, 1)}
+        print(f"  {name}: {costs[name]}", flush=True)
+    return costs
+
+
+def sized_steps(share: float, cost: dict[str, float], seconds: float) -> tuple[int, int]:
+    """(recall steps, text steps) that fill `seconds` with the variant's stage costs, 15% spare."""
+    train = 0.85 * (seconds - cost["fixed_seconds"] - 20)  # 20 s: the full capability probes at the end
+    recall = int(share * train / cost["recall_step_seconds"]) if share else 0
+    return recall, max(100, int((1 - share) * train / cost["text_step_seconds"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--until", type=float, required=True, help="epoch seconds by which all must be done")
+    parser.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--calibration", nargs=2, type=int, default=CALIBRATION_STEPS, metavar=("SHORT", "LONG"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"calibrating {len(args.only)} variants, {time.strftime('%X')}", flush=True)
+    EXTRA.extend(args.extra)
+    costs = calibrate(args.only, args.until, args.device, tuple(args.calibration))
+    args.only = [name for name in args.only if name in costs]
+    seconds = args.until - time.time()
+    plan = {name: sized_steps(VARIANTS[name][0], costs[name], seconds) for name in args.only}
+    print(f"training with {seconds:.0f} s left: {plan}", flush=True)
+    runs = {name: command(args.out / name / "model", *plan[name], VARIANTS[name][1], args.device)
+            for name in args.only}
+    for name in args.only:
+        (args.out / name).mkdir(exist_ok=True)
+    walls = launch(runs, {name: args.out / name / "log.jsonl" for name in args.only}, args.until)
+    summary = {}
+    for name in args.only:
+        manifest = args.out / name / "model" / "manifest.json"
+        done = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        summary[name] = {"steps": plan[name], "wall": walls[name], "calibration": costs[name],
+                         "capability": done.get("capability"), "last": (done.get("loss_log") or [None])[-1]}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps(summary, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
