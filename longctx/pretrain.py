@@ -161,14 +161,14 @@ SYNTHETIC_BLOCKS: dict[str, Callable[[PretrainRecipe, tuple[int, int], list[str]
 
 def _token_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
     """Greedy next-token accuracy on the labelled positions of held-out blocks (copied tokens,
-    recalled values)."""
-    was_training = model.training
-    model.eval()
+    recalled values). Measured in train mode without gradients: neither base has dropout, and
+    in eval mode transformers' Mamba takes its per-token loop instead of the parallel scan
+    (measured ~4 s per 64 x 256 check on an H100, more than 25 training steps)."""
     with torch.no_grad():
-        logits = model(input_ids=ids.to(model.device)).logits[:, :-1].float().cpu()  # (n, T-1, V)
-    model.train(was_training)
+        logits = model(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1]  # (n, T-1, V)
+        predicted = logits.argmax(-1).cpu()  # (n, T-1)
     target = labels[:, 1:]
-    hit = (logits.argmax(-1) == target) & (target >= 0)
+    hit = (predicted == target) & (target >= 0)
     return round(hit.sum().item() / max(1, (target >= 0).sum().item()), 4)
 
 

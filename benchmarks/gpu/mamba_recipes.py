@@ -95,6 +95,9 @@ def calibrate(names: list[str], until: float, device: str, lengths: tuple[int, i
             print(f"  {name}: calibration did not finish; dropped (see {scratch})", flush=True)
             continue
         short, long = (stage_seconds(logs[f"{name}@{s}"]) for s in lengths)
+        if set(short) != set(long) or not long:
+            print(f"  {name}: a calibration run failed; dropped (see {scratch})", flush=True)
+            continue
         per_step = {stage: max(1e-3, (long[stage] - short[stage]) / (lengths[1] - lengths[0])) for stage in long}
         fixed = walls[f"{name}@{lengths[1]}"] - sum(per_step[s] * lengths[1] for s in per_step)
         costs[name] = {**{f"{s}_step_seconds": round(v, 4) for s, v in per_step.items()}, "fixed_seconds": round(fixed, 1)}
@@ -115,6 +118,8 @@ def main() -> None:
     parser.add_argument("--until", type=float, required=True, help="epoch seconds by which all must be done")
     parser.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of this script")
+    parser.add_argument("--plan", nargs="*", default=[], metavar="NAME=RECALL,TEXT",
+                        help="step counts per variant instead of calibrating")
     parser.add_argument("--extra", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--calibration", nargs=2, type=int, default=CALIBRATION_STEPS, metavar=("SHORT", "LONG"))
     args = parser.parse_args()
@@ -122,10 +127,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"calibrating {len(args.only)} variants, {time.strftime('%X')}", flush=True)
     EXTRA.extend(args.extra)
-    costs = calibrate(args.only, args.until, args.device, tuple(args.calibration))
-    args.only = [name for name in args.only if name in costs]
+    if args.plan:  # steps given (from an earlier calibration): no calibration runs
+        plan = {name: tuple(int(n) for n in steps.split(",")) for name, steps in
+                (item.split("=") for item in args.plan)}
+        args.only, costs = list(plan), {name: "given" for name in plan}
+    else:
+        costs = calibrate(args.only, args.until, args.device, tuple(args.calibration))
+        args.only = [name for name in args.only if name in costs]
+        plan = {name: sized_steps(VARIANTS[name][0], costs[name], args.until - time.time()) for name in args.only}
     seconds = args.until - time.time()
-    plan = {name: sized_steps(VARIANTS[name][0], costs[name], seconds) for name in args.only}
     print(f"training with {seconds:.0f} s left: {plan}", flush=True)
     runs = {name: command(args.out / name / "model", *plan[name], VARIANTS[name][1], args.device)
             for name in args.only}
