@@ -66,7 +66,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         if not args.out:
             raise LongctxError("pretrain needs --out DIR (or --verify to rebuild and compare the committed base)")
         out = pretrain(Path(args.out), arch=args.arch, steps=args.steps, seed=args.seed, device=args.device,
-                       progress=not args.quiet, **recipe_overrides(args.set))
+                       progress=not args.quiet, time_limit_minutes=args.time_limit, **recipe_overrides(args.set))
         print(f"wrote {out}")
         return
     name = EMBEDDED_NAME if args.arch == "llama" else f"{EMBEDDED_NAME}-{args.arch}"
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true",
                    help="no progress bars; print each log entry (loss, probe accuracies, seconds) as a JSON line")
+    t.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="stop training after this long and save what was learned (the manifest says where it "
+                        "stopped): for a GPU lease or a job's wall-time limit")
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one recipe field (repeatable), e.g. --set hidden_size=256")
     t.add_argument("--device", default="cpu",

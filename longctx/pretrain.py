@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from longctx.errors import LongctxError, choice_error
 from longctx.pretrain_data import (MixedBlocks, RecallCurriculum, copy_blocks, document_pool, mqar_blocks,
                                    table_blocks)
+from longctx.pretrain_probes import evaluate_capability, token_accuracy
 
 EMBEDDED_NAME = "longctx-tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -159,19 +160,6 @@ SYNTHETIC_BLOCKS: dict[str, Callable[[PretrainRecipe, tuple[int, int], list[str]
 }
 
 
-def _token_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
-    """Greedy next-token accuracy on the labelled positions of held-out blocks (copied tokens,
-    recalled values). Measured in train mode without gradients: neither base has dropout, and
-    in eval mode transformers' Mamba takes its per-token loop instead of the parallel scan
-    (measured ~4 s per 64 x 256 check on an H100, more than 25 training steps)."""
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1]  # (n, T-1, V)
-        predicted = logits.argmax(-1).cpu()  # (n, T-1)
-    target = labels[:, 1:]
-    hit = (predicted == target) & (target >= 0)
-    return round(hit.sum().item() / max(1, (target >= 0).sum().item()), 4)
-
-
 ADVANCE_CHECK_STEPS = 25  # how often an adaptive curriculum measures held-out recall at its level
 
 
@@ -203,11 +191,34 @@ def _advance_callback(curriculum: RecallCurriculum, measure: Callable[[int], flo
     return AdvanceOnRecall()
 
 
+@dataclass
+class TimeLimit:
+    """Stops training once `deadline` (epoch seconds) passes: the current stage ends after its step,
+    later stages are skipped, and `stopped` says where (recorded in the manifest). What a GPU lease
+    or a cluster job's wall-time limit needs: a run that stops short still saves its model. One per
+    `pretrain` call; `deadline=None` never stops."""
+    deadline: float | None = None
+    stopped: dict | None = None
+
+    def callback(self, stage: str) -> Any:
+        from transformers import TrainerCallback
+
+        limit = self
+
+        class StopAtDeadline(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                if limit.deadline is not None and time.time() >= limit.deadline:
+                    control.should_training_stop = True
+                    limit.stopped = {"stage": stage, "step": state.global_step}
+
+        return StopAtDeadline()
+
+
 def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: PretrainRecipe, steps: int,
            batch: int, progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]], stage: str,
-           callbacks: tuple[Any, ...] = (), log_extra: Callable[[], dict] = dict) -> list[dict]:
+           limit: TimeLimit, callbacks: tuple[Any, ...] = (), log_extra: Callable[[], dict] = dict) -> list[dict]:
     """One stage with HF Trainer (cosine schedule); logs loss, wall time, each held-out probe's
-    accuracy (`{name}_accuracy`) and what `log_extra()` adds."""
+    accuracy (`{name}_accuracy`) and what `log_extra()` adds; stops early at `limit`."""
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     history: list[dict] = []
@@ -217,7 +228,7 @@ def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: Pre
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             if logs and "loss" in logs:
                 history.append({"stage": stage, "step": state.global_step, "loss": round(logs["loss"], 4),
-                                **{f"{name}_accuracy": _token_accuracy(model, *p) for name, p in probes.items()},
+                                **{f"{name}_accuracy": token_accuracy(model, *p) for name, p in probes.items()},
                                 **log_extra(), "seconds": round(time.perf_counter() - started, 1)})
                 if not progress:
                     print(json.dumps(history[-1]), flush=True)
@@ -229,7 +240,7 @@ def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: Pre
         report_to=[], use_cpu=recipe.device == "cpu",
         bf16=recipe.device == "cuda" and recipe.precision == "bf16", seed=recipe.seed,
         data_seed=recipe.seed, dataloader_num_workers=0, disable_tqdm=not progress)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CopyProbe(), *callbacks])
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[CopyProbe(), limit.callback(stage), *callbacks])
     if not progress:
         trainer.remove_callback(PrinterCallback)  # its dicts would interleave with the JSON lines
     trainer.train()
@@ -237,54 +248,19 @@ def _train(model: nn.Module, data: torch.utils.data.IterableDataset, recipe: Pre
 
 
 def _recall_stage(model: nn.Module, curriculum: RecallCurriculum, recipe: PretrainRecipe, vocab: tuple[int, int],
-                  progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]]) -> list[dict]:
+                  progress: bool, workdir: str, probes: dict[str, tuple[Tensor, Tensor]],
+                  limit: TimeLimit) -> list[dict]:
     """Stage 0; with `recall_advance`, each level's held-out blocks decide when the next begins."""
     callbacks, moves, log_extra = (), [], dict
     if curriculum.adaptive:
         held_out = {p: mqar_blocks(64, recipe.recall_len, p, *vocab, torch.Generator().manual_seed(97 + p))
                     for p in curriculum.levels}
-        measure = lambda pairs: _token_accuracy(model, *held_out[pairs])  # noqa: E731
+        measure = lambda pairs: token_accuracy(model, *held_out[pairs])  # noqa: E731
         callbacks = (_advance_callback(curriculum, measure, recipe.recall_advance, moves),)
         log_extra = lambda: dict(callbacks[0].latest)  # noqa: E731  the level and its last check
     history = _train(model, curriculum, recipe, recipe.recall_steps, recipe.recall_batch, progress, workdir,
-                     probes, "recall curriculum", callbacks, log_extra)
+                     probes, "recall curriculum", limit, callbacks, log_extra)
     return sorted(history + moves, key=lambda entry: entry["step"])
-
-
-def _recall_probe(rng: random.Random, words: list[str], pairs: int) -> tuple[str, str]:
-    keys = rng.sample(words, pairs)
-    values = {k: "".join(rng.choice("0123456789") for _ in range(4)) for k in keys}
-    query = rng.choice(keys)
-    table = "; ".join(f"{k} = {values[k]}" for k in keys)
-    return f"Table: {table}. The value of {query} is", f" {values[query]}"
-
-
-def _copy_probe(rng: random.Random, words: list[str], length: int) -> tuple[str, str]:
-    span = " ".join(rng.choice(words) for _ in range(length))
-    return f"Sequence: {span}. Repeat the sequence:", f" {span}"
-
-
-def evaluate_capability(model: nn.Module, tokenizer: Any, seed: int = 1234, n: int = 30) -> dict[str, float]:
-    """Greedy exact-match accuracy on held-out associative-recall and copy probes."""
-    from longctx.runner import greedy_generate
-    from longctx.tasks.common import word_pool
-
-    # The project's own word list, so the probes do not change with the Python version.
-    words, rng, scores = list(word_pool()), random.Random(seed), {}
-    probes = {"recall_8_pairs": lambda: _recall_probe(rng, words, 8),
-              "recall_24_pairs": lambda: _recall_probe(rng, words, 24),
-              "copy_12_words": lambda: _copy_probe(rng, words, 12)}
-    model.eval()
-    for name, make in probes.items():
-        hits = 0
-        for _ in range(n):
-            prompt, answer = make()  # answers start with a space, as in training text
-            ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-            target = tokenizer(answer, add_special_tokens=False)["input_ids"]
-            out = greedy_generate(model, ids, len(target))
-            hits += out[0].tolist() == target
-        scores[name] = hits / n
-    return scores
 
 
 def _sha256(path: Path) -> str:
@@ -346,28 +322,9 @@ def _recipe(arch: str, seed: int, device: str, overrides: dict[str, Any]) -> Pre
     return recipe
 
 
-def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed: int = 0,
-             seq_len: int | None = None, progress: bool = True, device: str = "cpu", measure: bool = True,
-             **overrides: Any) -> Path:
-    """Run the recipe and write an HF model directory (+ manifest.json) to `out_dir` atomically.
-
-    `overrides` replace recipe fields by name (e.g. `induction_steps=0`, `pool_tokens=...`);
-    `measure=False` leaves the manifest's capability empty (the probes are slow for Mamba on CPU;
-    `evaluate_capability` runs them on the saved model later).
-    """
-    from longctx.corpus import python_prose, synthetic_documents, word_list
-    from longctx.fileio import atomic_directory
-
-    overrides.update({k: v for k, v in {"steps": steps, "seq_len": seq_len}.items() if v is not None})
-    recipe = _recipe(arch, seed, device, overrides)
-    torch.set_num_threads(recipe.threads)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    started = time.perf_counter()
-    prose = python_prose()
-    words = word_list(prose)
-    tokenizer = train_tokenizer([prose, *synthetic_documents(2000, recipe.seed + 7, words, prose)], recipe.vocab_size)
-    model = ARCHS[arch](recipe, tokenizer)
+def _run_stages(model: nn.Module, recipe: PretrainRecipe, tokenizer: Any, prose: str, words: list[str],
+                progress: bool, limit: TimeLimit) -> list[dict]:
+    """Build each stage's rows and held-out probes, train the stages in order; the joint log."""
     vocab = (len(SPECIAL_TOKENS), len(tokenizer))
     probes = {"copy": copy_blocks(64, recipe.induction_len, recipe.induction_copies, *vocab,
                                   torch.Generator().manual_seed(99))}
@@ -388,13 +345,44 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
     history: list[dict] = []
     with tempfile.TemporaryDirectory() as workdir:
         if recipe.recall_steps:
-            history += _recall_stage(model, recall, recipe, vocab, progress, workdir, probes)
-        if recipe.induction_steps:
+            history += _recall_stage(model, recall, recipe, vocab, progress, workdir, probes, limit)
+        if recipe.induction_steps and not limit.stopped:
             history += _train(model, warmup, recipe, recipe.induction_steps, recipe.induction_batch, progress,
-                              workdir, probes, "copy warm-up")
-        if recipe.steps:
+                              workdir, probes, "copy warm-up", limit)
+        if recipe.steps and not limit.stopped:
             history += _train(model, mixed, recipe, recipe.steps, recipe.batch_size, progress, workdir, probes,
-                              "mixed")
+                              "mixed", limit)
+    return history
+
+
+def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed: int = 0,
+             seq_len: int | None = None, progress: bool = True, device: str = "cpu", measure: bool = True,
+             time_limit_minutes: float | None = None, **overrides: Any) -> Path:
+    """Run the recipe and write an HF model directory (+ manifest.json) to `out_dir` atomically.
+
+    `overrides` replace recipe fields by name (e.g. `induction_steps=0`, `pool_tokens=...`);
+    `measure=False` leaves the manifest's capability empty (the probes are slow for Mamba on CPU;
+    `evaluate_capability` runs them on the saved model later). `time_limit_minutes` stops training
+    after that long (see `TimeLimit`); such a model depends on the machine's speed, so its
+    manifest says where it stopped (`stopped_early`).
+    """
+    from longctx.corpus import python_prose, synthetic_documents, word_list
+    from longctx.fileio import atomic_directory
+
+    overrides.update({k: v for k, v in {"steps": steps, "seq_len": seq_len}.items() if v is not None})
+    recipe = _recipe(arch, seed, device, overrides)
+    if time_limit_minutes is not None and not time_limit_minutes > 0:
+        raise LongctxError(f"time limit: {time_limit_minutes} is not a positive number of minutes")
+    torch.set_num_threads(recipe.threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    started = time.perf_counter()
+    limit = TimeLimit(time.time() + 60 * time_limit_minutes if time_limit_minutes else None)
+    prose = python_prose()
+    words = word_list(prose)
+    tokenizer = train_tokenizer([prose, *synthetic_documents(2000, recipe.seed + 7, words, prose)], recipe.vocab_size)
+    model = ARCHS[arch](recipe, tokenizer)
+    history = _run_stages(model, recipe, tokenizer, prose, words, progress, limit)
     model = model.float().cpu().eval()  # capability is measured on CPU in float32, as tests re-measure it
     capability = evaluate_capability(model, tokenizer, n=30 if recipe.steps >= 100 else 2) if measure else None
     with atomic_directory(Path(out_dir)) as tmp:
@@ -408,6 +396,7 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
                     "threads": torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - started, 1),
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "final_loss": history[-1]["loss"] if history else None, "loss_log": history,
+                    "stopped_early": limit.stopped and {**limit.stopped, "time_limit_minutes": time_limit_minutes},
                     "capability": capability, "capability_measured": f"on CPU in float32, torch {torch.__version__}",
                     "model_sha256": _sha256(tmp / "model.safetensors")}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

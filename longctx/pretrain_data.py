@@ -51,7 +51,7 @@ TABLE_PAIR_TOKENS = 11  # an upper bound on the tokens of one "key = 1234;" entr
 
 def table_blocks(n: int, length: int, top: int, words: list[str], tokenizer: Any,
                  rng: random.Random) -> tuple[Tensor, Tensor]:
-    """`n` rows of associative recall in words, the format of `evaluate_capability`'s recall probe:
+    """`n` rows of associative recall in words, the recall probe's format (`longctx.pretrain_probes`):
     "Table: k1 = 1234; ... kP = 5678. The value of kq is 1234. The value of ..." with P drawn from
     4..`top` (capped so the table leaves room for queries), queries drawn from the table until the
     row is full. Labels only on each answer (the space and the four digits after "is"): MQAR's

@@ -84,6 +84,7 @@ def test_forward_runs_every_method_chunked_and_matches_unchunked(tiny_base_dir):
     (["pretrain", "--out", "x", "--set", "precision=fp16"], ["unknown precision 'fp16'", "bf16, fp32"]),
     (["pretrain", "--out", "x", "--set", "recall_advance=1.5"], ["recall_advance: 1.5 is not an accuracy in [0, 1]"]),
     (["pretrain", "--out", "x", "--set", "state_size=0"], ["state_size: 0 is not a positive int"]),
+    (["pretrain", "--out", "x", "--time-limit", "0"], ["time limit: 0.0 is not a positive number of minutes"]),
     (["frobnicate"], ["invalid choice: 'frobnicate'"]),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragments, tiny_base_dir, longctx_here):

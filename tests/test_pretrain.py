@@ -10,7 +10,8 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.models import EMBEDDED_BASES, default_base_path
-from longctx.pretrain import evaluate_capability, pretrain
+from longctx.pretrain import pretrain
+from longctx.pretrain_probes import evaluate_capability
 from longctx.pretrain_data import copy_blocks, mqar_blocks
 
 
@@ -76,6 +77,20 @@ def test_bad_recipe_fields_and_devices_are_refused(tmp_path):
     with pytest.raises(LongctxError, match="unknown device 'tpu'; valid choices: cpu, cuda"):
         pretrain(tmp_path / "x", device="tpu")
     assert not (tmp_path / "x").exists()
+
+
+def test_time_limit_stops_training_saves_the_model_and_says_where(tmp_path):
+    """A run past its time limit ends the current stage after one step, skips the later stages,
+    still writes a loadable model, and its manifest records where it stopped."""
+    from transformers import AutoModelForCausalLM
+
+    out = pretrain(tmp_path / "m", measure=False, time_limit_minutes=1e-6, **{**SMALL, "induction_steps": 50})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stopped_early"] == {"stage": "copy warm-up", "step": 1, "time_limit_minutes": 1e-6}
+    assert all(entry["stage"] == "copy warm-up" for entry in manifest["loss_log"])  # the mixed stage never ran
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    untimed = json.loads((pretrain(tmp_path / "n", measure=False, **SMALL) / "manifest.json").read_text())
+    assert untimed["stopped_early"] is None
 
 
 def test_copy_blocks_label_only_tokens_an_induction_circuit_can_predict():
