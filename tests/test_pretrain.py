@@ -167,7 +167,8 @@ def test_table_blocks_label_exactly_the_answers_of_the_recall_probe_format():
 @pytest.mark.parametrize("kind", ["mqar", "table"])
 def test_mixed_stage_with_recall_blocks_logs_their_held_out_accuracy(tmp_path, kind):
     out = pretrain(tmp_path / "m", arch="mamba", measure=False,
-                   **{**SMALL, "seq_len": 96, "mixed_blocks": kind, "recall_pairs": 8, "copy_share": 0.5})
+                   **{**SMALL, "seq_len": 96, "mixed_blocks": kind, "recall_pairs": 8, "copy_share": 0.5,
+                      "recall_len": 64, "num_layers": 1, "hidden_size": 64})
     log = json.loads((out / "manifest.json").read_text())["loss_log"]
     assert log and all(0 <= e[f"{'table' if kind == 'table' else 'mqar_8'}_accuracy"] <= 1 for e in log)
 
