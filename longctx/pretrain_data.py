@@ -58,8 +58,9 @@ def table_blocks(n: int, length: int, top: int, words: list[str], tokenizer: Any
     training signal (Zoology) on the tokens the text probes ask for. Returns (ids, labels), (n, T).
 
     Rows are assembled from separately tokenized pieces (each word, digit and punctuation mark is
-    its own pre-token, so this equals tokenizing the whole text; the tests check it): ~20x faster
-    than tokenizing the text, which would otherwise stall a GPU run.
+    its own pre-token, so this equals tokenizing the whole text; the tests check it): 0.16 s per
+    512 rows of 512 tokens on this project's CPU against 0.55 s tokenizing the text with offsets,
+    work that sits on the training step's path (the rows are made in the trainer's process).
     """
     cache: dict[str, list[int]] = {}
     piece = lambda text: cache.get(text) or cache.setdefault(  # noqa: E731

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 def token_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
     """Greedy next-token accuracy on the labelled positions of held-out blocks (copied tokens,
-    recalled values). Measured in train mode without gradients: neither base has dropout, and
-    in eval mode transformers' Mamba takes its per-token loop instead of the parallel scan
-    (measured ~4 s per 64 x 256 check on an H100, more than 25 training steps)."""
+    recalled values). Called during training, so the model stays in train mode (no gradients):
+    neither base has dropout, and in eval mode transformers' Mamba would take its per-token loop
+    instead of the parallel scan (not timed separately; it is the loop training avoids)."""
     with torch.no_grad():
         logits = model(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1]  # (n, T-1, V)
         predicted = logits.argmax(-1).cpu()  # (n, T-1)

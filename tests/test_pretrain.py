@@ -162,6 +162,13 @@ def test_table_blocks_label_exactly_the_answers_of_the_recall_probe_format():
         assert tok.decode(answers).split()[:len(asked)] == [v for _, v in asked]
     again, _ = table_blocks(6, 160, 32, words, tok, random.Random(0))
     assert torch.equal(ids, again)
+    # the rows follow the probe's own format: its prompt + answer is a table and one query of a row
+    from longctx.pretrain_probes import _recall_probe
+    prompt, answer = _recall_probe(random.Random(0), words, 8)
+    row_shape = r"Table: (\w+ = \d{4}; )*\w+ = \d{4}\. The value of \w+ is \d{4}\."
+    assert re.fullmatch(row_shape, prompt + answer + ".")
+    text = tok.decode(ids[0].tolist())
+    assert re.fullmatch(row_shape, text[:text.index(" is ", text.index("The value of")) + len(" is 1234.")])
 
 
 @pytest.mark.parametrize("kind", ["mqar", "table"])
