@@ -7,6 +7,7 @@ on whole sequences is measured for comparison: its activations grow with the seq
 Each (mode, length) runs in its own child process (clean peak figures); one step = forward and
 backward of a batch whose answer tokens are at the end, as in `longctx train`.
 Usage: python benchmarks/p7_chunked_training_memory.py [--length 2048] [--chunk-size 512] [--method ssmlora]
+       [--device cuda --dtype bfloat16 --layers 8 --hidden 1024 --length 16384 --chunk-size 4096]
 """
 from __future__ import annotations
 
@@ -25,18 +26,21 @@ TARGET = 1.0  # growth from N to 4N ≤ the KV cache at 4N
 ANSWER_TOKENS = 8
 
 
-def child(length: int, chunk_size: int | None, method: str, layers: int, hidden: int) -> dict:
+def child(length: int, chunk_size: int | None, method: str, layers: int, hidden: int, device: str,
+          dtype: str) -> dict:
     from longctx.adapters import wrap
     from longctx.chunked_training import chunked_training_loss
     from longctx.memory import PeakMemory
 
-    model = bench_llama(layers=layers, hidden=hidden, vocab=4096, heads=8, kv_heads=2, attn="longctx_sdpa")
+    model = bench_llama(layers=layers, hidden=hidden, vocab=4096, heads=8, kv_heads=2, attn="longctx_sdpa",
+                        max_positions=max(65536, length), device=device).to(getattr(torch, dtype))
     adapted = wrap(model, method)
     adapted.model.train()
     ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
     labels = torch.full_like(ids, -100)
     labels[:, -ANSWER_TOKENS:] = ids[:, -ANSWER_TOKENS:]
-    with PeakMemory(torch.device("cpu")) as mem:
+    with PeakMemory(torch.device(device)) as mem:
         if chunk_size is None:
             adapted.model(input_ids=ids, labels=labels).loss.backward()
         else:
@@ -47,7 +51,8 @@ def child(length: int, chunk_size: int | None, method: str, layers: int, hidden:
 
 def _run(length: int, chunk: int | None, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", str(length), "--chunk-size", str(chunk or 0), "--method",
-           args.method, "--layers", str(args.layers), "--hidden", str(args.hidden)]
+           args.method, "--layers", str(args.layers), "--hidden", str(args.hidden), "--device", args.device,
+           "--dtype", args.dtype]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
@@ -58,10 +63,13 @@ def main() -> None:
     parser.add_argument("--method", default="ssmlora")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the CUDA allocator's peak)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.chunk_size or None, args.method, args.layers, args.hidden)))
+        print(json.dumps(child(args.child, args.chunk_size or None, args.method, args.layers, args.hidden,
+                               args.device, args.dtype)))
         return
     growth = {}
     for chunk in (args.chunk_size, None):
@@ -73,7 +81,7 @@ def main() -> None:
                   f"  KV cache {r['kv_bytes'] / 2**20:6.1f} MiB  ({r['method']})")
     kv = long["kv_bytes"]
     ratio = growth[args.chunk_size] / kv
-    print(f"P7 chunked growth {args.length}->{4 * args.length}: {growth[args.chunk_size] / 2**20:.1f} MiB vs KV cache "
+    print(f"P7 ({args.device}, {args.dtype}) chunked growth {args.length}->{4 * args.length}: {growth[args.chunk_size] / 2**20:.1f} MiB vs KV cache "
           f"at {4 * args.length} {kv / 2**20:.1f} MiB: ratio {ratio:.2f} (target <= {TARGET}) "
           f"{'PASS' if ratio <= TARGET else 'MISS'}; whole-sequence growth {growth[None] / 2**20:.1f} MiB "
           f"({growth[None] / kv:.1f}x the KV cache)")

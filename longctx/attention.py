@@ -8,10 +8,12 @@ log-sum-exp in float32, O(C·d) memory, returned in the model's dtype. The kerne
 exact one present (`longctx.kernels`: cuDNN, then PyTorch's flash, on a GPU in bf16/fp16; CPU:
 PyTorch's flash kernel); with flash-attn installed a chunk over its cache is one call, since its
 causal mask is bottom-right aligned. Grouped-query attention never materialises repeated K/V of
-the cache: the query heads that share a KV head are folded into one query block for the past
-keys. Gradients (chunked training, CPU) go through the same two calls and the flash kernel's
-blockwise backward, the cached keys being constants; padded batches, and gradients on CUDA,
-fall back to an explicit mask.
+the cache: on a GPU a kernel observed to group query heads exactly takes the K/V as they are;
+otherwise (and on CPU, where it is as fast or faster) the query heads that share a KV head are
+folded into one query block for the past keys and only the chunk's own K/V are repeated.
+Gradients (chunked training) go through the same two calls and a fused kernel's blockwise
+backward (`kernels.backward_kernel`: probed exact, CPU and GPU), the cached keys being constants;
+padded batches, or a device with no exact backward, fall back to an explicit mask.
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longctx.kernels import HALF, ROWS, attention_with_lse, flash_attn_available, one_call_attention
+from longctx.kernels import (HALF, ROWS, attention_backward, attention_with_lse, backward_kernel,
+                             flash_attn_available, fold_groups, one_call_attention, unfold_groups)
 
 NAME = "longctx_sdpa"
+BACKWARD_KEYS = 4096  # past keys per backward call: bounds the kernel's transient dk/dv (unused) to this many
 
 
 def register() -> str:
@@ -35,23 +39,6 @@ def register() -> str:
     # Like flash-attention: no mask at all without padding, else the 2D (B, N) padding mask.
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)
     return NAME
-
-
-def _repeat_kv(x: Tensor, groups: int) -> Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)  # (B, H, N, d)
-
-
-def _fold_groups(query: Tensor, kv_heads: int) -> Tensor:
-    """(B, H, C, d) -> (B, H_kv, g·C, d): the g query heads sharing one KV head become one longer
-    query block, so unmasked attention over their shared keys needs no repeated K/V."""
-    b, h, c, d = query.shape
-    return query.reshape(b, kv_heads, (h // kv_heads) * c, d)
-
-
-def _unfold_groups(x: Tensor, heads: int) -> Tensor:
-    """(B, H_kv, g·C, ...) -> (B, H, C, ...): the inverse of `_fold_groups`."""
-    b, kv_heads, gc = x.shape[:3]
-    return x.reshape(b, heads, gc * kv_heads // heads, *x.shape[3:])
 
 
 def _unmasked(query: Tensor, key: Tensor, value: Tensor, scale: float | None, kernel: str | None,
@@ -73,8 +60,8 @@ def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | N
     """Bottom-right-aligned causal attention of C queries over N = P + C keys. One call where the
     fastest kernel for the shapes does bottom-right causal with grouped heads exactly (probed,
     `kernels.one_call_attention`); otherwise two fused calls merged by their log-sum-exp: the P
-    past keys unmasked (query heads folded onto their KV head), the chunk's own C keys causal (the
-    chunk's K/V repeated: O(C) memory). The merge is one pass in the output dtype (computed in
+    past keys unmasked, the chunk's own C keys causal (grouped-query K/V as `kernels.attention_with_lse`
+    takes them: never the cache repeated). The merge is one pass in the output dtype (computed in
     float32 inside the kernel; the past's weight rounded to that dtype first: error within ~2 units
     in the last place of bf16, measured by the CPU tests against float64).
     query (B, H, C, d), key/value (B, H_kv, N, d) -> (B, H, C, d) in the query's dtype."""
@@ -82,15 +69,12 @@ def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | N
         out = one_call_attention(query, key, value, scale)
         if out is not None:
             return out  # (B, H, C, d)
-    heads, kv_heads, c = query.shape[1], key.shape[1], query.shape[2]
-    past, groups = key.shape[2] - c, heads // kv_heads
-    local_k, local_v = _repeat_kv(key[:, :, past:], groups), _repeat_kv(value[:, :, past:], groups)
-    out_local, lse_local = attention_with_lse(query, local_k, local_v, True, scale, kernel)
+    c = query.shape[2]
+    past = key.shape[2] - c
+    out_local, lse_local = attention_with_lse(query, key[:, :, past:], value[:, :, past:], True, scale, kernel)
     if past == 0:
         return (out_local, lse_local) if with_lse else out_local  # (B, H, C, d)[, (B, H, C)]
-    folded_out, folded_lse = _unmasked(_fold_groups(query, kv_heads), key[:, :, :past], value[:, :, :past],
-                                       scale, kernel)
-    out_past, lse_past = _unfold_groups(folded_out, heads), _unfold_groups(folded_lse, heads)  # (B, H, C, [d])
+    out_past, lse_past = _unmasked(query, key[:, :, :past], value[:, :, :past], scale, kernel)  # (B, H, C, [d])
     # Share of the past keys' softmax mass: e^lse_p / (e^lse_p + e^lse_l) = sigmoid(lse_p - lse_l).
     w_past = torch.sigmoid(lse_past - lse_local)[..., None].to(out_local.dtype)  # (B, H, C, 1)
     merged = torch.lerp(out_local, out_past, w_past, out=torch.empty_like(out_local))  # (B, H, C, d), local's layout
@@ -100,38 +84,35 @@ def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | N
 
 
 class _MergedAttention(torch.autograd.Function):
-    """`merged_attention` with a backward (CPU, chunked training): the forward keeps only the
-    merged output and log-sum-exp (O(C·d) per layer, nothing of size C × N), and the backward runs
-    the flash kernel's blockwise backward once per block — past keys with the query heads folded,
-    the chunk's own keys causal — from those (`kernels.cpu_flash_backward`). The past keys and
-    values are constants: chunked training detaches the cache at every chunk boundary, so only
-    the chunk's own keys and values (and the queries) get gradients."""
+    """`merged_attention` with a backward (chunked training): the forward keeps only the merged
+    output and log-sum-exp (O(C·d) per layer, nothing of size C × N), and the backward runs a fused
+    kernel's blockwise backward once per block — past keys unmasked, the chunk's own keys causal —
+    from those (`kernels.attention_backward`: CPU's flash kernel; on a GPU PyTorch's flash or
+    efficient kernel, whichever is probed exact). The past keys and values are constants: chunked
+    training detaches the cache at every chunk boundary, so only the chunk's own keys and values
+    (and the queries) get gradients."""
 
     @staticmethod
     def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, local_k: Tensor, local_v: Tensor,
-                scale: float | None) -> Tensor:
+                scale: float | None, backward_name: str) -> Tensor:
         """key/value (B, H_kv, N, d): the cache, detached (views, no copy); local_k/local_v: its last
         C positions as the autograd graph knows them (what the gradient flows to)."""
-        out, lse = merged_attention(query, key, value, scale, kernel="cpu_flash", with_lse=True)
+        out, lse = merged_attention(query, key, value, scale, with_lse=True)
         past = key.shape[2] - query.shape[2]
         ctx.save_for_backward(query, key[:, :, :past], value[:, :, :past], local_k, local_v, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.backward_name = scale, backward_name
         return out  # (B, H, C, d)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, Tensor, Tensor, None]:
-        from longctx.kernels import cpu_flash_backward
-
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, Tensor, Tensor, None, None]:
         query, past_k, past_v, local_k, local_v, out, lse = ctx.saved_tensors
-        (b, heads, c, _), kv_heads = query.shape, past_k.shape[1]
-        groups, grad_out = heads // kv_heads, grad_out.contiguous()
-        dq, dk, dv = cpu_flash_backward(grad_out, query, _repeat_kv(local_k, groups), _repeat_kv(local_v, groups),
-                                        out, lse, True, ctx.scale)  # (B, H, C, d) each
-        fold = lambda x: _fold_groups(x, kv_heads)  # (B, H, C, d) -> (B, H_kv, g·C, d)
-        dq_past = cpu_flash_backward(fold(grad_out), fold(query), past_k, past_v, fold(out),
-                                     fold(lse[..., None])[..., 0], False, ctx.scale)[0]
-        sum_groups = lambda x: x.reshape(b, kv_heads, groups, c, x.shape[-1]).sum(2)  # (B, H, C, d) -> (B, H_kv, C, d)
-        return dq + _unfold_groups(dq_past, heads), None, None, sum_groups(dk), sum_groups(dv), None
+        grad_out, name = grad_out.contiguous(), ctx.backward_name
+        dq, dk, dv = attention_backward(name, grad_out, query, local_k, local_v, out, lse, True, ctx.scale)
+        for start in range(0, past_k.shape[2], BACKWARD_KEYS):  # the kernels also return dk/dv of the past
+            block = slice(start, start + BACKWARD_KEYS)  # keys, discarded: keep them one block's size
+            dq += attention_backward(name, grad_out, query, past_k[:, :, block], past_v[:, :, block], out, lse,
+                                     False, ctx.scale)[0]
+        return dq, None, None, dk, dv, None, None  # (B, H, C, d), (B, H_kv, C, d) x2
 
 
 def _flash_attn_package(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
@@ -160,9 +141,9 @@ def _masked_sdpa(query: Tensor, key: Tensor, value: Tensor, padding: Tensor | No
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale,
                                               enable_gqa=heads != kv_heads)
     folded_mask = mask.repeat(1, 1, heads // kv_heads, 1)  # (B|1, 1, g·C, N): row j·C + c is query c of head j
-    folded = F.scaled_dot_product_attention(_fold_groups(query, kv_heads), key, value, attn_mask=folded_mask,
+    folded = F.scaled_dot_product_attention(fold_groups(query, kv_heads), key, value, attn_mask=folded_mask,
                                             dropout_p=dropout, scale=scale)  # (B, H_kv, g·C, d)
-    return _unfold_groups(folded, heads)
+    return unfold_groups(folded, heads)
 
 
 def chunked_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -175,9 +156,11 @@ def chunked_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             and query.dtype in (torch.float32, *HALF))
     if fast and query.device.type == "cuda" and query.dtype in HALF and flash_attn_available():
         return _flash_attn_package(query, key, value, scaling), None
-    if fast and needs_merge_grad and query.device.type == "cpu":
+    backward = backward_kernel(query.device, query.dtype, query.shape[-1]) if fast and needs_merge_grad else None
+    if backward is not None:
         past = key.shape[2] - query.shape[2]
-        out = _MergedAttention.apply(query, key.detach(), value.detach(), key[:, :, past:], value[:, :, past:], scaling)
+        out = _MergedAttention.apply(query, key.detach(), value.detach(), key[:, :, past:], value[:, :, past:],
+                                     scaling, backward)
     elif fast and not needs_merge_grad:
         out = merged_attention(query, key, value, scaling)
     else:

@@ -66,24 +66,46 @@ def cache_slices(heads, kv_heads, past, chunk, dtype, seed=0):
     return q, buf[0, :, :, :past + chunk], buf[1, :, :, :past + chunk]
 
 
+@pytest.fixture(params=["native", "folded"])
+def grouping(request, monkeypatch):
+    """Run a test twice: with the CPU kernel taking grouped-query K/V as they are (where probed
+    exact: the GPU's way), and folded (queries folded onto their KV head, the chunk's K/V repeated:
+    CPU's choice, and any kernel's that does not group heads)."""
+    native = request.param == "native"
+    monkeypatch.setattr(kernels, "groups_natively", lambda name, device, dtype, head_dim:
+                        native and kernels.grouped_capable(name, device, dtype, head_dim))
+    return request.param
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])  # max seen: 4e-7, 8e-3, 1e-3
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 1)])
 @pytest.mark.parametrize("past", [0, 1, 50])
-def test_merged_attention_equals_plain_attention(dtype, tol, heads, kv_heads, past):
+def test_merged_attention_equals_plain_attention(grouping, dtype, tol, heads, kv_heads, past):
     q, k, v = cache_slices(heads, kv_heads, past, 24, dtype)
     out = attn_mod.merged_attention(q, k, v, None)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), reference_bottom_right(q, k, v), rtol=0, atol=tol)
 
 
-def test_gqa_never_repeats_the_cached_keys(monkeypatch):
-    """Only the chunk's own K/V (C tokens) may be repeated across query heads, never the cache."""
-    repeated = []
-    original = attn_mod._repeat_kv
-    monkeypatch.setattr(attn_mod, "_repeat_kv", lambda x, g: repeated.append(x.shape[2]) or original(x, g))
+def test_the_cpu_kernel_groups_query_heads_natively_but_cpu_folds():
+    """The probe finds PyTorch's CPU flash kernel exact with fewer KV heads than query heads; CPU
+    still folds (measured as fast or faster), only a GPU hands grouped K/V over as they are."""
+    cpu = torch.device("cpu")
+    assert kernels.grouped_capable("cpu_flash", cpu, torch.float32, 16)
+    assert kernels.grouped_capable("cpu_flash", cpu, torch.bfloat16, 64)
+    assert not kernels.groups_natively("cpu_flash", cpu, torch.float32, 16)
+
+
+def test_gqa_never_repeats_the_cached_keys(grouping, monkeypatch):
+    """Only the chunk's own K/V (C tokens) may be repeated across query heads, never the cache;
+    with a kernel that groups heads natively nothing is repeated or folded at all."""
+    repeated, folded = [], []
+    repeat, fold = kernels.repeat_kv, kernels.fold_groups
+    monkeypatch.setattr(kernels, "repeat_kv", lambda x, g: repeated.append(x.shape[2]) or repeat(x, g))
+    monkeypatch.setattr(kernels, "fold_groups", lambda x, h: folded.append(x.shape[2]) or fold(x, h))
     q, k, v = cache_slices(8, 2, 300, 16, torch.float32)
     attn_mod.merged_attention(q, k, v, None)
-    assert repeated and max(repeated) == 16
+    assert (repeated, folded) == (([], []) if grouping == "native" else ([16, 16], [16]))
 
 
 def test_a_kernel_with_a_wrong_log_sum_exp_is_never_chosen(monkeypatch):
@@ -143,13 +165,13 @@ def test_gqa_model_chunked_in_half_precision_matches_float32(dtype):
     assert (half - full).abs().max() < 0.05  # measured 0.0055 (bf16), 0.0007 (fp16)
 
 
-def test_padding_the_query_rows_changes_nothing():
+@pytest.mark.parametrize("heads", [8, 2])
+def test_padding_the_query_rows_changes_nothing(grouping, heads):
     """A ragged chunk's query rows are zero-padded for the GPU kernels; the result is the same."""
-    q, k, v = cache_slices(8, 2, 256, 37, torch.float32)
-    folded = attn_mod._fold_groups(q, 2)  # (1, 2, 148, 16)
-    plain_out, plain_lse = attn_mod._unmasked(folded, k[:, :, :256], v[:, :, :256], None, None, multiple=1)
-    padded_out, padded_lse = attn_mod._unmasked(folded, k[:, :, :256], v[:, :, :256], None, None, multiple=128)
-    assert padded_out.shape == plain_out.shape == (1, 2, 148, 16)
+    q, k, v = cache_slices(heads, 2, 256, 37, torch.float32)
+    plain_out, plain_lse = attn_mod._unmasked(q, k[:, :, :256], v[:, :, :256], None, None, multiple=1)
+    padded_out, padded_lse = attn_mod._unmasked(q, k[:, :, :256], v[:, :, :256], None, None, multiple=128)
+    assert padded_out.shape == plain_out.shape == (1, heads, 37, 16)
     torch.testing.assert_close(padded_out, plain_out, rtol=0, atol=1e-6)
     torch.testing.assert_close(padded_lse, plain_lse, rtol=0, atol=1e-6)
 
@@ -157,10 +179,12 @@ def test_padding_the_query_rows_changes_nothing():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])  # max seen: 1e-6, 8e-3
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 1)])
 @pytest.mark.parametrize("past,chunk", [(1, 16), (50, 16), (83, 37)])
-def test_merged_attention_backward_equals_float64_autograd(dtype, tol, heads, kv_heads, past, chunk):
+@pytest.mark.parametrize("backward_keys", [4096, 32])
+def test_merged_attention_backward_equals_float64_autograd(grouping, monkeypatch, backward_keys, dtype, tol, heads,
+                                                           kv_heads, past, chunk):
     """Chunked training's attention (`_MergedAttention`: two flash calls forward, the flash kernel's
-    blockwise backward per block) has the gradients of plain float64 attention, with the cached
-    keys constant: dq everywhere, dk/dv on the chunk's own keys."""
+    blockwise backward per block, grouped K/V native or folded) has the gradients of plain float64
+    attention, with the cached keys constant: dq everywhere, dk/dv on the chunk's own keys."""
     q, k, v = cache_slices(heads, kv_heads, past, chunk, dtype, seed=past)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
@@ -196,8 +220,10 @@ def stand_in_kernels(monkeypatch):
     monkeypatch.setitem(kernels.KERNELS, "top_left", _reference_kernel(False))
     monkeypatch.setitem(kernels.KERNELS, "round_robin", _reference_kernel(True, lambda h, g, kv: h % kv))
     kernels.one_call_capable.cache_clear()
+    kernels.grouped_capable.cache_clear()
     yield
     kernels.one_call_capable.cache_clear()
+    kernels.grouped_capable.cache_clear()
 
 
 def test_one_call_probe_accepts_only_exact_bottom_right_grouped_kernels(stand_in_kernels):
@@ -207,17 +233,21 @@ def test_one_call_probe_accepts_only_exact_bottom_right_grouped_kernels(stand_in
     assert not kernels.one_call_capable("round_robin", cpu, torch.float32, 16, grouped=True)
     assert kernels.one_call_capable("round_robin", cpu, torch.float32, 16, grouped=False)  # no groups: fine
     assert not kernels.one_call_capable("cpu_flash", cpu, torch.float32, 16, grouped=False)  # CPU's is top-left
+    assert kernels.grouped_capable("top_left", cpu, torch.float32, 16)  # groups right; the alignment is not asked
+    assert not kernels.grouped_capable("round_robin", cpu, torch.float32, 16)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("name,one_call", [("bottom_right", True), ("top_left", False), ("round_robin", False)])
 def test_merged_attention_is_one_call_only_where_exact(stand_in_kernels, monkeypatch, name, one_call, dtype, tol):
     """A capable kernel gets the chunk over its whole cache in one call with the K/V un-repeated;
-    any other runs the two-call merge. Either way the result is bottom-right causal attention."""
+    any other runs the two-call merge, with the K/V as they are where the kernel groups heads
+    right, else folded and repeated. Either way the result is bottom-right causal attention."""
     calls = []
     kernel = kernels.KERNELS[name]
     monkeypatch.setitem(kernels.KERNELS, name, lambda q, k, v, c, s: calls.append((q.shape, k.shape, c)) or kernel(q, k, v, c, s))
     monkeypatch.setattr(kernels, "working_kernels", lambda device, dtype, head_dim: (name,))
+    monkeypatch.setattr(kernels, "groups_natively", kernels.grouped_capable)  # as on a GPU
     q, k, v = cache_slices(8, 2, 40, 12, dtype)
     out = attn_mod.merged_attention(q, k, v, None)
     assert out.dtype == dtype
@@ -225,5 +255,29 @@ def test_merged_attention_is_one_call_only_where_exact(stand_in_kernels, monkeyp
     work = [c for c in calls if c[1][2] not in (80, 112)]  # the probes use 80 and 112 keys
     if one_call:
         assert work == [((1, 8, 12, 16), (1, 2, 52, 16), True)]
+    elif name == "top_left":  # groups heads right: the chunk's own 12 keys causal, the 40 past keys, K/V as they are
+        assert sorted(work) == [((1, 8, 12, 16), (1, 2, 12, 16), True), ((1, 8, 12, 16), (1, 2, 40, 16), False)]
     else:  # the chunk's own 12 keys repeated to 8 heads, causal; the 40 past keys, 4 query heads folded per KV head
         assert sorted(work) == [((1, 2, 48, 16), (1, 2, 40, 16), False), ((1, 8, 12, 16), (1, 8, 12, 16), True)]
+
+
+def test_a_wrong_backward_is_never_used(monkeypatch):
+    """The blockwise backward is probed against float64 autograd like the forward kernels: one that
+    is off (here dq scaled by 1.01) is rejected, and chunked training falls back to the masked
+    path — with the right gradients."""
+    good = kernels.BACKWARDS["cpu_flash"]
+    monkeypatch.setitem(kernels.BACKWARDS, "cpu_flash", lambda *a: (good(*a)[0] * 1.01, *good(*a)[1:]))
+    kernels.backward_capable.cache_clear()
+    try:
+        assert kernels.backward_kernel(torch.device("cpu"), torch.float32, 16) is None
+        q, k, v = cache_slices(8, 2, 50, 16, torch.float32)
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out, _ = attn_mod.chunked_attention(torch.nn.Module(), q, k, v, None)
+        out.sum().backward()
+        q64 = q.detach().double().requires_grad_()
+        reference_bottom_right(q64, k.detach(), v.detach()).sum().backward()
+        torch.testing.assert_close(q.grad.double(), q64.grad, rtol=0, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        kernels.backward_capable.cache_clear()
+    assert kernels.backward_kernel(torch.device("cpu"), torch.float32, 16) == "cpu_flash"

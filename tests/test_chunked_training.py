@@ -119,17 +119,21 @@ def test_ssmlora_transition_matrix_trains_only_in_chunks(family):
     assert all(g is not None and g.abs().max() > 0 for g in chunked)
 
 
-def test_no_repeated_cache_in_the_differentiable_attention(monkeypatch):
-    """Chunked training attends over the cache without repeating its K/V for grouped-query heads."""
-    import longctx.attention as attention
+@pytest.mark.parametrize("native", [True, False])
+def test_no_repeated_cache_in_the_differentiable_attention(monkeypatch, native):
+    """Chunked training attends over the cache without repeating its K/V for grouped-query heads,
+    forward and backward: at most a chunk's own K/V, and nothing where the kernel groups heads."""
+    import longctx.kernels as kernels
 
+    monkeypatch.setattr(kernels, "groups_natively", lambda name, device, dtype, head_dim: native)
     adapted = _adapted("llama", "lora")
     repeated = []
-    original = attention._repeat_kv
-    monkeypatch.setattr(attention, "_repeat_kv", lambda x, g: repeated.append(x.shape[2]) or original(x, g))
+    original = kernels.repeat_kv
+    monkeypatch.setattr(kernels, "repeat_kv", lambda x, g: repeated.append(x.shape[2]) or original(x, g))
     ids, _, labels = _batch(lengths=(64, 64))
     chunked_training_loss(adapted, ids, labels, 16, lambda loss: loss.backward())
     assert max(repeated, default=0) <= 16  # at most one chunk's own K/V, never the cache's
+    assert bool(repeated) is not native
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

@@ -153,3 +153,60 @@ def test_bf16_model_type_on_cuda(tmp_path):
         assert lm.get_model_info()["model_dtype"] == f"torch.{dtype}"
         results.append(lm._loglikelihood_tokens(request, disable_tqdm=True)[0][0])
     assert abs(results[0] - results[1]) < 0.05 * max(1.0, abs(results[0]))
+
+
+# ---- chunked training's attention backward on the GPU --------------------------------------------
+
+def _grouped_chunk(past: int, chunk: int, seed: int):
+    """A realistic GQA chunk (32 query / 8 KV heads of 64, bf16) over `past` cached keys, laid out as
+    the model hands it over; q and the chunk's own K/V require gradients, the cache does not."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, chunk, 32, 64, device="cuda", generator=gen).bfloat16().transpose(1, 2)
+    buf = torch.randn(2, 1, 8, past + chunk + 64, 64, device="cuda", generator=gen).bfloat16()
+    k, v = buf[0, :, :, :past + chunk].clone(), buf[1, :, :, :past + chunk].clone()
+    return q.detach().requires_grad_(), k.requires_grad_(), v.requires_grad_()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_chunked_training_attention_backward_on_cuda(monkeypatch, native):
+    """The blockwise backward (`_MergedAttention`) is chosen on the GPU and gives float64 autograd's
+    gradients of bottom-right causal attention, grouped K/V as they are or folded."""
+    from longctx import kernels
+    from longctx.attention import chunked_attention
+
+    monkeypatch.setattr(kernels, "groups_natively", lambda n, dev, dt, hd: native and kernels.grouped_capable(n, dev, dt, hd))
+    name = kernels.backward_kernel(torch.device("cuda"), torch.bfloat16, 64)
+    print(f"chunked training backward on cuda: {name}")
+    assert name is not None
+    q, k, v = _grouped_chunk(1536, 512, seed=3)
+    grad = torch.randn(1, 32, 512, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(4))
+    out, _ = chunked_attention(torch.nn.Module(), q, k, v, None)  # (B, C, H, d)
+    (out.transpose(1, 2).float() * grad).sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected, _ = kernels.reference_attention(q64, k64, v64, True, None, bottom_right=True)
+    (expected * grad.double()).sum().backward()
+    for mine, ref in ((q.grad, q64.grad), (k.grad[:, :, 1536:], k64.grad[:, :, 1536:]),
+                      (v.grad[:, :, 1536:], v64.grad[:, :, 1536:])):
+        assert (mine.double() - ref).abs().max() < 3e-2 * ref.abs().max()
+    assert not k.grad[:, :, :1536].any()  # the cache is a constant
+
+
+def test_chunked_training_attention_keeps_no_mask_on_cuda(monkeypatch):
+    """Forward and backward of one chunk over a 32K cache: the blockwise backward's peak is far
+    below the explicit-mask path's (which keeps a folded C × N mask for the backward)."""
+    from longctx import kernels
+    from longctx.attention import chunked_attention
+
+    peaks = {}
+    for path in ("blockwise", "masked"):
+        if path == "masked":
+            monkeypatch.setattr(kernels, "backward_kernel", lambda device, dtype, head_dim: None)
+            monkeypatch.setattr("longctx.attention.backward_kernel", lambda device, dtype, head_dim: None)
+        q, k, v = _grouped_chunk(32768 - 1024, 1024, seed=5)
+        with PeakMemory("cuda") as peak:
+            out, _ = chunked_attention(torch.nn.Module(), q, k, v, None)
+            out.float().sum().backward()
+        peaks[path] = peak.delta_bytes
+    print(f"chunk 1024 over 32K keys, forward + backward: blockwise {peaks['blockwise'] / 2**20:.0f} MiB, "
+          f"masked {peaks['masked'] / 2**20:.0f} MiB")
+    assert peaks["blockwise"] < peaks["masked"] / 2

@@ -104,7 +104,7 @@ def random_ids(n: int, device: str, seed: int = 0, vocab: int = 128000) -> torch
 
 
 def bench_kernels(device: str) -> None:
-    from longctx.kernels import CUDA_ORDER, KERNELS, choose_kernel, one_call_capable
+    from longctx.kernels import CUDA_ORDER, KERNELS, choose_kernel, grouped_capable, one_call_capable
 
     n, heads, d = 64 * K, 32, 64
     q, k, v = (torch.randn(1, heads, n, d, device=device, dtype=torch.bfloat16) for _ in range(3))
@@ -119,12 +119,14 @@ def bench_kernels(device: str) -> None:
             print(f"  kernel {name}: unavailable ({str(err).splitlines()[0][:80]})")
     chosen = choose_kernel(q.device, torch.bfloat16, d)
     one_call = one_call_capable(chosen, q.device, torch.bfloat16, d, grouped=True)
+    grouped = {name: grouped_capable(name, q.device, torch.bfloat16, d) for name, s in speeds.items() if s}
     fastest = max((s, name) for name, s in speeds.items() if s)[1]
     text = ", ".join(f"{name} {s:.0f}" for name, s in speeds.items() if s)
+    native = ", ".join(name for name, ok in grouped.items() if ok) or "none"
     report("kernel", f"kernel  64K causal layer 32x64 bf16 TFLOP/s: {text}; longctx uses {chosen} "
                      f"(fastest: {fastest}) {verdict(chosen == fastest)}; a chunk over its cache (GQA) is "
-                     f"{'one call' if one_call else 'two calls merged'}",
-           {"tflops": speeds, "chosen": chosen, "fastest": fastest, "one_call": one_call})
+                     f"{'one call' if one_call else 'two calls merged'}; grouped heads without copies: {native}",
+           {"tflops": speeds, "chosen": chosen, "fastest": fastest, "one_call": one_call, "grouped": grouped})
 
 
 def bench_prefill(model: torch.nn.Module, device: str) -> None:

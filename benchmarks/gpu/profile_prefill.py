@@ -23,8 +23,8 @@ from bench import LLAMA_3_2_1B, cuda_time, random_ids, save_random_checkpoint, u
 
 def attention_alone(n: int, chunks: list[int]) -> None:
     """Per layer: one causal call over n tokens vs the chunk-by-chunk merge, and its parts."""
-    from longctx.attention import _fold_groups, _unmasked, merged_attention
-    from longctx.kernels import attention_with_lse
+    from longctx.attention import _unmasked, merged_attention
+    from longctx.kernels import attention_with_lse, grouped_capable
 
     heads, kv_heads, d = 32, 8, 64
     q = torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16)  # (1, H, N, d)
@@ -33,16 +33,19 @@ def attention_alone(n: int, chunks: list[int]) -> None:
     flops = 2 * n * n * d * heads
     whole = cuda_time(lambda: attention_with_lse(q, k_rep, v_rep, True, None))
     print(f"attn    one causal call {n}: {whole * 1e3:.1f} ms ({flops / whole / 1e12:.0f} TFLOP/s)", flush=True)
+    grouped = {name: grouped_capable(name, q.device, q.dtype, d) for name in ("cudnn", "flash", "efficient")}
+    print(f"attn    kernels that take grouped K/V as they are: {grouped}", flush=True)
     for c in chunks:
         spans = [(s, min(s + c, n)) for s in range(0, n, c)]
         merged = cuda_time(lambda: [merged_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], None) for s, e in spans])
-        past = cuda_time(lambda: [_unmasked(_fold_groups(q[:, :, s:e], kv_heads), k[:, :, :s], v[:, :, :s], None, None)
+        past = cuda_time(lambda: [_unmasked(q[:, :, s:e], k[:, :, :s], v[:, :, :s], None, None)
                                   for s, e in spans if s])
-        local = cuda_time(lambda: [attention_with_lse(q[:, :, s:e], k_rep[:, :, s:e], v_rep[:, :, s:e], True, None)
+        local = cuda_time(lambda: [attention_with_lse(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], True, None)
                                    for s, e in spans])
         print(f"attn    chunk {c}: merged {merged * 1e3:.1f} ms ({merged / whole:.2f}x the one call; "
-              f"{flops / merged / 1e12:.0f} TFLOP/s): past calls {past * 1e3:.1f}, own-chunk calls {local * 1e3:.1f}, "
-              f"rest (repeat, fold, merge) {(merged - past - local) * 1e3:.1f} ms", flush=True)
+              f"{flops / merged / 1e12:.0f} TFLOP/s): past calls {past * 1e3:.1f}, own-chunk calls {local * 1e3:.1f} "
+              f"(each with its fold / repeat where the kernel does not group heads), "
+              f"rest (the merge) {(merged - past - local) * 1e3:.1f} ms", flush=True)
 
 
 def top_kernels(fn, label: str, rows: int = 14) -> None:
