@@ -227,18 +227,20 @@ def attention_backward(name: str, grad_out: Tensor, q: Tensor, k: Tensor, v: Ten
 @functools.lru_cache(maxsize=None)
 def backward_capable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Does `attention_backward(name, ...)` give float64 autograd's gradients of plain attention
-    (causal C = N, and unmasked C != N with grouped-query K/V), from the reference's output and
+    (causal C = N and unmasked C != N, grouped-query K/V), from the reference's output and
     log-sum-exp? Probed once, like the forward kernels: a backward that refuses or differs is
     never used (chunked training then falls back to an explicit mask)."""
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    for causal, q_len, k_len, heads in ((True, 80, 80, 2), (False, 48, 112, 4)):
-        q, k, v = _probe_inputs(device, dtype, head_dim, q_len, k_len, heads, 2)
+    for causal, q_len, k_len in ((True, 80, 80), (False, 48, 112)):
+        q, k, v = _probe_inputs(device, dtype, head_dim, q_len, k_len, 4, 2)  # grouped: 4 query / 2 KV heads
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         out64, lse64 = reference_attention(q64, k64, v64, causal, None)
-        grad = torch.randn(out64.shape, device=device, dtype=torch.float64, generator=torch.Generator(device).manual_seed(1))
+        gen = torch.Generator(device).manual_seed(1)
+        grad = torch.randn(out64.shape, device=device, dtype=torch.float64, generator=gen)  # (1, 4, C, d)
         expected = torch.autograd.grad(out64, (q64, k64, v64), grad)
         try:
-            got = attention_backward(name, grad.to(dtype), q, k, v, out64.detach().to(dtype), lse64.detach(), causal, None)
+            got = attention_backward(name, grad.to(dtype), q, k, v, out64.detach().to(dtype), lse64.detach(),
+                                     causal, None)
         except (RuntimeError, NotImplementedError, TypeError, ValueError):
             return False
         if not all(g.shape == e.shape and torch.allclose(g.double(), e, rtol=0, atol=tol * e.abs().max().item())
@@ -250,7 +252,10 @@ def backward_capable(name: str, device: torch.device, dtype: torch.dtype, head_d
 def backward_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """The kernel whose blockwise backward chunked training uses here: the first correct one of
     CPU's flash, or on a GPU PyTorch's flash (bf16/fp16) then the efficient kernel; None if none is."""
-    candidates = ("cpu_flash",) if device.type == "cpu" else (("flash", "efficient") if dtype in HALF else ("efficient",))
+    if device.type == "cpu":
+        candidates: tuple[str, ...] = ("cpu_flash",)
+    else:
+        candidates = ("flash", "efficient") if dtype in HALF else ("efficient",)
     return next((name for name in candidates if backward_capable(name, device, dtype, head_dim)), None)
 
 

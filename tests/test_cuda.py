@@ -174,7 +174,8 @@ def test_chunked_training_attention_backward_on_cuda(monkeypatch, native):
     from longctx import kernels
     from longctx.attention import chunked_attention
 
-    monkeypatch.setattr(kernels, "groups_natively", lambda n, dev, dt, hd: native and kernels.grouped_capable(n, dev, dt, hd))
+    grouped = kernels.grouped_capable
+    monkeypatch.setattr(kernels, "groups_natively", lambda n, dev, dt, hd: native and grouped(n, dev, dt, hd))
     name = kernels.backward_kernel(torch.device("cuda"), torch.bfloat16, 64)
     print(f"chunked training backward on cuda: {name}")
     assert name is not None
