@@ -281,3 +281,16 @@ def test_a_wrong_backward_is_never_used(monkeypatch):
         monkeypatch.undo()
         kernels.backward_capable.cache_clear()
     assert kernels.backward_kernel(torch.device("cpu"), torch.float32, 16) == "cpu_flash"
+
+
+@pytest.mark.parametrize("name", ["flash", "efficient"])
+@pytest.mark.parametrize("causal,q_len,k_len", [(True, 80, 80), (False, 48, 112)])
+def test_cuda_backward_calls_match_the_installed_torch(monkeypatch, name, causal, q_len, k_len):
+    """The GPU's blockwise backward calls PyTorch's private ops (no GPU here): on meta tensors their
+    arguments must fit the installed torch's schemas and give gradients of the inputs' shapes, so a
+    schema change shows up in CI rather than as a GPU that silently falls back to the masked path."""
+    monkeypatch.setattr(kernels, "groups_natively", lambda *args: False)
+    meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
+    q, k, v, out = meta(1, 4, q_len, 64), meta(1, 2, k_len, 64), meta(1, 2, k_len, 64), meta(1, 4, q_len, 64)
+    grads = kernels.attention_backward(name, out, q, k, v, out, meta(1, 4, q_len, dtype=torch.float32), causal, None)
+    assert [tuple(g.shape) for g in grads] == [(1, 4, q_len, 64), (1, 2, k_len, 64), (1, 2, k_len, 64)]
