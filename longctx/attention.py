@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longctx.kernels import (HALF, ROWS, attention_backward, attention_with_lse, backward_kernel,
-                             flash_attn_available, fold_groups, one_call_attention, unfold_groups)
+from longctx.kernels import (HALF, ROWS, attention_backward, attention_with_lse, backward_kernel, choose_kernel,
+                             flash_attn_available, fold_groups, groups_natively, one_call_attention,
+                             one_call_capable, unfold_groups)
 
 NAME = "longctx_sdpa"
 BACKWARD_KEYS = 4096  # past keys per backward call: bounds the kernel's transient dk/dv (unused) to this many
@@ -166,3 +167,31 @@ def chunked_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     else:
         out = _masked_sdpa(query, key, value, attention_mask, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None  # (B, C, H, d)
+
+
+def attention_record(model: nn.Module) -> dict[str, Any]:
+    """What attention `model` runs on its device and in its dtype, for results records (timings
+    depend on it): the implementation, and for `longctx_sdpa` the fused kernel of a chunk over its
+    cache, whether that is one call, whether grouped-query K/V reach the kernel as they are, and
+    the kernel of chunked training's backward (None: the explicit-mask path); a model without
+    attention (Mamba) records None. Probes run once."""
+    from longctx.models import model_family
+
+    config = model.config
+    if model_family(model) == "mamba":
+        return {"implementation": None}
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation != NAME:
+        return {"implementation": implementation}
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    grouped = config.num_key_value_heads != config.num_attention_heads
+    if device.type == "cuda" and dtype in HALF and flash_attn_available():
+        return {"implementation": NAME, "kernel": "flash-attn", "one_call": True, "grouped_kv_as_is": grouped,
+                "backward": "flash-attn"}
+    kernel = choose_kernel(device, dtype, head_dim)
+    return {"implementation": NAME, "kernel": kernel,
+            "one_call": one_call_capable(kernel, device, dtype, head_dim, grouped),
+            "grouped_kv_as_is": grouped and groups_natively(kernel, device, dtype, head_dim),
+            "backward": backward_kernel(device, dtype, head_dim)}

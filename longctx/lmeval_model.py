@@ -25,6 +25,7 @@ from lm_eval.models.utils import handle_stop_sequences
 from tqdm import tqdm
 
 from longctx import lmeval_parallel
+from longctx.attention import attention_record
 from longctx.errors import LongctxError, choice_error, positive_int
 from longctx.lmeval_stats import RequestLog
 from longctx.runner import CARRY_CHOICES, chunked_forward, greedy_generate
@@ -111,7 +112,8 @@ class SsmloraLM(HFLM):
                             "truncation": truncation, "position_limit": self.position_limit,
                             "add_bos_token": bos, "trust_remote_code": trust, "processes": self.world_size,
                             "trainable_parameters": self.adapted.trainable_parameters(),
-                            "total_parameters": self.adapted.total_parameters()}
+                            "total_parameters": self.adapted.total_parameters(),
+                            "attention": attention_record(self._hf_model())}
         self._labels: list[Any] = []
 
     def _hf_model(self) -> Any:

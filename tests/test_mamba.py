@@ -211,5 +211,6 @@ def test_stock_lm_eval_runs_sdlora_on_the_embedded_mamba_base_chunked(tmp_path):
     (results,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
     info = json.loads(Path(results).read_text())["config"]["longctx"]
     assert info["method"] == "sdlora" and info["position_limit"] is None
+    assert info["attention"] == {"implementation": None}  # Mamba has none to record
     assert set(info["per_length"]) == {"300", "600"}
     assert info["per_length"]["600"]["chunks"] >= 5 and info["per_length"]["600"]["peak_memory_bytes"] > 0
