@@ -227,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one recipe field (repeatable), e.g. --set hidden_size=256")
     t.add_argument("--device", default="cpu",
-                   help="cpu or cuda (longctx-tiny was built on cuda, longctx-tiny-mamba on cpu: "
-                        "see their manifest.json)")
+                   help="cpu or cuda (both embedded bases were built on an H100: see their manifest.json)")
     t.set_defaults(run=cmd_pretrain)
     _add_run_commands(sub)
     return parser
