@@ -4,8 +4,12 @@ Companion of `bench.py` (same Llama-3.2-1B-shaped bf16 model): prints
   - attention alone over a 64K sequence (32 query / 8 KV heads of 64): one causal call vs the
     chunked merge at several chunk sizes, split into its past-keys calls, own-chunk calls and merge;
   - the whole model's prefill at several chunk sizes vs stock `sdpa` unchunked;
-  - the CUDA kernels that take the most time in each, from torch.profiler.
-Usage: python benchmarks/gpu/profile_prefill.py [--length 65536] [--chunks 4096,8192,16384]
+  - the CUDA kernels that take the most time in each, from torch.profiler;
+  - `--request`: where G4's request costs more than the bare prefill, step by step: n tokens, then
+    n - 1 (a ragged last chunk, as a log-likelihood request feeds), then the continuation's
+    logits kept, then the allocator emptied first (as bench.py's G4 does), then the ssmlora
+    model type's whole request (`base`), each time relative to the first.
+Usage: python benchmarks/gpu/profile_prefill.py [--length 65536] [--chunks 4096,8192,16384] [--request]
 """
 from __future__ import annotations
 
@@ -90,14 +94,56 @@ def whole_model(n: int, chunks: list[int]) -> None:
             top_kernels(run, f"longctx chunk {c}")
 
 
+def request_steps(lm, ids: torch.Tensor, chunk: int, device: str = "cuda") -> dict[str, float]:
+    """Seconds of each step from the bare prefill of ids (1, n) to the model type's whole request."""
+    from bench import empty_cache, one_request
+
+    from longctx.runner import chunked_forward
+
+    n, model = ids.shape[1], lm.adapted
+    keep = torch.arange(n - 9, n - 1)  # the 8 continuation positions of an n-token request
+    steps = {
+        f"{n} tokens": lambda: chunked_forward(model, ids, chunk_size=chunk),
+        f"{n - 1} tokens (ragged last chunk)": lambda: chunked_forward(model, ids[:, :-1], chunk_size=chunk),
+        "+ 8 continuation logits kept": lambda: chunked_forward(model, ids[:, :-1], chunk_size=chunk, keep=keep),
+        "+ allocator emptied first": lambda: (empty_cache(),
+                                              chunked_forward(model, ids[:, :-1], chunk_size=chunk, keep=keep)),
+        "whole request (model type)": lambda: one_request(lm, n, device, lm.adapted.config.vocab_size),
+    }
+    return {label: cuda_time(run, repeats=3) for label, run in steps.items()}
+
+
+def request_path(n: int, chunks: list[int]) -> None:
+    """G4's request vs the bare prefill: which of its differences costs the time (see --request)."""
+    from longctx.lmeval_model import SsmloraLM
+    from longctx.runner import chunked_forward
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_random_checkpoint(tmp, "cuda", LLAMA_3_2_1B)
+        ids = random_ids(n, "cuda", vocab=LLAMA_3_2_1B["vocab_size"])  # (1, n)
+        for c in chunks:
+            lm = SsmloraLM(pretrained=tmp, method="base", chunk_size=c, device="cuda")
+            times = request_steps(lm, ids, c)
+            first = next(iter(times.values()))
+            for label, seconds in times.items():
+                print(f"request chunk {c}: {label}: {seconds:.3f} s ({(seconds - first) * 1e3:+.0f} ms)", flush=True)
+            keep = torch.arange(n - 9, n - 1)
+            top_kernels(lambda: chunked_forward(lm.adapted, ids[:, :-1], chunk_size=c, keep=keep),
+                        f"ragged request chunk {c}", rows=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=65536)
     parser.add_argument("--chunks", default="4096,8192,16384")
+    parser.add_argument("--request", action="store_true", help="only the request-path breakdown (G4)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_prefill.py: error: needs a CUDA device")
     chunks = [int(c) for c in args.chunks.split(",")]
+    if args.request:
+        request_path(args.length, chunks)
+        return
     attention_alone(args.length, chunks)
     whole_model(args.length, chunks)
 
