@@ -250,6 +250,17 @@ def test_committed_base_learned_to_copy_in_its_warm_up():
     assert warm_up[0]["copy_accuracy"] < 0.01 and warm_up[-1]["copy_accuracy"] > 0.9
 
 
+def test_committed_mamba_base_shows_the_recall_phase_change_in_its_log():
+    """The manifest's log: token MQAR sits on the 1/pairs plateau (4 pairs: ~0.25), then leaves it;
+    the text stage's recall tables are learnt from near chance to > 0.9 held-out answer accuracy."""
+    log = json.loads((default_base_path("longctx-tiny-mamba") / "manifest.json").read_text())["loss_log"]
+    recall = [e["level_accuracy"] for e in log if e["stage"] == "recall curriculum"]
+    table = [e["table_accuracy"] for e in log if e["stage"] == "mixed"]
+    plateau = [a for a in recall if 0.2 <= a <= 0.3]
+    assert len(plateau) >= 3 and recall.index(plateau[0]) > 0 and recall[-1] > 0.7
+    assert table[0] < 0.4 and table[-1] > 0.9
+
+
 def test_quiet_pretrain_logs_json_lines_and_builds_the_asked_state_size(tmp_path, capsys):
     from longctx import cli
 
