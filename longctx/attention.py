@@ -42,18 +42,36 @@ def register() -> str:
     return NAME
 
 
+def _row_padding(query: Tensor, multiple: int | None) -> int:
+    """Rows to add to a chunk of queries so its length is a multiple of `multiple` (CUDA: `ROWS`)."""
+    multiple = multiple if multiple is not None else (ROWS if query.device.type == "cuda" else 1)
+    return (-query.shape[2]) % multiple
+
+
 def _unmasked(query: Tensor, key: Tensor, value: Tensor, scale: float | None, kernel: str | None,
               multiple: int | None = None) -> tuple[Tensor, Tensor]:
     """Unmasked attention with its log-sum-exp. The query rows are zero-padded to a multiple of
     `multiple` (CUDA: `ROWS`), so that the ragged last chunk of a request keeps a shape the fastest
     kernel has seen (cuDNN plans are per shape, see `longctx.kernels`); padded rows are dropped."""
-    rows = query.shape[2]
-    multiple = multiple if multiple is not None else (ROWS if query.device.type == "cuda" else 1)
-    pad = (-rows) % multiple
+    rows, pad = query.shape[2], _row_padding(query, multiple)
     if pad:
         query = F.pad(query, (0, 0, 0, pad))  # (B, H, rows + pad, d)
     out, lse = attention_with_lse(query, key, value, False, scale, kernel)
     return out[:, :, :rows], lse[:, :, :rows]  # (B, H, rows, d), (B, H, rows)
+
+
+def _causal(query: Tensor, key: Tensor, value: Tensor, scale: float | None, kernel: str | None,
+            multiple: int | None = None) -> tuple[Tensor, Tensor]:
+    """Causal attention of a chunk over its own C keys, with its log-sum-exp. A ragged chunk is
+    zero-padded at the end — queries, keys and values alike — to a multiple of `multiple` (CUDA:
+    `ROWS`), so it too runs on cuDNN rather than the next kernel: under the causal mask query i < C
+    sees only keys <= i, so the padding leaves the first C rows exactly as they were.
+    query (B, H, C, d), key/value (B, H_kv, C, d) -> (B, H, C, d), (B, H, C)."""
+    rows, pad = query.shape[2], _row_padding(query, multiple)
+    if pad:
+        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))  # (B, H|H_kv, C + pad, d)
+    out, lse = attention_with_lse(query, key, value, True, scale, kernel)
+    return out[:, :, :rows], lse[:, :, :rows]  # (B, H, C, d), (B, H, C)
 
 
 def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None,
@@ -72,7 +90,7 @@ def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | N
             return out  # (B, H, C, d)
     c = query.shape[2]
     past = key.shape[2] - c
-    out_local, lse_local = attention_with_lse(query, key[:, :, past:], value[:, :, past:], True, scale, kernel)
+    out_local, lse_local = _causal(query, key[:, :, past:], value[:, :, past:], scale, kernel)  # (B, H, C, [d])
     if past == 0:
         return (out_local, lse_local) if with_lse else out_local  # (B, H, C, d)[, (B, H, C)]
     out_past, lse_past = _unmasked(query, key[:, :, :past], value[:, :, :past], scale, kernel)  # (B, H, C, [d])

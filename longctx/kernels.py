@@ -284,9 +284,9 @@ def attention_with_lse(query: Tensor, key: Tensor, value: Tensor, causal: bool, 
 
     cuDNN builds an execution plan per shape (43 ms first call vs 5 ms after, measured on an
     H200), so it runs only shapes that recur: query and key lengths that are multiples of 128 (whole chunks of the
-    usual chunk sizes); the last, ragged chunk of a request goes to the next kernel (PyTorch's
-    flash), which needs no plan. A kernel that refuses a shape the probe did not cover hands
-    over to the next exact one."""
+    usual chunk sizes; `longctx.attention` pads the ragged last chunk of a request to one, exactly).
+    Other lengths go to the next kernel (PyTorch's flash), which needs no plan. A kernel that
+    refuses a shape the probe did not cover hands over to the next exact one."""
     if kernel is not None:
         return _run_grouped(kernel, query, key, value, causal, scale)
     candidates = _candidates(query, key)

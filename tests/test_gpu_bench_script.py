@@ -22,6 +22,7 @@ def test_gpu_benchmark_smoke_run_reports_every_figure(tmp_path):
     assert {"environment", "G4_512_ssmlora_chunk64", "G4_1024_ssmlora_chunk64", "G1", "adapters", "G2_2048", "G3_512K", "G3_1M"} <= set(figures)
     g4 = figures["G4_1024_ssmlora_chunk64"]
     assert abs(g4["hf"]["logprob"] - g4["longctx"]["logprob"]) < 1.0 and g4["longctx"]["cold_seconds"] > 0
+    assert g4["emptied_time_ratio"] > 0 and len(g4["longctx"]["warm_seconds"]) == 3  # both ways of timing it
     assert figures["G3_1M"]["tokens"] == 1024 * 16 and figures["G1"]["ratio"] > 0
 
 

@@ -7,8 +7,9 @@ Companion of `bench.py` (same Llama-3.2-1B-shaped bf16 model): prints
   - the CUDA kernels that take the most time in each, from torch.profiler;
   - `--request`: where G4's request costs more than the bare prefill, step by step: n tokens, then
     n - 1 (a ragged last chunk, as a log-likelihood request feeds), then the continuation's
-    logits kept, then the allocator emptied first (as bench.py's G4 does), then the ssmlora
-    model type's whole request (`base`), each time relative to the first.
+    logits kept, then the allocator emptied first (as bench.py's G4 did until 2026-11-26), then
+    the ssmlora model type's whole request (`base`) with the allocator kept and emptied, each
+    time relative to the first.
 Usage: python benchmarks/gpu/profile_prefill.py [--length 65536] [--chunks 4096,8192,16384] [--request]
 """
 from __future__ import annotations
@@ -108,7 +109,8 @@ def request_steps(lm, ids: torch.Tensor, chunk: int, device: str = "cuda") -> di
         "+ 8 continuation logits kept": lambda: chunked_forward(model, ids[:, :-1], chunk_size=chunk, keep=keep),
         "+ allocator emptied first": lambda: (empty_cache(),
                                               chunked_forward(model, ids[:, :-1], chunk_size=chunk, keep=keep)),
-        "whole request (model type)": lambda: one_request(lm, n, device, lm.adapted.config.vocab_size),
+        "whole request (model type)": lambda: one_request(lm, n, device, lm.adapted.config.vocab_size, emptied=False),
+        "whole request, allocator emptied first": lambda: one_request(lm, n, device, lm.adapted.config.vocab_size),
     }
     return {label: cuda_time(run, repeats=3) for label, run in steps.items()}
 
