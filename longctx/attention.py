@@ -42,10 +42,11 @@ def register() -> str:
     return NAME
 
 
-def _row_padding(query: Tensor, multiple: int | None) -> int:
-    """Rows to add to a chunk of queries so its length is a multiple of `multiple` (CUDA: `ROWS`)."""
+def _row_padding(query: Tensor, multiple: int | None, least: int = 1) -> int:
+    """Rows to add to a chunk of queries so its length is a multiple of `multiple` (CUDA: `ROWS`);
+    none for a chunk of fewer than `least` rows."""
     multiple = multiple if multiple is not None else (ROWS if query.device.type == "cuda" else 1)
-    return (-query.shape[2]) % multiple
+    return (-query.shape[2]) % multiple if query.shape[2] >= least else 0
 
 
 def _unmasked(query: Tensor, key: Tensor, value: Tensor, scale: float | None, kernel: str | None,
@@ -62,12 +63,13 @@ def _unmasked(query: Tensor, key: Tensor, value: Tensor, scale: float | None, ke
 
 def _causal(query: Tensor, key: Tensor, value: Tensor, scale: float | None, kernel: str | None,
             multiple: int | None = None) -> tuple[Tensor, Tensor]:
-    """Causal attention of a chunk over its own C keys, with its log-sum-exp. A ragged chunk is
-    zero-padded at the end — queries, keys and values alike — to a multiple of `multiple` (CUDA:
-    `ROWS`), so it too runs on cuDNN rather than the next kernel: under the causal mask query i < C
-    sees only keys <= i, so the padding leaves the first C rows exactly as they were.
+    """Causal attention of a chunk over its own C keys, with its log-sum-exp. A ragged chunk of at
+    least `ROWS` tokens (the last chunk of a prefill) is zero-padded at the end — queries, keys and
+    values alike — to a multiple of `multiple` (CUDA: `ROWS`), so it too runs on cuDNN rather than
+    the next kernel: under the causal mask query i < C sees only keys <= i, so the padding leaves
+    the first C rows exactly as they were. Shorter ones (a decoding step) are not worth the copies.
     query (B, H, C, d), key/value (B, H_kv, C, d) -> (B, H, C, d), (B, H, C)."""
-    rows, pad = query.shape[2], _row_padding(query, multiple)
+    rows, pad = query.shape[2], _row_padding(query, multiple, least=ROWS)
     if pad:
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))  # (B, H|H_kv, C + pad, d)
     out, lse = attention_with_lse(query, key, value, True, scale, kernel)

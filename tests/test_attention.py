@@ -181,22 +181,25 @@ def test_padding_the_query_rows_changes_nothing(grouping, heads):
 def test_padding_a_ragged_chunk_for_its_causal_call_changes_nothing(grouping, monkeypatch, dtype, heads, kv_heads):
     """On a GPU a ragged chunk's own causal call is padded at the end (queries, keys, values) to a
     multiple of 128, so it keeps cuDNN: the kernel sees the padded shape, and the chunk's rows are
-    exactly the unpadded call's; merged over a ragged past, still plain attention."""
-    q, k, v = cache_slices(heads, kv_heads, 0, 37, dtype)
+    exactly the unpadded call's; merged over a ragged past, still plain attention. A chunk shorter
+    than 128 (a decoding step) is left as it is."""
+    q, k, v = cache_slices(heads, kv_heads, 0, 150, dtype)
     lengths, run = [], kernels.attention_with_lse
     monkeypatch.setattr(attn_mod, "attention_with_lse",
                         lambda q, k, *rest: lengths.append((q.shape[2], k.shape[2])) or run(q, k, *rest))
     padded_out, padded_lse = attn_mod._causal(q, k, v, None, None, multiple=128)
     plain_out, plain_lse = attn_mod._causal(q, k, v, None, None, multiple=1)
-    assert lengths == [(128, 128), (37, 37)]
-    assert padded_out.shape == (1, heads, 37, 16) and padded_out.dtype == dtype
+    attn_mod._causal(q[:, :, :37], k[:, :, :37], v[:, :, :37], None, None, multiple=128)
+    assert lengths == [(256, 256), (150, 150), (37, 37)]
+    assert padded_out.shape == (1, heads, 150, 16) and padded_out.dtype == dtype
     ulp = 1e-6 if dtype == torch.float32 else 8e-3  # the kernel's blocks add up in another order
     torch.testing.assert_close(padded_out, plain_out, rtol=0, atol=ulp)
     torch.testing.assert_close(padded_lse, plain_lse, rtol=1e-5, atol=0)  # float32 either way
-    monkeypatch.setattr(attn_mod, "_row_padding", lambda query, multiple: (-query.shape[2]) % 128)  # as on CUDA
-    q, k, v = cache_slices(heads, kv_heads, 300, 37, dtype)
+    on_cuda = lambda query, multiple, least=1: (-query.shape[2]) % 128 if query.shape[2] >= least else 0  # noqa: E731
+    monkeypatch.setattr(attn_mod, "_row_padding", on_cuda)
+    q, k, v = cache_slices(heads, kv_heads, 300, 150, dtype)
     out = attn_mod.merged_attention(q, k, v, None)
-    assert {c for c, _ in lengths[2:]} == {128}
+    assert {c for c, _ in lengths[3:]} == {256}
     torch.testing.assert_close(out.double(), reference_bottom_right(q, k, v), rtol=0,
                                atol=1e-5 if dtype == torch.float32 else 2e-2)
 
