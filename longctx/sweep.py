@@ -368,7 +368,7 @@ def run_sweep(cfg: SweepConfig, out: Path, progress: bool = True, retry_failed: 
         groups = plan(cfg, base_id)
         done = _current_table(cfg, out, {c["cell_id"] for _, cells in groups for c in cells}, retry_failed)
         if engine.kind == "local":
-            _run_locally(cfg, out, base_id, groups, done, progress)
+            _run_locally(cfg, out, base_id, groups, done, progress, engine.workers)
         else:
             from longctx.cluster import dispatch, group_tag
 
@@ -383,20 +383,20 @@ def run_sweep(cfg: SweepConfig, out: Path, progress: bool = True, retry_failed: 
     return out
 
 
-def _run_locally(cfg: SweepConfig, out: Path, base_id: str, groups: list, done: set[str], progress: bool) -> None:
+def _run_locally(cfg: SweepConfig, out: Path, base_id: str, groups: list, done: set[str], progress: bool,
+                 workers: int = 1) -> None:
     from tqdm import tqdm
 
-    from longctx.sweep_cell import run_group
+    from longctx.executors import run_local_groups
 
     bar = tqdm(total=sum(len(cells) for _, cells in groups), desc="sweep cells", disable=not progress,
                initial=sum(c["cell_id"] in done for _, cells in groups for c in cells))
+    jobs = []
     for group, cells in groups:
         missing = [c for c in cells if c["cell_id"] not in done]
         if missing:
-            bar.set_postfix_str(f"{group[1]} {group[2]}" + ("" if group[3] else " unchunked")
-                                + (f" trained chunk {group[4]}" if group[4] else ""))
-            run_group(group_job(cfg, group, missing, out, base_id, log_path(out, group, cells)),
-                      cfg.cell_timeout_s, cfg.train_timeout_s)
-            bar.update(len(missing))
+            label = (f"{group[1]} {group[2]}" + ("" if group[3] else " unchunked")
+                     + (f" trained chunk {group[4]}" if group[4] else ""))
+            jobs.append((label, group_job(cfg, group, missing, out, base_id, log_path(out, group, cells))))
+    run_local_groups(jobs, workers, bar)
     bar.close()
-

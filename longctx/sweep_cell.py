@@ -206,10 +206,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def supervise(job_file: Path, log: Path, limits: dict[str, float | None]) -> Outcome:
-    """Run the child on `job_file`, its output appended to `log`; kill it when its current phase
-    outlasts its limit (`limits[phase]`, else `limits["cell"]`)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def supervise(job_file: Path, log: Path, limits: dict[str, float | None],
+              extra_env: dict[str, str] | None = None) -> Outcome:
+    """Run the child on `job_file` (environment: ours plus `extra_env`), its output appended to
+    `log`; kill it when its current phase outlasts its limit (`limits[phase]`, else `limits["cell"]`)."""
+    env = {**os.environ, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
     if env.get("TRANSFORMERS_VERBOSITY") in (None, "error"):  # the CLI's own quiet default: not for the log
         env["TRANSFORMERS_VERBOSITY"] = "warning"
     with open(log, "ab") as sink:
@@ -262,11 +263,13 @@ def _failure_values(outcome: Outcome, limits: dict[str, float | None]) -> dict[s
     return {"n": 0, "status": "oom" if killed or is_oom(outcome.tail) else "error", "message": message[:500]}
 
 
-def run_group(job: dict[str, Any], cell_timeout_s: float | None = None, train_timeout_s: float | None = None) -> None:
-    """The driver's side of one job: run children until every cell has a row; a child that times
-    out or dies is recorded against the cell in flight (or every cell left, outside a length) and a
-    fresh child takes the rest. A child ended by SIGTERM was cancelled from outside (`scancel`,
-    preemption): its cells are left without rows, for the next run or resubmission to do."""
+def run_group(job: dict[str, Any], cell_timeout_s: float | None = None, train_timeout_s: float | None = None,
+              extra_env: dict[str, str] | None = None) -> None:
+    """The driver's side of one job: run children (environment: ours plus `extra_env`) until every
+    cell has a row; a child that times out or dies is recorded against the cell in flight (or every
+    cell left, outside a length) and a fresh child takes the rest. A child ended by SIGTERM or SIGINT
+    was cancelled from outside (`scancel`, preemption, Ctrl-C): its cells are left without rows,
+    for the next run or resubmission to do."""
     results, log = Path(job["out"]) / "results.jsonl", Path(job["log"])
     log.parent.mkdir(parents=True, exist_ok=True)
     limits = {"cell": cell_timeout_s, "train": train_timeout_s}
@@ -274,16 +277,18 @@ def run_group(job: dict[str, Any], cell_timeout_s: float | None = None, train_ti
     while cells:
         job_file = log.with_suffix(".job.json")
         atomic_write_text(job_file, json.dumps({**job, "cells": cells}, indent=1, default=str) + "\n")
-        outcome = supervise(job_file, log, limits)
+        outcome = supervise(job_file, log, limits, extra_env)
         if outcome.phase == "trained" and outcome.returncode == 0 and not outcome.timed_out:
             continue  # the adapter is saved; the next child loads it and evaluates
         done = {row_id(r) for r in read_rows(results)}
         cells = [c for c in cells if c["cell_id"] not in done]
         if not cells:
             return
-        if outcome.returncode == -signal.SIGTERM and not outcome.timed_out:  # scancel, preemption, kill
+        cancelled = {-signal.SIGTERM: "SIGTERM", -signal.SIGINT: "SIGINT"}  # scancel, preemption, kill; Ctrl-C
+        if outcome.returncode in cancelled and not outcome.timed_out:
             with open(log, "a") as sink:
-                sink.write(f"==== cancelled (SIGTERM): {len(cells)} cell(s) left without a row, for a rerun\n")
+                sink.write(f"==== cancelled ({cancelled[outcome.returncode]}): {len(cells)} cell(s) left without "
+                           f"a row, for a rerun\n")
             return
         blamed = _blamed(outcome, cells)
         values = _failure_values(outcome, limits)

@@ -237,5 +237,62 @@ def test_missing_extra_and_bad_executor_settings_are_one_line(tmp_path, monkeypa
         parse_executor({"partitions": "gpu"})
     with pytest.raises(LongctxError, match="executor must be a mapping"):
         parse_executor(["slurm"])
+    with pytest.raises(LongctxError, match="executor.workers must be a positive integer, got 0"):
+        parse_executor({"workers": 0})
     bad = _sweep(_config(tmp_path / "s.yaml", kind="pbs"), tmp_path / "out")
     assert bad.returncode == 2 and "pbs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ---- local, several groups at once -------------------------------------------------------------
+
+def _span(log: Path) -> tuple[float, float]:
+    """(start, end) of a group's log: its first child's stamp ("==== 2026-11-26T19:40:01 longctx
+    sweep: ..."), to the second, and its last write."""
+    stamp = log.read_text().split("\n", 1)[0].split()[1]
+    return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")), log.stat().st_mtime
+
+
+def test_local_workers_run_groups_side_by_side_with_the_same_table(local_table, tmp_path):
+    """`executor: {workers: 2}`: the two groups run at once (each child with one of the two cores'
+    threads), and the table is the one-at-a-time run's."""
+    config, out = _config(tmp_path / "sweep.yaml", kind="local", workers=2), tmp_path / "out"
+    done = _sweep(config, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _table(out) == local_table
+    spans = {log.name.split("-")[0]: _span(log) for log in (out / "logs").glob("*.log")}
+    assert set(spans) == {"base", "lora"}
+    (base_start, base_end), (lora_start, lora_end) = spans["base"], spans["lora"]
+    assert lora_start < base_end - 2 and base_start < lora_end - 2, spans  # overlapping by seconds
+
+
+def test_ctrl_c_with_local_workers_leaves_the_running_cells_for_the_next_run(local_table, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) while two groups train and evaluate: exit
+    130, no cell recorded as failed, and the next run finishes the table."""
+    config, out = _config(tmp_path / "sweep.yaml", kind="local", workers=2), tmp_path / "out"
+    cmd = [sys.executable, "-m", "longctx.cli", "sweep", str(config), "--out", str(out), "--quiet"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
+                              start_new_session=True)
+    _wait_for(lambda: _log_says(out, "lora", "begin train"), 180, "the lora group to start training")
+    os.killpg(driver.pid, signal.SIGINT)
+    assert driver.wait(timeout=120) == 130, driver.stderr.read()[-2000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] \
+        if (out / "results.jsonl").exists() else []
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert _sweep(config, out).returncode == 0
+    assert _table(out) == local_table
+
+
+@pytest.mark.parametrize("slot,workers,gpus,expected", [
+    (0, 1, ["0", "1"], {}),  # one at a time: nothing changes
+    (0, 2, [], {"OMP_NUM_THREADS": "1"}),
+    (1, 2, ["0", "1"], {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "1"}),
+    (2, 4, ["3", "5"], {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "3"}),  # GPUs shared in turn
+])
+def test_local_worker_env_shares_cores_and_gpus(monkeypatch, slot, workers, gpus, expected):
+    from longctx.executors import local_worker_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert local_worker_env(slot, workers, gpus) == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert "OMP_NUM_THREADS" not in local_worker_env(slot, workers, gpus)
