@@ -21,6 +21,7 @@ DEMO = SweepConfig(
     chunk_size=256,
     unchunked_methods=["base"],
     out="runs/demo",
+    executor={"workers": 2},  # two cell groups at once, one core's threads each (tokens/s shared)
 )
 # Mamba adapters train through transformers' pure-PyTorch Mamba (~0.5 s per 4×128-token step on 2
 # cores), so this part is smaller: one task, 50 steps of 4 at 128 tokens, evaluated from 128 to 1K in
