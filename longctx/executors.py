@@ -79,11 +79,13 @@ def local_worker_env(slot: int, workers: int, visible_gpus: list[str] | None = N
     cores ran up to 17x slower than two 1-thread ones, measured on the test suite), and where
     GPUs are visible, one of them in turn. `visible_gpus`: default the CUDA devices seen here."""
     env: dict[str, str] = {}
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    if workers == 1:
+        return env  # one at a time: the children run as the driver would
+    if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         env["OMP_NUM_THREADS"] = str(max(1, cores // workers))
     gpus = _visible_gpus() if visible_gpus is None else visible_gpus
-    if workers > 1 and gpus:
+    if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     return env
 

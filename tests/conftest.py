@@ -6,15 +6,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Under pytest-xdist (the README's `-n 2`) each worker gets its share of the cores, and so do the
-# processes the tests start (they inherit the environment): two workers of two threads each on
-# two cores made compute-bound tests up to 17x slower (measured: 10.5 s -> 183 s).
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+# Under pytest-xdist (the README's `-n 2`) each worker gets its share of the cores, as the local
+# executor's workers do, and so do the processes the tests start (they inherit the environment):
+# two workers of two threads each on two cores made compute-bound tests up to 17x slower
+# (measured: 10.5 s -> 183 s).
+from longctx.executors import local_worker_env  # noqa: E402  (no side effects; torch not imported)
 
-import pytest
-import torch
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.update(local_worker_env(0, _WORKERS, visible_gpus=[]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if _WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
