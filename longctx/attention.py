@@ -76,6 +76,18 @@ def _causal(query: Tensor, key: Tensor, value: Tensor, scale: float | None, kern
     return out[:, :, :rows], lse[:, :, :rows]  # (B, H, C, d), (B, H, C)
 
 
+def _padding_reaches_faster_kernel(query: Tensor, key: Tensor) -> bool:
+    """Would the two-call merge, by padding a ragged chunk (`_unmasked`, `_causal`), run on a faster
+    kernel than one call on the exact shapes? The last chunk of a log-likelihood request (n - 1
+    tokens: C >= ROWS, not a multiple of it, over whole chunks of cache) would otherwise go in one
+    call to the next kernel that aligns causal bottom-right (PyTorch's flash on the H100) instead of
+    cuDNN in two: 16 calls of 11 ms in the profile of a 64K request, +171 ms (2026-11-26)."""
+    past = key.shape[2] - query.shape[2]
+    fastest = choose_kernel(query.device, query.dtype, query.shape[-1])
+    return (_row_padding(query, None, least=ROWS) > 0 and past % ROWS == 0
+            and not one_call_capable(fastest, query.device, query.dtype, query.shape[-1], query.shape[1] != key.shape[1]))
+
+
 def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None,
                      kernel: str | None = None, with_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Bottom-right-aligned causal attention of C queries over N = P + C keys. One call where the
@@ -86,7 +98,7 @@ def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | N
     float32 inside the kernel; the past's weight rounded to that dtype first: error within ~2 units
     in the last place of bf16, measured by the CPU tests against float64).
     query (B, H, C, d), key/value (B, H_kv, N, d) -> (B, H, C, d) in the query's dtype."""
-    if kernel is None and not with_lse:
+    if kernel is None and not with_lse and not _padding_reaches_faster_kernel(query, key):
         out = one_call_attention(query, key, value, scale)
         if out is not None:
             return out  # (B, H, C, d)
