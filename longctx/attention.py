@@ -28,6 +28,9 @@ from longctx.kernels import (HALF, ROWS, attention_backward, attention_with_lse,
                              one_call_capable, unfold_groups)
 
 NAME = "longctx_sdpa"
+# Model keyword (inference): the query rows of the chunk's end whose last-layer output is read
+# (kept logits); the last layer attends only those. Set by `runner.chunked_forward`.
+LAST_LAYER_ROWS = "longctx_last_layer_rows"
 BACKWARD_KEYS = 4096  # past keys per backward call: bounds the kernel's transient dk/dv (unused) to this many
 
 
@@ -179,14 +182,63 @@ def _masked_sdpa(query: Tensor, key: Tensor, value: Tensor, padding: Tensor | No
     return unfold_groups(folded, heads)
 
 
+def last_layer_rows_skippable(model: nn.Module) -> bool:
+    """May the last layer's attention skip the query rows whose output nobody reads
+    (`LAST_LAYER_ROWS`)? Where the model is a Llama-family one running `longctx_sdpa` and its last
+    layer holds, past the q/k/v projections (which still see every row: the cache and any adapter
+    state there stay exact), only the base's own modules: an adapter further on (o_proj, MLP),
+    whose state would run through the unread rows, turns it off."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != NAME or not hasattr(config, "num_hidden_layers"):
+        return False
+    last = ["layers", str(config.num_hidden_layers - 1)]
+    layer = next((m for n, m in model.named_modules() if n.split(".")[-2:] == last), None)
+    if layer is None:
+        return False
+    return all(type(m).__module__.split(".")[0] in ("torch", "transformers")
+               for name, m in layer.named_modules() if not name.startswith(_QKV))
+
+
+_QKV = tuple(f"self_attn.{p}_proj" for p in "qkv")
+
+
+def _rows_read(module: nn.Module, query: Tensor, kwargs: dict[str, Any]) -> int | None:
+    """How many of the chunk's last query rows are read after this layer, where fewer than all."""
+    rows = kwargs.get(LAST_LAYER_ROWS)
+    last = getattr(module, "layer_idx", None) == module.config.num_hidden_layers - 1
+    return rows if rows is not None and last and rows < query.shape[2] else None
+
+
+def _read_rows_only(query: Tensor, key: Tensor, value: Tensor, scale: float | None, rows: int) -> Tensor:
+    """The last `rows` query rows attended exactly (bottom-right causal over all N keys), the
+    others left zero: their output reaches no logit. query (B, H, C, d) -> (B, C, H, d)."""
+    b, heads, c, d = query.shape
+    out = query.new_zeros(b, c, heads, d)  # (B, C, H, d)
+    if rows:
+        out[:, c - rows:] = _fast_attention(query[:, :, c - rows:], key, value, scale)  # (B, rows, H, d)
+    return out
+
+
+def _fast_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
+    """Inference over the cache on the fused path: (B, H, C, d), (B, H_kv, N, d) -> (B, C, H, d)."""
+    if query.device.type == "cuda" and query.dtype in HALF and flash_attn_available():
+        return _flash_attn_package(query, key, value, scale)
+    return merged_attention(query, key, value, scale).transpose(1, 2)
+
+
 def chunked_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs: Any) -> tuple[Tensor, None]:
-    """HF attention interface: query (B, H, C, d), key/value (B, H_kv, N, d) -> (B, C, H, d)."""
+    """HF attention interface: query (B, H, C, d), key/value (B, H_kv, N, d) -> (B, C, H, d).
+    kwargs[`LAST_LAYER_ROWS`] (inference only): in the model's last layer, only that many of the
+    chunk's last rows are attended (`_read_rows_only`)."""
     dropout = dropout if module.training else 0.0
     needs_merge_grad = torch.is_grad_enabled() and key.shape[2] > query.shape[2]
     fast = (attention_mask is None and query.device.type in ("cpu", "cuda") and dropout == 0.0
             and query.dtype in (torch.float32, *HALF))
+    rows = _rows_read(module, query, kwargs) if fast and not torch.is_grad_enabled() else None
+    if rows is not None:
+        return _read_rows_only(query, key, value, scaling, rows), None
     if fast and query.device.type == "cuda" and query.dtype in HALF and flash_attn_available():
         return _flash_attn_package(query, key, value, scaling), None
     backward = backward_kernel(query.device, query.dtype, query.shape[-1]) if fast and needs_merge_grad else None

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from longctx.adapters.base import AdaptedModel
 from longctx.adapters.state import SequenceState
+from longctx.attention import LAST_LAYER_ROWS, last_layer_rows_skippable
 from longctx.errors import LongctxError, choice_error, positive_int
 from longctx.models import check_length, model_family
 
@@ -58,19 +59,22 @@ def new_cache(model: nn.Module, capacity: int) -> Any:
 
 
 def forward_chunk(model: nn.Module, ids: Tensor, mask: Tensor | None, positions: Tensor, cache: Any, keep: Any,
-                  family: str | None = None) -> Any:
+                  family: str | None = None, rows_read: int | None = None) -> Any:
     """One forward of a chunk (B, C) after `cache`, which every layer fills in place; `mask` covers every token so far (B, N), or is
     None when nothing is padded (no mask to build or inspect: no host-device sync per chunk).
     `family`: the model's (`models.model_family`), given when `model` is a wrapper without a config
-    (DDP under `accelerate launch`). Evaluation and chunked training both run chunks through here."""
+    (DDP under `accelerate launch`). `rows_read` (Llama, inference): how many of the chunk's last
+    rows the kept logits read, so the last layer attends only those (`attention.LAST_LAYER_ROWS`).
+    Evaluation and chunked training both run chunks through here."""
     if (family or model_family(model)) == "mamba":  # no positions; the mask covers the chunk's own tokens
         from longctx.mamba import cache_keyword
 
         chunk_mask = None if mask is None else mask[:, -ids.shape[1]:]
         return model(input_ids=ids, attention_mask=chunk_mask, use_cache=True, logits_to_keep=keep,
                      **{cache_keyword(): cache})
+    rows = {} if rows_read is None else {LAST_LAYER_ROWS: rows_read}
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
-                 **{_llama_cache_keyword(): cache})
+                 **{_llama_cache_keyword(): cache}, **rows)
 
 
 @functools.cache
@@ -123,14 +127,16 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
     bounds = torch.searchsorted(ordered, torch.arange(0, n + size, size)).tolist()  # chunk -> first kept index
     state = state if state is not None else SequenceState()
     cache, kept, n_chunks = new_cache(model, n + reserve), [], 0
+    skips_rows = mask is None and model_family(model) == "llama" and last_layer_rows_skippable(model)
     for index, start in enumerate(range(0, n, size)):
         end = min(start + size, n)
         local = keep_on_device[bounds[index]:bounds[index + 1]] - start  # (K_chunk,)
+        rows = end - int(ordered[bounds[index]]) if bounds[index] < bounds[index + 1] else 0  # host: no sync
         if ssm_carry == "reset":
             state.reset()
         with _bind(adapted, state), torch.no_grad():
             out = forward_chunk(model, input_ids[:, start:end], None if mask is None else mask[:, :end],
-                        positions[:, start:end], cache, local)
+                                positions[:, start:end], cache, local, rows_read=rows if skips_rows else None)
         n_chunks += 1  # `cache` was filled in place by every layer (whatever the output calls it)
         if local.numel():
             kept.append(out.logits.float())  # (B, K_chunk, V)
