@@ -256,8 +256,9 @@ def chunked_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 def attention_record(model: nn.Module) -> dict[str, Any]:
     """What attention `model` runs on its device and in its dtype, for results records (timings
     depend on it): the implementation, and for `longctx_sdpa` the fused kernel of a chunk over its
-    cache, whether that is one call, whether grouped-query K/V reach the kernel as they are, and
-    the kernel of chunked training's backward (None: the explicit-mask path); a model without
+    cache, whether that is one call, whether grouped-query K/V reach the kernel as they are, the
+    kernel of chunked training's backward (None: the explicit-mask path), and whether the last
+    layer attends only the rows whose logits are kept (`last_layer_rows_skippable`); a model without
     attention (Mamba) records None. Probes run once."""
     from longctx.models import model_family
 
@@ -273,9 +274,10 @@ def attention_record(model: nn.Module) -> dict[str, Any]:
     grouped = config.num_key_value_heads != config.num_attention_heads
     if device.type == "cuda" and dtype in HALF and flash_attn_available():
         return {"implementation": NAME, "kernel": "flash-attn", "one_call": True, "grouped_kv_as_is": grouped,
-                "backward": "flash-attn"}
+                "backward": "flash-attn", "last_layer_kept_rows_only": last_layer_rows_skippable(model)}
     kernel = choose_kernel(device, dtype, head_dim)
     return {"implementation": NAME, "kernel": kernel,
             "one_call": one_call_capable(kernel, device, dtype, head_dim, grouped),
             "grouped_kv_as_is": grouped and groups_natively(kernel, device, dtype, head_dim),
-            "backward": backward_kernel(device, dtype, head_dim)}
+            "backward": backward_kernel(device, dtype, head_dim),
+            "last_layer_kept_rows_only": last_layer_rows_skippable(model)}

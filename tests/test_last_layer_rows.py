@@ -18,11 +18,12 @@ from longctx.runner import chunked_forward, greedy_generate
 
 METHODS = ["base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"]
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-def adapted_llama(method: str, dtype: torch.dtype = torch.float32, **overrides):
+def adapted_llama(method: str, dtype: torch.dtype = torch.float32, device: str = "cpu", **overrides):
     attention.register()
-    model = tiny_llama().to(dtype)
+    model = tiny_llama().to(device, dtype)
     model.config._attn_implementation = attention.NAME
     adapted = wrap(model, method, **overrides)
     perturb(adapted, scale=0.1)
@@ -42,18 +43,20 @@ def every_row(monkeypatch):
     monkeypatch.setattr(runner, "last_layer_rows_skippable", lambda model: False)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
-def test_skipping_unread_rows_changes_no_logit_cache_or_state(method, dtype, tol, attended_rows, monkeypatch):
-    adapted = adapted_llama(method, dtype)
-    ids = random_ids(2, 150, seed=4)
+def test_skipping_unread_rows_changes_no_logit_cache_or_state(method, dtype, tol, device, attended_rows, monkeypatch):
+    adapted = adapted_llama(method, dtype, device)
+    ids = random_ids(2, 150, seed=4).to(device)
     keep = torch.tensor([70, 141, 142, 148])  # a kept row mid-chunk, and the request's tail
     skipped = chunked_forward(adapted, ids, chunk_size=64, keep=keep)
     assert attended_rows == [(64, 0), (64, 58), (22, 9)]  # chunks [0, 64), [64, 128), [128, 150)
     every_row(monkeypatch)
     full = chunked_forward(adapted, ids, chunk_size=64, keep=keep)
     assert skipped.logits.dtype == full.logits.dtype
-    torch.testing.assert_close(skipped.logits, full.logits, rtol=0, atol=tol)
+    # CUDA: the tail's own kernel call may be another kernel than the whole chunk's (see kernels)
+    torch.testing.assert_close(skipped.logits, full.logits, rtol=0, atol=tol * (10 if device == "cuda" else 1))
     for ours, theirs in zip(skipped.cache.layers, full.cache.layers):  # every layer's K/V, bit for bit
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
     assert skipped.state.carry.keys() == full.state.carry.keys()

@@ -112,10 +112,11 @@ def test_bfloat16_model_type_matches_float32_and_keeps_its_dtype(method, base_pa
     assert lm.get_model_info()["model_dtype"] == "torch.bfloat16"
     assert _ssmlora(base_path, method=method).get_model_info()["model_dtype"] == "torch.float32"  # auto
     # the attention that ran is in the results' config: here CPU's flash kernel, two calls merged,
-    # grouped K/V folded (4 query / 2 KV heads), chunked training's backward through the same kernel
+    # grouped K/V folded (4 query / 2 KV heads), chunked training's backward through the same kernel,
+    # the last layer attending only the kept rows (no adapter past its q/k/v projections)
     assert lm.get_model_info()["longctx"]["attention"] == {
         "implementation": "longctx_sdpa", "kernel": "cpu_flash", "one_call": False, "grouped_kv_as_is": False,
-        "backward": "cpu_flash"}
+        "backward": "cpu_flash", "last_layer_kept_rows_only": True}
     for (a, ga), (b, gb) in zip(full, half):
         assert abs(a - b) < 0.05 * max(1.0, abs(a)), (a, b)  # measured ≤ 1.6% relative (passkey, 300 tokens)
 
