@@ -8,8 +8,8 @@ Companion of `bench.py` (same Llama-3.2-1B-shaped bf16 model): prints
   - `--request`: where G4's request costs more than the bare prefill, step by step: n tokens, then
     n - 1 (a ragged last chunk, as a log-likelihood request feeds), then the continuation's
     logits kept, then the allocator emptied first (as bench.py's G4 did until 2026-11-26), then
-    the ssmlora model type's whole request (`base`) with the allocator kept and emptied, each
-    time relative to the first.
+    the ssmlora model type's whole request (`base`) with the allocator kept and emptied, and with
+    its last layer attending every row instead of the kept ones only, each time relative to the first.
 Usage: python benchmarks/gpu/profile_prefill.py [--length 65536] [--chunks 4096,8192,16384] [--request]
 """
 from __future__ import annotations
@@ -95,6 +95,18 @@ def whole_model(n: int, chunks: list[int]) -> None:
             top_kernels(run, f"longctx chunk {c}")
 
 
+def every_row(run):
+    """`run()` with the last layer attending every row, as before 2026-11-26 (the kept rows only since)."""
+    from longctx import runner
+
+    skippable = runner.last_layer_rows_skippable
+    runner.last_layer_rows_skippable = lambda model: False
+    try:
+        return run()
+    finally:
+        runner.last_layer_rows_skippable = skippable
+
+
 def request_steps(lm, ids: torch.Tensor, chunk: int, device: str = "cuda") -> dict[str, float]:
     """Seconds of each step from the bare prefill of ids (1, n) to the model type's whole request."""
     from bench import empty_cache, one_request
@@ -111,6 +123,8 @@ def request_steps(lm, ids: torch.Tensor, chunk: int, device: str = "cuda") -> di
                                               chunked_forward(model, ids[:, :-1], chunk_size=chunk, keep=keep)),
         "whole request (model type)": lambda: one_request(lm, n, device, lm.adapted.config.vocab_size, emptied=False),
         "whole request, allocator emptied first": lambda: one_request(lm, n, device, lm.adapted.config.vocab_size),
+        "whole request, last layer attending every row": lambda: every_row(
+            lambda: one_request(lm, n, device, lm.adapted.config.vocab_size, emptied=False)),
     }
     return {label: cuda_time(run, repeats=3) for label, run in steps.items()}
 
