@@ -280,3 +280,14 @@ def test_longctx_eval_forwards_to_lm_eval_with_our_tasks(tmp_path):
                           "pretrained=longctx-tiny,method=nope", "--tasks", "longctx_vt", "--limit", "1"],
                          capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("ids", [[], [0], [5, 128255, 2**40, 3], list(range(70000))])
+def test_token_tensor_equals_torch_tensor_of_the_list(ids):
+    import torch
+
+    from longctx.lmeval_model import token_tensor
+
+    out = token_tensor(ids, "cpu")
+    assert out.dtype == torch.int64 and out.shape == (1, len(ids))
+    assert torch.equal(out, torch.tensor([ids], dtype=torch.int64).view(1, len(ids)))
