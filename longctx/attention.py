@@ -182,6 +182,9 @@ def _masked_sdpa(query: Tensor, key: Tensor, value: Tensor, padding: Tensor | No
     return unfold_groups(folded, heads)
 
 
+_QKV = tuple(f"self_attn.{p}_proj" for p in "qkv")  # a layer's projections that see every row
+
+
 def last_layer_rows_skippable(model: nn.Module) -> bool:
     """May the last layer's attention skip the query rows whose output nobody reads
     (`LAST_LAYER_ROWS`)? Where the model is a Llama-family one running `longctx_sdpa` and its last
@@ -197,9 +200,6 @@ def last_layer_rows_skippable(model: nn.Module) -> bool:
         return False
     return all(type(m).__module__.split(".")[0] in ("torch", "transformers")
                for name, m in layer.named_modules() if not name.startswith(_QKV))
-
-
-_QKV = tuple(f"self_attn.{p}_proj" for p in "qkv")
 
 
 def _rows_read(module: nn.Module, query: Tensor, kwargs: dict[str, Any]) -> int | None:
