@@ -85,10 +85,10 @@ def _padding_reaches_faster_kernel(query: Tensor, key: Tensor) -> bool:
     tokens: C >= ROWS, not a multiple of it, over whole chunks of cache) would otherwise go in one
     call to the next kernel that aligns causal bottom-right (PyTorch's flash on the H100) instead of
     cuDNN in two: 16 calls of 11 ms in the profile of a 64K request, +171 ms (2026-11-26)."""
-    past = key.shape[2] - query.shape[2]
+    if _row_padding(query, None, least=ROWS) == 0 or (key.shape[2] - query.shape[2]) % ROWS:
+        return False  # nothing to pad (CPU, whole chunks, decoding), or a past cuDNN would not take
     fastest = choose_kernel(query.device, query.dtype, query.shape[-1])
-    return (_row_padding(query, None, least=ROWS) > 0 and past % ROWS == 0
-            and not one_call_capable(fastest, query.device, query.dtype, query.shape[-1], query.shape[1] != key.shape[1]))
+    return not one_call_capable(fastest, query.device, query.dtype, query.shape[-1], query.shape[1] != key.shape[1])
 
 
 def merged_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None,
@@ -149,6 +149,11 @@ class _MergedAttention(torch.autograd.Function):
             dq += attention_backward(name, grad_out, query, past_k[:, :, block], past_v[:, :, block], out, lse,
                                      False, ctx.scale)[0]
         return dq, None, None, dk, dv, None, None  # (B, H, C, d), (B, H_kv, C, d) x2
+
+
+def _runs_flash_attn(device: torch.device, dtype: torch.dtype) -> bool:
+    """Does the fused path go to the flash-attn package (installed, CUDA, bf16/fp16)?"""
+    return device.type == "cuda" and dtype in HALF and flash_attn_available()
 
 
 def _flash_attn_package(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
@@ -221,7 +226,7 @@ def _read_rows_only(query: Tensor, key: Tensor, value: Tensor, scale: float | No
 
 def _fast_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
     """Inference over the cache on the fused path: (B, H, C, d), (B, H_kv, N, d) -> (B, C, H, d)."""
-    if query.device.type == "cuda" and query.dtype in HALF and flash_attn_available():
+    if _runs_flash_attn(query.device, query.dtype):
         return _flash_attn_package(query, key, value, scale)
     return merged_attention(query, key, value, scale).transpose(1, 2)
 
@@ -239,7 +244,7 @@ def chunked_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     rows = _rows_read(module, query, kwargs) if fast and not torch.is_grad_enabled() else None
     if rows is not None:
         return _read_rows_only(query, key, value, scaling, rows), None
-    if fast and query.device.type == "cuda" and query.dtype in HALF and flash_attn_available():
+    if fast and _runs_flash_attn(query.device, query.dtype):
         return _flash_attn_package(query, key, value, scaling), None
     backward = backward_kernel(query.device, query.dtype, query.shape[-1]) if fast and needs_merge_grad else None
     if backward is not None:
@@ -272,7 +277,7 @@ def attention_record(model: nn.Module) -> dict[str, Any]:
     device, dtype = weight.device, weight.dtype
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     grouped = config.num_key_value_heads != config.num_attention_heads
-    if device.type == "cuda" and dtype in HALF and flash_attn_available():
+    if _runs_flash_attn(device, dtype):
         return {"implementation": NAME, "kernel": "flash-attn", "one_call": True, "grouped_kv_as_is": grouped,
                 "backward": "flash-attn", "last_layer_kept_rows_only": last_layer_rows_skippable(model)}
     kernel = choose_kernel(device, dtype, head_dim)
