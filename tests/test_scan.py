@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longctx.adapters.scan import linear_scan, linear_scan_ref
+from longctx.adapters.scan import CPU_BLOCK, default_block, linear_scan, linear_scan_ref
 
 LENGTHS = [1, 7, 64, 65, 200, 1000, 4099]
 RANKS = [1, 8]
@@ -113,3 +113,29 @@ def test_extreme_decays_stay_finite(decay: float) -> None:
     # Against the float64 loop: near λ = 1 the fp32 loop itself drifts (≈2e-5), the blocked scan less.
     truth = linear_scan_ref(u.double(), log_decay.detach().double(), s0.detach().double())
     assert relative_error(out.detach().double(), truth) < 1e-5
+
+
+def test_default_block_per_device() -> None:
+    """A CPU keeps the arithmetic small (Q = 32); a GPU gets depth 2: Q = ⌈√T⌉, at most 256."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [default_block(t, cpu) for t in (1, 4096, 10**6)] == [CPU_BLOCK] * 3
+    assert [default_block(t, gpu) for t in (0, 1, 2, 4096, 4097, 65536, 10**6)] == [1, 1, 2, 64, 65, 256, 256]
+
+
+@pytest.mark.parametrize("length", [1, 2, 65, 4096, 4097, 66000])
+def test_gpu_block_equals_reference(length: int) -> None:
+    """The block the GPU uses by default, run here: two levels up to 64K tokens, three beyond."""
+    u, log_decay, s0 = inputs(2, length, 2, True)
+    block = default_block(length, torch.device("cuda"))
+    truth = linear_scan_ref(u.double(), log_decay.double(), s0.double())
+    assert relative_error(linear_scan(u, log_decay, s0, block=block).double(), truth) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_scan_equals_reference(dtype: torch.dtype) -> None:
+    u, log_decay, s0 = inputs(2, 4099, 8, True, dtype=dtype)
+    truth = linear_scan_ref(u.double(), log_decay.double(), s0.double())
+    got = linear_scan(u.cuda(), log_decay.cuda(), s0.cuda())
+    assert got.device.type == "cuda" and got.dtype == dtype
+    assert relative_error(got.double().cpu(), truth) < (1e-5 if dtype == torch.float32 else 1e-10)

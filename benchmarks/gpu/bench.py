@@ -239,7 +239,7 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
 
 
-def measure_lm(lm: Any, lengths: tuple[int, ...], device: str, vocab: int, warm: int = 3) -> dict[int, dict[str, Any]]:
+def measure_lm(lm: Any, lengths: tuple[int, ...], device: str, vocab: int, warm: int = 5) -> dict[int, dict[str, Any]]:
     """Per length: the first request (cold: kernels meet new shapes), then `warm` more of the same
     length with other tokens, back to back as an evaluation runs them (the allocator keeps its
     cached blocks: lm-eval empties it between requests neither for `hf` nor for `ssmlora`), then
