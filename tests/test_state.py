@@ -53,3 +53,46 @@ def test_a_failed_call_does_not_leak_state_into_the_next():
             adapted(input_ids=ids)
         handle.remove()
         assert torch.equal(adapted(input_ids=ids).logits, expected)
+
+
+def test_derived_values_are_built_once_per_weights_version():
+    state, builds = SequenceState(), []
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def build():
+        builds.append(weight.detach().clone())
+        return weight * 2
+
+    with torch.no_grad():
+        first = state.derive(("k", 5), (weight,), build)
+        assert state.derive(("k", 5), (weight,), build) is first and len(builds) == 1
+        state.derive(("k", 6), (weight,), build)  # another length: its own entry
+        assert len(builds) == 2
+        weight.add_(1.0)  # an optimiser step between chunks
+        assert torch.equal(state.derive(("k", 5), (weight,), build), torch.full((3,), 4.0)) and len(builds) == 3
+    # While autograd records through the weight, every call builds (its result is that call's graph).
+    recorded = [state.derive(("k", 5), (weight,), build) for _ in range(2)]
+    assert len(builds) == 5 and all(r.requires_grad for r in recorded)
+    state.reset()
+    assert state.derived == {}
+
+
+def test_scan_matrices_are_built_once_per_layer_and_chunk_length():
+    """A chunked ssmlora-scan run keeps one plan per insertion point and chunk length (the ragged
+    last chunk is a second length); a forward that records gradients keeps none. (That chunked
+    runs equal unchunked ones, plans kept, is test_chunking's.)"""
+    from longctx.runner import chunked_forward
+
+    adapted = wrap(tiny_llama(), "ssmlora-scan")
+    perturb(adapted)
+    ids = random_ids(1, 100)
+    with torch.no_grad():
+        result = chunked_forward(adapted, ids, chunk_size=32)
+    points = len(adapted.insertion_points)
+    assert len(result.state.derived) == 2 * points  # lengths 32 and 4
+    assert {key[1] for key in result.state.derived} == {32, 4}
+    state = adapted.new_state()
+    with adapted.bind(state):  # weights require grad: plans built in the call, none kept
+        adapted(input_ids=ids[:, :32]).logits.sum().backward()
+    assert state.derived == {} and sorted(state.carry)
+    assert all(p.grad is not None for n, p in adapted.model.named_parameters() if "scan_log_tau" in n)

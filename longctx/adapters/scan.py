@@ -2,24 +2,28 @@
 
     s_t = λ ⊙ s_{t-1} + u_t,   s_{-1} = s0 (zeros if None),   λ = exp(log_decay) ∈ (0, 1)^r
 
-Used by `ssmlora-scan`. `linear_scan` splits the T tokens into blocks of Q: inside a block the
-recurrence is a masked decay matrix L[t, j] = λ^(t-j) (j ≤ t) applied by einsum; the block-end
-states obey the same recurrence with decay λ^Q over T/Q items, so they come from a recursive call;
-each block then adds its carried-in state decayed by λ^(i+1). No Python loop over tokens: depth
-is log_Q(T). `default_block` picks Q per device: on a CPU the arithmetic (Q·r multiply-adds per
-token) is the cost, so Q is small; on a GPU the number of operations is (each a few microseconds
-of launch for a few microseconds of work at T = 4096, r = 8), so Q = ⌈√T⌉ keeps the depth at 2.
-`linear_scan_ref` is the plain sequential loop the tests compare against.
+Used by `ssmlora-scan`. The T tokens are cut into n blocks of Q. Inside a block the recurrence
+is a decay matrix, λ_k^(i-j) for j ≤ i, applied to each channel k; written block-diagonally over
+the channels it is one (Q·r, Q·r) matrix, so all blocks take one matmul. The states entering the
+blocks obey the same recurrence with decay λ^Q over n items (s0, then each block's local end
+state): a scan of n items, planned the same way. Each block then adds its entering state decayed
+by λ^(i+1), one more matmul. `ScanPlan` holds these matrices: they depend on λ and T only, so a
+caller that scans many chunks of one length with fixed weights builds them once.
+
+Why matmuls: on a GPU this scan is bound by the host issuing operations, not by arithmetic
+(T = 4096, r = 8 is 0.5M multiply-adds per block level): a plan runs in about ten operations.
+`default_block` picks Q per device. `linear_scan_ref` is the plain loop the tests compare against.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-CPU_BLOCK = 32  # fastest at 16K tokens, r = 8 on a 2-core CPU (0.95 ms vs 2.6 ms for Q = ⌈√T⌉ = 128)
-MAX_GPU_BLOCK = 256  # depth 2 up to 64K tokens; beyond, a third level rather than Q·r growing further
+CPU_BLOCK = 8  # Q on a CPU, where arithmetic (T·Q·r² multiply-adds) is the cost: fastest at 16K-64K, r = 8
+MAX_GPU_WIDTH = 1024  # Q·r at most on a GPU: a (Q·r)² float32 matrix of 4 MiB (r = 8: two levels to 16K tokens)
 
 
 def linear_scan_ref(u: Tensor, log_decay: Tensor, s0: Tensor | None = None) -> Tensor:
@@ -33,46 +37,72 @@ def linear_scan_ref(u: Tensor, log_decay: Tensor, s0: Tensor | None = None) -> T
     return torch.stack(out, dim=1)  # (B, T, r)
 
 
-def _decay_matrix(log_decay: Tensor, q: int) -> Tensor:
-    """L[k, t, j] = λ_k^(t-j) for j ≤ t, else 0: (r, Q, Q). The lag is clamped at 0 before exp
-    (no inf·0 above the diagonal, whose entries tril then zeroes), five operations in all."""
-    idx = torch.arange(q, device=log_decay.device, dtype=log_decay.dtype)  # (Q,)
-    lag = (idx[:, None] - idx[None, :]).clamp(min=0)  # (Q, Q)
-    return torch.tril((lag[None] * log_decay[:, None, None]).exp())
-
-
-def _powers(log_decay: Tensor, q: int) -> Tensor:
-    """λ^(i+1) for i < Q: (Q, r)."""
-    steps = torch.arange(1, q + 1, device=log_decay.device, dtype=log_decay.dtype)  # (Q,)
-    return (steps[:, None] * log_decay[None, :]).exp()
-
-
-def default_block(t: int, device: torch.device) -> int:
-    """Q for T tokens on `device`: CPU_BLOCK on a CPU, else ⌈√T⌉ up to MAX_GPU_BLOCK."""
+def default_block(t: int, device: torch.device, rank: int = 8) -> int:
+    """Q for T tokens of `rank` channels: CPU_BLOCK on a CPU; elsewhere ⌈√T⌉ (two levels: the
+    block entries fit one block) while Q·r ≤ MAX_GPU_WIDTH, a third level beyond."""
     if device.type == "cpu":
         return CPU_BLOCK
-    return min(math.isqrt(max(t, 1) - 1) + 1, MAX_GPU_BLOCK)
+    return max(1, min(math.isqrt(max(t, 1) - 1) + 1, MAX_GPU_WIDTH // max(rank, 1)))
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """The matrices of a scan of T tokens with fixed λ.
+
+    within:  (Q·r, Q·r) block-diagonal over channels: [j·r + k, i·r + k] = λ_k^(i-j) for j ≤ i.
+    carried: (r, Q·r): [k, i·r + k] = λ_k^(i+1), the entering state as seen at the block's i-th token.
+    inner:   plan of the scan over the n block entries (decay λ^Q); None when n == 1.
+    """
+
+    t: int
+    q: int
+    n: int
+    within: Tensor
+    carried: Tensor
+    inner: ScanPlan | None
+
+
+def _channel_diagonal(per_channel: Tensor) -> Tensor:
+    """(a, c, r) -> (a·r, c·r) with [x·r + k, y·r + k] = per_channel[x, y, k], zero across channels."""
+    a, c, r = per_channel.shape
+    return torch.diag_embed(per_channel).permute(0, 2, 1, 3).reshape(a * r, c * r)  # (a, r, c, r) flattened
+
+
+def plan_scan(log_decay: Tensor, t: int, block: int | None = None) -> ScanPlan:
+    """Plan for T tokens: log_decay (r,) (= log λ < 0); `block` is Q (values below 2 act as 2; None:
+    `default_block`). Differentiable in log_decay."""
+    r = log_decay.shape[0]
+    block = default_block(t, log_decay.device, r) if block is None else block
+    q = max(1, min(max(block, 2), t))  # Q ≥ 2 so that each level shrinks
+    n = -(-t // q)
+    idx = torch.arange(q + 1, device=log_decay.device, dtype=log_decay.dtype)  # (Q+1,)
+    lag = (idx[1:, None] - idx[None, 1:]).clamp(min=0)  # (Q, Q): i - j, 0 above the diagonal
+    decay = torch.tril((log_decay[:, None, None] * lag).exp())  # (r, Q_i, Q_j): zero where j > i
+    within = _channel_diagonal(decay.permute(2, 1, 0))  # (Q·r, Q·r)
+    powers = (idx[1:, None] * log_decay).exp()  # (Q, r): λ^(i+1)
+    carried = _channel_diagonal(powers[None])  # (r, Q·r)
+    inner = plan_scan(q * log_decay, n, block) if n > 1 else None
+    return ScanPlan(t, q, n, within, carried, inner)
+
+
+def run_scan(u: Tensor, plan: ScanPlan, s0: Tensor | None = None) -> Tensor:
+    """The scan of u (B, T, r) from s0 (B, r) or zeros, T = plan.t -> s (B, T, r)."""
+    b, t, r = u.shape
+    q, n = plan.q, plan.n
+    padded = u if n * q == t else torch.nn.functional.pad(u, (0, 0, 0, n * q - t))  # (B, nQ, r)
+    local = padded.reshape(b * n, q * r) @ plan.within.to(u.dtype)  # (B·n, Q·r): each block from zero
+    if n == 1 and s0 is None:
+        return local.view(b, q, r)[:, :t]
+    start = u.new_zeros(b, r) if s0 is None else s0.to(u.dtype)  # (B, r)
+    if n == 1:
+        entering = start  # (B·1, r)
+    else:
+        ends = local.view(b, n, q, r)[:, :-1, -1]  # (B, n-1, r): each block's own end state
+        entering = run_scan(torch.cat([start[:, None], ends], dim=1), plan.inner).reshape(b * n, r)  # (B·n, r)
+    out = torch.addmm(local, entering, plan.carried.to(u.dtype))  # (B·n, Q·r)
+    return out.view(b, n * q, r)[:, :t]
 
 
 def linear_scan(u: Tensor, log_decay: Tensor, s0: Tensor | None = None, block: int | None = None) -> Tensor:
-    """Parallel scan: u (B, T, r), log_decay (r,) (= log λ < 0), s0 (B, r) -> s (B, T, r).
-
-    `block` is Q (values below 2 act as 2); None: `default_block` for u's length and device.
-    """
-    b, t, r = u.shape
-    log_decay = log_decay.to(u.dtype)
-    block = default_block(t, u.device) if block is None else block
-    q = max(1, min(max(block, 2), t))  # Q ≥ 2 so that each recursion level shrinks
-    n_blocks = -(-t // q)
-    padded = u if n_blocks * q == t else torch.nn.functional.pad(u, (0, 0, 0, n_blocks * q - t))  # (B, nQ, r)
-    blocks = padded.reshape(b, n_blocks, q, r)  # (B, n, Q, r)
-    local = torch.einsum("kij,bnjk->bnik", _decay_matrix(log_decay, q), blocks)  # (B, n, Q, r)
-    if n_blocks > 1 or s0 is not None:
-        start = torch.zeros_like(local[:, 0, 0]) if s0 is None else s0.to(u.dtype)  # (B, r)
-        incoming = start[:, None]  # (B, 1, r): state entering block 0
-        if n_blocks > 1:
-            # True state at the end of blocks 0..n-2: same recurrence, decay λ^Q, one item per block.
-            ends = linear_scan(local[:, :-1, -1], q * log_decay, s0, block)  # (B, n-1, r)
-            incoming = torch.cat([incoming, ends], dim=1)  # (B, n, r)
-        local = torch.addcmul(local, incoming[:, :, None], _powers(log_decay, q)[None, None])  # (B, n, Q, r)
-    return local.reshape(b, n_blocks * q, r)[:, :t]
+    """Parallel scan: u (B, T, r), log_decay (r,) (= log λ < 0), s0 (B, r) -> s (B, T, r)."""
+    return run_scan(u, plan_scan(log_decay.to(u.dtype), u.shape[1], block), s0)

@@ -6,8 +6,9 @@
 
 λ = exp(-1/τ) with time scales τ initialised log-spaced from 1 to `max_timescale` tokens; D
 starts at diag(1 - λ) (each channel a unit-gain moving average of z) and C at 0. The scan is
-parallel (`scan.linear_scan`); padding tokens feed nothing into it, and the final state s_T is
-carried into the next chunk, so a chunked run equals an unchunked one.
+parallel (`scan.run_scan`), its matrices built once per chunk length of a sequence when no
+gradient is recorded (`SequenceState.derive`); padding tokens feed nothing into it, and the final
+state s_T is carried into the next chunk, so a chunked run equals an unchunked one.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.precision import add_projection_out, project_in
-from longctx.adapters.scan import linear_scan
+from longctx.adapters.scan import plan_scan, run_scan
 from longctx.adapters.state import StateBinding
 
 MAX_TIMESCALE = 4096.0
@@ -55,7 +56,10 @@ class SSMLoRAScanLinear(nn.Module):
         u = z @ self.scan_D  # (B, T, r)
         if state.token_mask is not None:
             u = u * state.token_mask[..., None].to(u.dtype)  # padding feeds nothing
-        s = linear_scan(u, self.log_decay(), state.carry.get(self.state_key))  # (B, T, r)
+        t = u.shape[1]
+        plan = state.derive((self.state_key, t, u.device, u.dtype), (self.scan_log_tau,),
+                            lambda: plan_scan(self.log_decay().to(u.dtype), t))
+        s = run_scan(u, plan, state.carry.get(self.state_key))  # (B, T, r)
         last = s[:, -1]  # (B, r)
         state.live[self.state_key] = last.detach() if self.detach_state else last
         return add_projection_out(y, z + s @ self.scan_C, self.scan_B, self.scale)  # y + scale · (z + sC) B

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +25,28 @@ class SequenceState:
     live:  per state key, the state produced so far in the forward call in progress (points that
            share a key are chained through it in layer order); moved into `carry` at the end.
     token_mask: (B, T) 1 for real tokens, 0 for padding, for the forward in progress.
+    derived: values computed from the adapter's weights that every chunk of this sequence
+             would compute alike (ssmlora-scan's scan matrices), built once by `derive`.
     """
 
     carry: dict[str, Tensor] = field(default_factory=dict)
     live: dict[str, Tensor] = field(default_factory=dict)
     token_mask: Tensor | None = None
+    derived: dict[tuple, Any] = field(default_factory=dict)
+
+    def derive(self, key: tuple, weights: tuple[Tensor, ...], build: Callable[[], Any]) -> Any:
+        """build(), kept under `key` for the sequence's later chunks while `weights` stay as they are.
+
+        The key is completed with each weight's identity and in-place version, so an optimiser
+        step between chunks rebuilds. While autograd records through the weights, build() runs
+        every time: its result belongs to that call's graph.
+        """
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return build()
+        full_key = key + tuple((w.data_ptr(), w._version) for w in weights)
+        if full_key not in self.derived:
+            self.derived[full_key] = build()
+        return self.derived[full_key]
 
     def previous(self, key: str, like: Tensor) -> Tensor:
         """State seen by the next point of `key`, position-aligned to `like` (B, T, r).
@@ -56,6 +73,7 @@ class SequenceState:
         """Forget everything: the next chunk starts from zeros (`ssm_carry=reset`)."""
         self.carry.clear()
         self.live.clear()
+        self.derived.clear()
 
 
 class StateBinding:
