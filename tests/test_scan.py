@@ -116,16 +116,16 @@ def test_extreme_decays_stay_finite(decay: float) -> None:
 
 
 def test_default_block_per_device() -> None:
-    """A CPU keeps the arithmetic small (Q = 8); a GPU gets depth 2: Q = ⌈√T⌉, Q·r at most 1024."""
+    """A CPU keeps the arithmetic small (Q = 8); a GPU gets depth 2: Q = ⌈√T⌉, Q·r at most 512."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert [default_block(t, cpu) for t in (1, 4096, 10**6)] == [CPU_BLOCK] * 3
-    assert [default_block(t, gpu) for t in (0, 1, 2, 4096, 4097, 65536, 10**6)] == [1, 1, 2, 64, 65, 128, 128]
-    assert default_block(4096, gpu, rank=64) == 16
+    assert [default_block(t, gpu) for t in (0, 1, 2, 4096, 4097, 65536, 10**6)] == [1, 1, 2, 64, 64, 64, 64]
+    assert [default_block(t, gpu, rank=64) for t in (16, 4096)] == [4, 8]
 
 
 @pytest.mark.parametrize("length", [1, 2, 65, 4096, 4097, 66000])
 def test_gpu_block_equals_reference(length: int) -> None:
-    """The block the GPU uses by default, run here: two levels up to 16K tokens, three beyond."""
+    """The block the GPU uses by default, run here: two levels up to 4K tokens, three beyond."""
     u, log_decay, s0 = inputs(2, length, 2, True)
     block = default_block(length, torch.device("cuda"))
     truth = linear_scan_ref(u.double(), log_decay.double(), s0.double())

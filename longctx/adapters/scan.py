@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 CPU_BLOCK = 8  # Q on a CPU, where arithmetic (T·Q·r² multiply-adds) is the cost: fastest at 16K-64K, r = 8
-MAX_GPU_WIDTH = 1024  # Q·r at most on a GPU: a (Q·r)² float32 matrix of 4 MiB (r = 8: two levels to 16K tokens)
+MAX_GPU_WIDTH = 512  # Q·r at most on a GPU: (Q·r)² floats, 1 MiB in float32 (r = 8: two levels up to 4K tokens)
 
 
 def linear_scan_ref(u: Tensor, log_decay: Tensor, s0: Tensor | None = None) -> Tensor:
