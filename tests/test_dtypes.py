@@ -207,3 +207,21 @@ def test_train_refuses_an_unknown_dtype(tmp_path):
     cfg = TrainConfig(method="lora", task="passkey", train_length=128, out=str(tmp_path), dtype="float8")
     with pytest.raises(LongctxError, match="unknown dtype 'float8'; valid choices: auto, float32, fp32, bfloat16"):
         cfg.validate()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_float64_base_keeps_float64(method):
+    """The reference comparisons run in float64: every method on a float64 base computes its
+    branch and state in float64 (the adapter's dtype is never narrower than the base's), so its
+    chunked run equals the unchunked one to the precision of the float32 logits it returns."""
+    from conftest import EXACT_UNDER_CHUNKING, tiny_llama
+
+    adapted = wrap(tiny_llama().double(), method)
+    perturb(adapted)
+    ids = random_ids(1, 90)
+    keep = torch.arange(90)
+    whole = chunked_forward(adapted, ids, chunk_size=None, keep=keep)
+    chunked = chunked_forward(adapted, ids, chunk_size=32, keep=keep)
+    assert all(s.dtype == torch.float64 for s in chunked.state.carry.values())
+    if method in EXACT_UNDER_CHUNKING:  # (the runner hands logits back in float32)
+        torch.testing.assert_close(chunked.logits, whole.logits, rtol=0, atol=1e-6)

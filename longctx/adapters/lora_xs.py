@@ -22,7 +22,8 @@ scikit-learn's rule for `components_`; the 0.24 it pins fixes the sign by V_r's 
 sign flip of a singular pair only re-expresses R (R -> D R D) and leaves R's initial law unchanged.
 R is drawn on the CPU in float32 from the global generator that `wrap(..., seed=...)` seeds, so
 its start is reproducible for a seed on any device and dtype. A and B are recomputed from the base
-at load time (the base fingerprint guarantees it is the same base).
+at load time (the base fingerprint guarantees it is the same base). On a bf16/fp16 base the two
+width-sized products run in the base's dtype with float32 accumulation (`adapters.precision`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import replace_modules, resolve_points
+from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.state import StateBinding
 
 R_INIT_STD = 1e-5  # the reference's `init_module_weights(..., sigma=0.00001)`: a standard deviation
@@ -69,9 +71,8 @@ class LoraXSLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
         y = self.base_layer(x)  # (B, T, d_out)
-        z = self.dropout(x.to(self.lora_xs_A.dtype)) @ self.lora_xs_A.T  # (B, T, r), in the adapter's dtype
-        branch = (z @ self.lora_xs_R.T) @ self.lora_xs_B.T  # (B, T, d_out)
-        return y + (self.scale * branch).to(y.dtype)
+        z = project_in(self.dropout(x), self.lora_xs_A.T)  # (B, T, r) float32: x A in x's dtype
+        return add_projection_out(y, z @ self.lora_xs_R.T, self.lora_xs_B.T, self.scale)  # y + scale · (z Rᵀ) Bᵀ
 
 
 class LoraXS(AdapterMethod):

@@ -14,8 +14,9 @@ from torch import Tensor
 
 
 def project_in(x: Tensor, a: Tensor) -> Tensor:
-    """x (B, T, d_in) in the layer's dtype, a (d_in, r) float32 -> x a (B, T, r) float32."""
-    return (x @ a.to(x.dtype)).float()
+    """x (B, T, d_in) in the layer's dtype, a (d_in, r) float32 -> x a (B, T, r) in float32 (float64
+    on a float64 layer: the adapter's dtype, never narrower than the layer's)."""
+    return (x @ a.to(x.dtype)).to(torch.promote_types(x.dtype, torch.float32))
 
 
 def add_projection_out(y: Tensor, g: Tensor, b: Tensor, scale: float) -> Tensor:
