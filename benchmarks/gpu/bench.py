@@ -41,6 +41,7 @@ SMOKE_SHAPE = dict(LLAMA_3_2_1B, vocab_size=4096, hidden_size=128, intermediate_
 GIB = 2 ** 30
 K = 1024  # tokens per "K" in every length below; --smoke shrinks it (and the model) to check the script on a CPU
 CHUNK = 4 * K
+WARM_REQUESTS = 5  # G4: requests per length and side timed warm (and as many with the allocator emptied)
 RESULTS: dict[str, Any] = {}
 
 
@@ -239,7 +240,7 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
 
 
-def measure_lm(lm: Any, lengths: tuple[int, ...], device: str, vocab: int, warm: int = 5) -> dict[int, dict[str, Any]]:
+def measure_lm(lm: Any, lengths: tuple[int, ...], device: str, vocab: int, warm: int = WARM_REQUESTS) -> dict[int, dict[str, Any]]:
     """Per length: the first request (cold: kernels meet new shapes), then `warm` more of the same
     length with other tokens, back to back as an evaluation runs them (the allocator keeps its
     cached blocks: lm-eval empties it between requests neither for `hf` nor for `ssmlora`), then
