@@ -70,6 +70,7 @@ def test_derived_values_are_built_once_per_weights_version():
         assert len(builds) == 2
         weight.add_(1.0)  # an optimiser step between chunks
         assert torch.equal(state.derive(("k", 5), (weight,), build), torch.full((3,), 4.0)) and len(builds) == 3
+        assert len(state.derived) == 2  # the stale value was replaced, not kept beside
     # While autograd records through the weight, every call builds (its result is that call's graph).
     recorded = [state.derive(("k", 5), (weight,), build) for _ in range(2)]
     assert len(builds) == 5 and all(r.requires_grad for r in recorded)

@@ -44,7 +44,7 @@ class SSMLoRAScanLinear(nn.Module):
         self.scan_B = nn.Parameter(torch.zeros(rank, base_layer.out_features, **kw))
         self.scan_C = nn.Parameter(torch.zeros(rank, rank, **kw))
         self.scan_D = nn.Parameter(torch.diag(1.0 - torch.exp(-1.0 / tau)).to(**kw))
-        self.scan_dropout = nn.Dropout(dropout)
+        self.scan_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # (no operation at 0)
 
     def log_decay(self) -> Tensor:
         return -torch.exp(-self.scan_log_tau)  # (r,) log λ = -1/τ

@@ -32,21 +32,22 @@ class SequenceState:
     carry: dict[str, Tensor] = field(default_factory=dict)
     live: dict[str, Tensor] = field(default_factory=dict)
     token_mask: Tensor | None = None
-    derived: dict[tuple, Any] = field(default_factory=dict)
+    derived: dict[tuple, tuple[tuple, Any]] = field(default_factory=dict)  # key -> (weights' stamp, value)
 
     def derive(self, key: tuple, weights: tuple[Tensor, ...], build: Callable[[], Any]) -> Any:
         """build(), kept under `key` for the sequence's later chunks while `weights` stay as they are.
 
-        The key is completed with each weight's identity and in-place version, so an optimiser
-        step between chunks rebuilds. While autograd records through the weights, build() runs
-        every time: its result belongs to that call's graph.
+        Each weight's identity and in-place version are stored with the value, so an optimiser
+        step between chunks rebuilds it (replacing the old one). While autograd records through
+        the weights, build() runs every time: its result belongs to that call's graph.
         """
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return build()
-        full_key = key + tuple((w.data_ptr(), w._version) for w in weights)
-        if full_key not in self.derived:
-            self.derived[full_key] = build()
-        return self.derived[full_key]
+        stamp = tuple((w.data_ptr(), w._version) for w in weights)
+        kept = self.derived.get(key)
+        if kept is None or kept[0] != stamp:
+            kept = self.derived[key] = (stamp, build())
+        return kept[1]
 
     def previous(self, key: str, like: Tensor) -> Tensor:
         """State seen by the next point of `key`, position-aligned to `like` (B, T, r).
