@@ -41,3 +41,13 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def operations(fn: Callable[[], object]) -> int:
+    """How many aten operations one call of fn issues (torch.profiler, nested ones included): on
+    a GPU, where small kernels are launched faster than the host can issue them, the host's cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name.startswith("aten::"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time  # noqa: E402
+from common import best_time, operations  # noqa: E402
 
 TARGET = 20.0
 
@@ -27,15 +27,6 @@ def synced(fn, device: torch.device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return call
-
-
-def operations(fn) -> int:
-    """How many aten operations one call of fn issues (torch.profiler, nested ones included)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
 
 
 def main() -> None:
