@@ -43,6 +43,16 @@ def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
     return min(times)
 
 
+def synced(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn, then a wait for the GPU's queue to drain (if there is one), so wall time is the work's."""
+    def call() -> object:
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return result
+    return call
+
+
 def operations(fn: Callable[[], object]) -> int:
     """How many aten operations one call of fn issues (torch.profiler, nested ones included): on
     a GPU, where small kernels are launched faster than the host can issue them, the host's cost."""

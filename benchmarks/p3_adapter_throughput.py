@@ -16,15 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, bench_llama, operations  # noqa: E402
+from common import best_time, bench_llama, operations, synced  # noqa: E402
 
 TARGETS = {"ssmlora": 0.85, "ssmlora-scan": 0.80}
-
-
-def _synced(result: object) -> object:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result
 
 
 def main() -> None:
@@ -45,7 +39,7 @@ def main() -> None:
     best = {m: float("inf") for m in models}
     for _ in range(args.repeats):
         for method, adapted in models.items():
-            seconds = best_time(lambda: _synced(chunked_forward(adapted, ids, chunk_size=args.chunk_size)), 1)
+            seconds = best_time(synced(lambda: chunked_forward(adapted, ids, chunk_size=args.chunk_size)), 1)
             best[method] = min(best[method], seconds)
     speed = {m: args.length / s for m, s in best.items()}
     for method, seconds in best.items():

@@ -15,18 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, operations  # noqa: E402
+from common import best_time, operations, synced  # noqa: E402
 
 TARGET = 20.0
-
-
-def synced(fn, device: torch.device):
-    """fn, waiting for the device's queue to drain, so that wall time is the work's time."""
-    def call() -> None:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return call
 
 
 def main() -> None:
@@ -44,15 +35,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     u = torch.randn(args.batch, args.length, args.rank, generator=gen)
     log_decay = torch.linspace(0.05, 0.9999, args.rank).log()
-    block = default_block(args.length, device) if args.block is None else args.block
+    block = default_block(args.length, device, args.rank) if args.block is None else args.block
     fast = linear_scan(u.to(device), log_decay.to(device), block=block).cpu()
     ref = linear_scan_ref(u, log_decay)
     error = ((fast - ref).abs().max() / ref.abs().max()).item()
     on_device = u.to(device), log_decay.to(device)
     plan = plan_scan(on_device[1], args.length, block)
     scan, planned = lambda: linear_scan(*on_device, block=block), lambda: run_scan(on_device[0], plan)
-    t_fast = best_time(synced(scan, device), args.repeats)
-    t_planned = best_time(synced(planned, device), args.repeats)
+    t_fast = best_time(synced(scan), args.repeats)
+    t_planned = best_time(synced(planned), args.repeats)
     t_ref = best_time(lambda: linear_scan_ref(u, log_decay), max(1, args.repeats // 2))
     ratio = t_ref / t_fast
     print(f"T={args.length} r={args.rank} B={args.batch} {device.type}: parallel (Q={block}) {t_fast * 1e3:.2f} ms "

@@ -125,9 +125,9 @@ def test_default_block_per_device() -> None:
 
 @pytest.mark.parametrize("length", [1, 2, 65, 4096, 4097, 66000])
 def test_gpu_block_equals_reference(length: int) -> None:
-    """The block the GPU uses by default, run here: two levels up to 4K tokens, three beyond."""
-    u, log_decay, s0 = inputs(2, length, 2, True)
-    block = default_block(length, torch.device("cuda"))
+    """The block the GPU uses by default at r = 8, run here: two levels up to 4K tokens, three beyond."""
+    u, log_decay, s0 = inputs(2, length, 8, True)
+    block = default_block(length, torch.device("cuda"), rank=8)
     truth = linear_scan_ref(u.double(), log_decay.double(), s0.double())
     assert relative_error(linear_scan(u, log_decay, s0, block=block).double(), truth) < 1e-5
 

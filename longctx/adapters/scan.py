@@ -47,14 +47,13 @@ def default_block(t: int, device: torch.device, rank: int = 8) -> int:
 
 @dataclass(frozen=True)
 class ScanPlan:
-    """The matrices of a scan of T tokens with fixed λ.
+    """The matrices of a scan of up to n·Q tokens with fixed λ (planned for T: n = ⌈T/Q⌉).
 
     within:  (Q·r, Q·r) block-diagonal over channels: [j·r + k, i·r + k] = λ_k^(i-j) for j ≤ i.
     carried: (r, Q·r): [k, i·r + k] = λ_k^(i+1), the entering state as seen at the block's i-th token.
     inner:   plan of the scan over the n block entries (decay λ^Q); None when n == 1.
     """
 
-    t: int
     q: int
     n: int
     within: Tensor
@@ -82,11 +81,11 @@ def plan_scan(log_decay: Tensor, t: int, block: int | None = None) -> ScanPlan:
     powers = (idx[1:, None] * log_decay).exp()  # (Q, r): λ^(i+1)
     carried = _channel_diagonal(powers[None])  # (r, Q·r)
     inner = plan_scan(q * log_decay, n, block) if n > 1 else None
-    return ScanPlan(t, q, n, within, carried, inner)
+    return ScanPlan(q, n, within, carried, inner)
 
 
 def run_scan(u: Tensor, plan: ScanPlan, s0: Tensor | None = None) -> Tensor:
-    """The scan of u (B, T, r) from s0 (B, r) or zeros, T = plan.t -> s (B, T, r)."""
+    """The scan of u (B, T, r) from s0 (B, r) or zeros, T ≤ plan.n · plan.q -> s (B, T, r)."""
     b, t, r = u.shape
     q, n = plan.q, plan.n
     padded = u if n * q == t else torch.nn.functional.pad(u, (0, 0, 0, n * q - t))  # (B, nQ, r)
