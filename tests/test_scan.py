@@ -132,6 +132,32 @@ def test_gpu_block_equals_reference(length: int) -> None:
     assert relative_error(linear_scan(u, log_decay, s0, block=block).double(), truth) < 1e-5
 
 
+@pytest.mark.parametrize("length,block", [(1, None), (7, None), (4099, None), (4096, 64), (4097, 64)])
+@pytest.mark.parametrize("with_s0", [False, True])
+def test_a_folded_mix_equals_scanning_the_mixed_inputs(length: int, block: int | None, with_s0: bool) -> None:
+    """plan_scan's `mix` (ssmlora-scan's D, folded into the first matrix) scans u·mix: values and
+    the gradients of u, log λ and mix against the loop on u @ mix, in float64 (4097 at Q = 64: three levels)."""
+    u, log_decay, s0 = inputs(2, length, 8, with_s0, dtype=torch.float64)
+    mix = torch.randn(8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    weights = torch.randn(2, length, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    leaves = {}
+
+    def run(scan):
+        for name, value in (("u", u), ("log_decay", log_decay), ("mix", mix)):
+            leaves[name] = value.clone().requires_grad_()
+        if scan is linear_scan_ref:
+            out = linear_scan_ref(leaves["u"] @ leaves["mix"], leaves["log_decay"], s0)
+        else:
+            out = linear_scan(leaves["u"], leaves["log_decay"], s0, block=block, mix=leaves["mix"])
+        (out * weights).sum().backward()
+        return out.detach(), {name: leaf.grad for name, leaf in leaves.items()}
+
+    (fast, fast_grads), (ref, ref_grads) = run(linear_scan), run(linear_scan_ref)
+    assert relative_error(fast, ref) < 1e-10
+    for name in ("u", "log_decay", "mix"):
+        assert relative_error(fast_grads[name], ref_grads[name]) < 1e-9, name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_scan_equals_reference(dtype: torch.dtype) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ def load_recipe(method: str, overrides: dict[str, Any] | None = None) -> Recipe:
     return make_recipe(method, {**values, **(overrides or {})})
 
 
+@functools.cache  # called in every adapted layer's forward: a dict lookup, not a dispatched operation
 def adapter_dtype(base: torch.dtype) -> torch.dtype:
     """The dtype of an adapter's weights and state on a base of dtype `base`: float32 or wider."""
     return torch.promote_types(base, torch.float32)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from longctx.adapters.base import adapter_dtype
+
 
 def project_in(x: Tensor, a: Tensor) -> Tensor:
     """x (B, T, d_in) in the layer's dtype, a (d_in, r) float32 -> x a (B, T, r) in float32 (float64
     on a float64 layer: the adapter's dtype, never narrower than the layer's)."""
-    return (x @ a.to(x.dtype)).to(torch.promote_types(x.dtype, torch.float32))
+    return (x @ a.to(x.dtype)).to(adapter_dtype(x.dtype))
 
 
 def add_projection_out(y: Tensor, g: Tensor, b: Tensor, scale: float) -> Tensor:

@@ -67,9 +67,10 @@ def _channel_diagonal(per_channel: Tensor) -> Tensor:
     return torch.diag_embed(per_channel).permute(0, 2, 1, 3).reshape(a * r, c * r)  # (a, r, c, r) flattened
 
 
-def plan_scan(log_decay: Tensor, t: int, block: int | None = None) -> ScanPlan:
+def plan_scan(log_decay: Tensor, t: int, block: int | None = None, mix: Tensor | None = None) -> ScanPlan:
     """Plan for T tokens: log_decay (r,) (= log λ < 0); `block` is Q (values below 2 act as 2; None:
-    `default_block`). Differentiable in log_decay."""
+    `default_block`); `mix` (r, r): the scan's inputs are u·mix (ssmlora-scan's D), folded into the
+    first matrix so that a run takes no separate product. Differentiable in log_decay and mix."""
     r = log_decay.shape[0]
     block = default_block(t, log_decay.device, r) if block is None else block
     q = max(1, min(max(block, 2), t))  # Q ≥ 2 so that each level shrinks
@@ -78,6 +79,8 @@ def plan_scan(log_decay: Tensor, t: int, block: int | None = None) -> ScanPlan:
     lag = (idx[1:, None] - idx[None, 1:]).clamp(min=0)  # (Q, Q): i - j, 0 above the diagonal
     decay = torch.tril((log_decay[:, None, None] * lag).exp())  # (r, Q_i, Q_j): zero where j > i
     within = _channel_diagonal(decay.permute(2, 1, 0))  # (Q·r, Q·r)
+    if mix is not None:  # rows j·r + m: Σ_k mix[m, k] · within[j·r + k]
+        within = (mix.to(within.dtype) @ within.view(q, r, q * r)).reshape(q * r, q * r)
     powers = (idx[1:, None] * log_decay).exp()  # (Q, r): λ^(i+1)
     carried = _channel_diagonal(powers[None])  # (r, Q·r)
     inner = plan_scan(q * log_decay, n, block) if n > 1 else None
@@ -85,23 +88,30 @@ def plan_scan(log_decay: Tensor, t: int, block: int | None = None) -> ScanPlan:
 
 
 def run_scan(u: Tensor, plan: ScanPlan, s0: Tensor | None = None) -> Tensor:
-    """The scan of u (B, T, r) from s0 (B, r) or zeros, T ≤ plan.n · plan.q -> s (B, T, r)."""
+    """The scan of u (B, T, r) (times the plan's mix) from s0 (B, r) or zeros, T ≤ plan.n · plan.q
+    -> s (B, T, r). The plan's matrices must be in u's dtype (plan from log_decay in that dtype)."""
     b, t, r = u.shape
     q, n = plan.q, plan.n
     padded = u if n * q == t else torch.nn.functional.pad(u, (0, 0, 0, n * q - t))  # (B, nQ, r)
-    local = padded.reshape(b * n, q * r) @ plan.within.to(u.dtype)  # (B·n, Q·r): each block from zero
-    if n == 1 and s0 is None:
-        return local.view(b, q, r)[:, :t]
-    start = u.new_zeros(b, r) if s0 is None else s0.to(u.dtype)  # (B, r)
-    if n == 1:
-        entering = start  # (B·1, r)
-    else:
-        ends = local.view(b, n, q, r)[:, :-1, -1]  # (B, n-1, r): each block's own end state
-        entering = run_scan(torch.cat([start[:, None], ends], dim=1), plan.inner).reshape(b * n, r)  # (B·n, r)
-    out = torch.addmm(local, entering, plan.carried.to(u.dtype))  # (B·n, Q·r)
-    return out.view(b, n * q, r)[:, :t]
+    local = torch.mm(padded.reshape(b * n, q * r), plan.within)  # (B·n, Q·r): each block from zero
+    if n > 1 or s0 is not None:
+        local = torch.addmm(local, _entering_states(local, plan, s0, b), plan.carried)  # (B·n, Q·r)
+    out = local.view(b, n * q, r)
+    return out if n * q == t else out[:, :t]
 
 
-def linear_scan(u: Tensor, log_decay: Tensor, s0: Tensor | None = None, block: int | None = None) -> Tensor:
-    """Parallel scan: u (B, T, r), log_decay (r,) (= log λ < 0), s0 (B, r) -> s (B, T, r)."""
-    return run_scan(u, plan_scan(log_decay.to(u.dtype), u.shape[1], block), s0)
+def _entering_states(local: Tensor, plan: ScanPlan, s0: Tensor | None, b: int) -> Tensor:
+    """The state entering each block, (B·n, r): s0, then the inner scan of the blocks' end states."""
+    r = plan.carried.shape[0]
+    start = local.new_zeros(b, r) if s0 is None else s0.to(local.dtype)  # (B, r)
+    if plan.n == 1:
+        return start
+    ends = local.view(b, plan.n, plan.q, r)[:, :-1, -1]  # (B, n-1, r): each block's own end state
+    return run_scan(torch.cat([start[:, None], ends], dim=1), plan.inner).reshape(b * plan.n, r)
+
+
+def linear_scan(u: Tensor, log_decay: Tensor, s0: Tensor | None = None, block: int | None = None,
+                mix: Tensor | None = None) -> Tensor:
+    """Parallel scan: u (B, T, r), log_decay (r,) (= log λ < 0), s0 (B, r), mix (r, r) -> s (B, T, r)
+    of the inputs u (u·mix with a mix)."""
+    return run_scan(u, plan_scan(log_decay.to(u.dtype), u.shape[1], block, mix), s0)

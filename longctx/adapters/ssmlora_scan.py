@@ -6,8 +6,8 @@
 
 λ = exp(-1/τ) with time scales τ initialised log-spaced from 1 to `max_timescale` tokens; D
 starts at diag(1 - λ) (each channel a unit-gain moving average of z) and C at 0. The scan is
-parallel (`scan.run_scan`), its matrices built once per chunk length of a sequence when no
-gradient is recorded (`SequenceState.derive`); padding tokens feed nothing into it, and the final
+parallel (`scan.run_scan`), D folded into its first matrix; the matrices are built once per chunk
+length of a sequence when no gradient is recorded (`SequenceState.derive`); padding tokens feed nothing into it, and the final
 state s_T is carried into the next chunk, so a chunked run equals an unchunked one.
 """
 from __future__ import annotations
@@ -53,16 +53,15 @@ class SSMLoRAScanLinear(nn.Module):
         y = self.base_layer(x)  # (B, T, d_out)
         state = self.binding.current()
         z = project_in(self.scan_dropout(x), self.scan_A)  # (B, T, r) float32
-        u = z @ self.scan_D  # (B, T, r)
-        if state.token_mask is not None:
-            u = u * state.token_mask[..., None].to(u.dtype)  # padding feeds nothing
+        u = z if state.token_mask is None else z * state.token_mask[..., None]  # padding feeds nothing
         t = u.shape[1]
-        plan = state.derive((self.state_key, t, u.device, u.dtype), (self.scan_log_tau,),
-                            lambda: plan_scan(self.log_decay().to(u.dtype), t))
-        s = run_scan(u, plan, state.carry.get(self.state_key))  # (B, T, r)
+        plan = state.derive((self.state_key, t, u.device, u.dtype), (self.scan_log_tau, self.scan_D),
+                            lambda: plan_scan(self.log_decay().to(u.dtype), t, mix=self.scan_D))
+        s = run_scan(u, plan, state.carry.get(self.state_key))  # (B, T, r): the scan of z D
         last = s[:, -1]  # (B, r)
         state.live[self.state_key] = last.detach() if self.detach_state else last
-        return add_projection_out(y, z + s @ self.scan_C, self.scan_B, self.scale)  # y + scale · (z + sC) B
+        g = torch.addmm(z.view(-1, self.rank), s.reshape(-1, self.rank), self.scan_C)  # (B·T, r): z + s C
+        return add_projection_out(y, g, self.scan_B, self.scale)  # y + scale · (z + sC) B
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale}, state_key={self.state_key!r}"
