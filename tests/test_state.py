@@ -6,6 +6,7 @@ import torch
 
 from conftest import perturb, random_ids, tiny_llama
 from longctx.adapters import SequenceState, wrap
+from longctx.adapters.scan import PlanCache
 
 
 def test_position_aligned_carry_takes_first_positions_and_pads_with_zeros():
@@ -55,45 +56,68 @@ def test_a_failed_call_does_not_leak_state_into_the_next():
         assert torch.equal(adapted(input_ids=ids).logits, expected)
 
 
-def test_derived_values_are_built_once_per_weights_version():
-    state, builds = SequenceState(), []
+def test_plan_cache_keeps_recent_keys_while_the_weights_are_unchanged():
+    """Built once per key; rebuilt (replacing it) after an in-place step or for a new weight
+    tensor; the oldest key dropped beyond capacity; never kept while autograd records."""
+    builds = []
     weight = torch.nn.Parameter(torch.ones(3))
 
     def build():
         builds.append(weight.detach().clone())
         return weight * 2
 
+    cache = PlanCache(capacity=2)
     with torch.no_grad():
-        first = state.derive(("k", 5), (weight,), build)
-        assert state.derive(("k", 5), (weight,), build) is first and len(builds) == 1
-        state.derive(("k", 6), (weight,), build)  # another length: its own entry
+        first = cache.get((5,), (weight,), build)
+        assert cache.get((5,), (weight,), build) is first and len(builds) == 1
+        cache.get((6,), (weight,), build)  # another length: its own entry
         assert len(builds) == 2
-        weight.add_(1.0)  # an optimiser step between chunks
-        assert torch.equal(state.derive(("k", 5), (weight,), build), torch.full((3,), 4.0)) and len(builds) == 3
-        assert len(state.derived) == 2  # the stale value was replaced, not kept beside
-    # While autograd records through the weight, every call builds (its result is that call's graph).
-    recorded = [state.derive(("k", 5), (weight,), build) for _ in range(2)]
-    assert len(builds) == 5 and all(r.requires_grad for r in recorded)
-    state.reset()
-    assert state.derived == {}
+        weight.add_(1.0)  # an optimiser step
+        assert torch.equal(cache.get((5,), (weight,), build), torch.full((3,), 4.0)) and len(builds) == 3
+        assert list(cache.plans) == [(6,), (5,)]  # replaced, not kept beside; (5,) now the most recent
+        cache.get((7,), (weight,), build)
+        assert list(cache.plans) == [(5,), (7,)]  # (6,) was the least recently used
+        replaced = torch.nn.Parameter(torch.full((3,), 2.0))  # a new tensor (as a load may make)
+        assert torch.equal(cache.get((7,), (replaced,), lambda: replaced * 3), torch.full((3,), 6.0))
+    recorded = [cache.get((5,), (weight,), build) for _ in range(2)]
+    assert len(builds) == 6 and all(r.requires_grad for r in recorded)
 
 
-def test_scan_matrices_are_built_once_per_layer_and_chunk_length():
+def _kept_plans(adapted) -> dict:
+    """Per insertion point: chunk length -> the plan kept for it."""
+    return {p: {key[0]: plan for key, (_, plan) in adapted.model.get_submodule(p).plans.plans.items()}
+            for p in adapted.insertion_points}
+
+
+def _same_plans(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[p].keys() == b[p].keys() and all(a[p][t] is b[p][t] for t in a[p])
+                                        for p in a)
+
+
+def test_scan_plans_are_built_once_per_layer_and_chunk_length_across_sequences():
     """A chunked ssmlora-scan run keeps one plan per insertion point and chunk length (the ragged
-    last chunk is a second length); a forward that records gradients keeps none. (That chunked
-    runs equal unchunked ones, plans kept, is test_chunking's.)"""
+    last chunk is a second length); the next sequence reuses them; a forward that records
+    gradients keeps none; an optimiser step rebuilds them. (That chunked runs equal unchunked
+    ones, plans kept, is test_chunking's; that they follow the equations, test_ssmlora_scan_equations'.)"""
     from longctx.runner import chunked_forward
 
     adapted = wrap(tiny_llama(), "ssmlora-scan")
     perturb(adapted)
-    ids = random_ids(1, 100)
     with torch.no_grad():
-        result = chunked_forward(adapted, ids, chunk_size=32)
-    points = len(adapted.insertion_points)
-    assert len(result.state.derived) == 2 * points  # lengths 32 and 4
-    assert {key[1] for key in result.state.derived} == {32, 4}
+        chunked_forward(adapted, random_ids(1, 100), chunk_size=32)
+    kept = _kept_plans(adapted)
+    assert all(set(plans) == {32, 4} for plans in kept.values())
+    with torch.no_grad():
+        chunked_forward(adapted, random_ids(1, 68, seed=3), chunk_size=32)  # another sequence, same lengths
+    assert _same_plans(_kept_plans(adapted), kept)
     state = adapted.new_state()
     with adapted.bind(state):  # weights require grad: plans built in the call, none kept
-        adapted(input_ids=ids[:, :32]).logits.sum().backward()
-    assert state.derived == {} and sorted(state.carry)
+        adapted(input_ids=random_ids(1, 16)).logits.sum().backward()
+    assert _same_plans(_kept_plans(adapted), kept) and sorted(state.carry)
     assert all(p.grad is not None for n, p in adapted.model.named_parameters() if "scan_log_tau" in n)
+    with torch.no_grad():
+        for n, p in adapted.model.named_parameters():
+            if "scan_log_tau" in n:
+                p.add_(0.1)  # an optimiser step
+        chunked_forward(adapted, random_ids(1, 64), chunk_size=32)
+    assert all(after[32] is not kept[point][32] for point, after in _kept_plans(adapted).items())

@@ -6,9 +6,11 @@
 
 λ = exp(-1/τ) with time scales τ initialised log-spaced from 1 to `max_timescale` tokens; D
 starts at diag(1 - λ) (each channel a unit-gain moving average of z) and C at 0. The scan is
-parallel (`scan.run_scan`), D folded into its first matrix; the matrices are built once per chunk
-length of a sequence when no gradient is recorded (`SequenceState.derive`); padding tokens feed nothing into it, and the final
-state s_T is carried into the next chunk, so a chunked run equals an unchunked one.
+parallel (`scan.run_scan`), D folded into its first matrix. The layer keeps the matrices of its
+recent chunk lengths while its weights are unchanged and no gradient is recorded (`PlanCache`):
+building them issues three times the operations of a scan, and on a GPU the host's operations
+are this method's cost. Padding tokens feed nothing into the scan, and the final state s_T is
+carried into the next chunk, so a chunked run equals an unchunked one.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.precision import add_projection_out, project_in
-from longctx.adapters.scan import plan_scan, run_scan
+from longctx.adapters.scan import PlanCache, plan_scan, run_scan
 from longctx.adapters.state import StateBinding
 
 MAX_TIMESCALE = 4096.0
@@ -45,6 +47,7 @@ class SSMLoRAScanLinear(nn.Module):
         self.scan_C = nn.Parameter(torch.zeros(rank, rank, **kw))
         self.scan_D = nn.Parameter(torch.diag(1.0 - torch.exp(-1.0 / tau)).to(**kw))
         self.scan_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # (no operation at 0)
+        self.plans = PlanCache()  # derived from the weights, not sequence state
 
     def log_decay(self) -> Tensor:
         return -torch.exp(-self.scan_log_tau)  # (r,) log λ = -1/τ
@@ -55,8 +58,8 @@ class SSMLoRAScanLinear(nn.Module):
         z = project_in(self.scan_dropout(x), self.scan_A)  # (B, T, r) float32
         u = z if state.token_mask is None else z * state.token_mask[..., None]  # padding feeds nothing
         t = u.shape[1]
-        plan = state.derive((self.state_key, t, u.device, u.dtype), (self.scan_log_tau, self.scan_D),
-                            lambda: plan_scan(self.log_decay().to(u.dtype), t, mix=self.scan_D))
+        plan = self.plans.get((t, u.device, u.dtype), (self.scan_log_tau, self.scan_D),
+                              lambda: plan_scan(self.log_decay().to(u.dtype), t, mix=self.scan_D))
         s = run_scan(u, plan, state.carry.get(self.state_key))  # (B, T, r): the scan of z D
         last = s[:, -1]  # (B, r)
         state.live[self.state_key] = last.detach() if self.detach_state else last

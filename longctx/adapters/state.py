@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,29 +25,11 @@ class SequenceState:
     live:  per state key, the state produced so far in the forward call in progress (points that
            share a key are chained through it in layer order); moved into `carry` at the end.
     token_mask: (B, T) 1 for real tokens, 0 for padding, for the forward in progress.
-    derived: values computed from the adapter's weights that every chunk of this sequence
-             would compute alike (ssmlora-scan's scan matrices), built once by `derive`.
     """
 
     carry: dict[str, Tensor] = field(default_factory=dict)
     live: dict[str, Tensor] = field(default_factory=dict)
     token_mask: Tensor | None = None
-    derived: dict[tuple, tuple[tuple, Any]] = field(default_factory=dict)  # key -> (weights' stamp, value)
-
-    def derive(self, key: tuple, weights: tuple[Tensor, ...], build: Callable[[], Any]) -> Any:
-        """build(), kept under `key` for the sequence's later chunks while `weights` stay as they are.
-
-        Each weight's identity and in-place version are stored with the value, so an optimiser
-        step between chunks rebuilds it (replacing the old one). While autograd records through
-        the weights, build() runs every time: its result belongs to that call's graph.
-        """
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return build()
-        stamp = tuple((w.data_ptr(), w._version) for w in weights)
-        kept = self.derived.get(key)
-        if kept is None or kept[0] != stamp:
-            kept = self.derived[key] = (stamp, build())
-        return kept[1]
 
     def previous(self, key: str, like: Tensor) -> Tensor:
         """State seen by the next point of `key`, position-aligned to `like` (B, T, r).
@@ -74,7 +56,6 @@ class SequenceState:
         """Forget everything: the next chunk starts from zeros (`ssm_carry=reset`)."""
         self.carry.clear()
         self.live.clear()
-        self.derived.clear()
 
 
 class StateBinding:
