@@ -121,3 +121,25 @@ def test_scan_plans_are_built_once_per_layer_and_chunk_length_across_sequences()
                 p.add_(0.1)  # an optimiser step
         chunked_forward(adapted, random_ids(1, 64), chunk_size=32)
     assert all(after[32] is not kept[point][32] for point, after in _kept_plans(adapted).items())
+
+
+def test_a_plan_built_in_inference_mode_serves_a_later_call_that_records_gradients():
+    """Frozen adapter: a plan kept from an inference_mode run is reused while a gradient flows to
+    the input embeddings (attribution, soft prompts), and that gradient equals a fresh model's."""
+    adapted = wrap(tiny_llama(), "ssmlora-scan")
+    perturb(adapted)
+    adapted.model.requires_grad_(False)
+    ids = random_ids(1, 24)
+    with torch.inference_mode():
+        adapted(input_ids=ids)
+    assert all(adapted.model.get_submodule(p).plans.plans for p in adapted.insertion_points)
+
+    def input_gradient(model):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        model(inputs_embeds=embeds).logits.sum().backward()
+        return embeds.grad
+
+    fresh = wrap(tiny_llama(), "ssmlora-scan")
+    fresh.model.load_state_dict(adapted.model.state_dict())
+    fresh.model.requires_grad_(False)
+    torch.testing.assert_close(input_gradient(adapted.model), input_gradient(fresh.model), rtol=0, atol=1e-6)

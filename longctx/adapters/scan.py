@@ -119,7 +119,9 @@ class PlanCache:
     weight's identity and in-place version are stored with the plan, so an optimiser step or a
     load rebuilds it. The `capacity` most recently used keys are kept: a chunked run uses two
     lengths (full chunks and the ragged last one), generation a third. While autograd records
-    through the weights, build() runs every time: its result belongs to that call's graph.
+    through the weights, build() runs every time: its result belongs to that call's graph. A kept
+    plan is built outside inference mode, so a later call that records a gradient (through the
+    input, the weights frozen) can use a plan first built under `torch.inference_mode()`.
     """
 
     def __init__(self, capacity: int = 3) -> None:
@@ -132,7 +134,8 @@ class PlanCache:
         stamp = tuple((w.data_ptr(), w._version) for w in weights)
         kept = self.plans.pop(key, None)
         if kept is None or kept[0] != stamp:
-            kept = (stamp, build())
+            with torch.inference_mode(False), torch.no_grad():  # ordinary constants, usable by any later call
+                kept = (stamp, build())
         self.plans[key] = kept  # now the most recent
         while len(self.plans) > self.capacity:
             del self.plans[next(iter(self.plans))]
