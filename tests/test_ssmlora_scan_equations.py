@@ -20,15 +20,15 @@ ALPHA, RANK = 16.0, 8  # the recipe's (longctx/recipes/ssmlora-scan.yaml)
 PADDING = 13  # left padding of the second sequence
 
 
-def nonzero_scan(dtype: torch.dtype):
-    adapted = wrap(tiny_llama().to(dtype), "ssmlora-scan")
+def nonzero_scan(dtype: torch.dtype, device: str = "cpu"):
+    adapted = wrap(tiny_llama().to(device=device, dtype=dtype), "ssmlora-scan")
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in adapted.model.named_parameters():
             if name.endswith("scan_log_tau"):  # τ from 1 to 100 tokens
-                p.copy_(torch.empty(p.shape, dtype=torch.float64).uniform_(0, 4.6, generator=gen))
+                p.copy_(torch.empty(p.shape, dtype=torch.float64).uniform_(0, 4.6, generator=gen).to(device))
             elif p.requires_grad:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(device))
     weights = {n.replace(".base_layer", ""): p.detach().clone()
                for n, p in adapted.model.named_parameters() if "scan_" in n}
     return adapted, weights
@@ -61,20 +61,27 @@ class ReferenceScan:
         return add_branch
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CASES = [("cpu", torch.float32, 1e-4), ("cpu", torch.float64, 1e-10),
+         pytest.param("cuda", torch.float32, 1e-4, marks=CUDA),  # the GPU's block: Q = ⌈√T⌉
+         pytest.param("cuda", torch.float64, 1e-10, marks=CUDA)]
+
+
+@pytest.mark.parametrize("device,dtype,atol", CASES)
 @pytest.mark.parametrize("chunk_size", [None, 1, 32, 37])
-def test_ssmlora_scan_equals_its_equations(dtype: torch.dtype, atol: float, chunk_size: int | None) -> None:
-    """Chunked, with left padding, against the reference run unchunked."""
-    adapted, weights = nonzero_scan(dtype)
+def test_ssmlora_scan_equals_its_equations(device: str, dtype: torch.dtype, atol: float,
+                                           chunk_size: int | None) -> None:
+    """Chunked, with left padding, against the reference run unchunked (on CUDA: both there)."""
+    adapted, weights = nonzero_scan(dtype, device)
     assert {adapted.model.get_submodule(p).scale for p in adapted.insertion_points} == {ALPHA / RANK}
-    reference_model = tiny_llama().to(dtype)
+    reference_model = tiny_llama().to(device=device, dtype=dtype)
     ReferenceScan(reference_model, weights, adapted.insertion_points)
-    ids = random_ids(2, 100, seed=4)
+    ids = random_ids(2, 100, seed=4).to(device)
     mask = torch.ones_like(ids)
     mask[1, :PADDING] = 0
     keep = torch.arange(PADDING, 100)  # rows that are real tokens in both sequences
     ours = chunked_forward(adapted, ids, attention_mask=mask, chunk_size=chunk_size, keep=keep).logits
     theirs = chunked_forward(reference_model, ids, attention_mask=mask, keep=keep).logits
-    base = chunked_forward(tiny_llama().to(dtype), ids, attention_mask=mask, keep=keep).logits
+    base = chunked_forward(tiny_llama().to(device=device, dtype=dtype), ids, attention_mask=mask, keep=keep).logits
     assert (ours - base).abs().max() > 1e-2  # the branch is not trivially zero
     torch.testing.assert_close(ours, theirs, rtol=0, atol=atol)
