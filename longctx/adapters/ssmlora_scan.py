@@ -8,7 +8,7 @@
 starts at diag(1 - λ) (each channel a unit-gain moving average of z) and C at 0. The scan is
 parallel (`scan.run_scan`), D folded into its first matrix. The layer keeps the matrices of its
 recent chunk lengths while its weights are unchanged and no gradient is recorded (`PlanCache`):
-building them issues three times the operations of a scan, and on a GPU the host's operations
+building them issues about four times the operations of a scan, and on a GPU the host's operations
 are this method's cost. Padding tokens feed nothing into the scan, and the final state s_T is
 carried into the next chunk, so a chunked run equals an unchunked one.
 """
