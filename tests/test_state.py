@@ -6,7 +6,6 @@ import torch
 
 from conftest import perturb, random_ids, tiny_llama
 from longctx.adapters import SequenceState, wrap
-from longctx.adapters.scan import PlanCache
 
 
 def test_position_aligned_carry_takes_first_positions_and_pads_with_zeros():
@@ -56,36 +55,9 @@ def test_a_failed_call_does_not_leak_state_into_the_next():
         assert torch.equal(adapted(input_ids=ids).logits, expected)
 
 
-def test_plan_cache_keeps_recent_keys_while_the_weights_are_unchanged():
-    """Built once per key; rebuilt (replacing it) after an in-place step or for a new weight
-    tensor; the oldest key dropped beyond capacity; never kept while autograd records."""
-    builds = []
-    weight = torch.nn.Parameter(torch.ones(3))
-
-    def build():
-        builds.append(weight.detach().clone())
-        return weight * 2
-
-    cache = PlanCache(capacity=2)
-    with torch.no_grad():
-        first = cache.get((5,), (weight,), build)
-        assert cache.get((5,), (weight,), build) is first and len(builds) == 1
-        cache.get((6,), (weight,), build)  # another length: its own entry
-        assert len(builds) == 2
-        weight.add_(1.0)  # an optimiser step
-        assert torch.equal(cache.get((5,), (weight,), build), torch.full((3,), 4.0)) and len(builds) == 3
-        assert list(cache.plans) == [(6,), (5,)]  # replaced, not kept beside; (5,) now the most recent
-        cache.get((7,), (weight,), build)
-        assert list(cache.plans) == [(5,), (7,)]  # (6,) was the least recently used
-        replaced = torch.nn.Parameter(torch.full((3,), 2.0))  # a new tensor (as a load may make)
-        assert torch.equal(cache.get((7,), (replaced,), lambda: replaced * 3), torch.full((3,), 6.0))
-    recorded = [cache.get((5,), (weight,), build) for _ in range(2)]
-    assert len(builds) == 6 and all(r.requires_grad for r in recorded)
-
-
 def _kept_plans(adapted) -> dict:
     """Per insertion point: chunk length -> the plan kept for it."""
-    return {p: {key[0]: plan for key, (_, plan) in adapted.model.get_submodule(p).plans.plans.items()}
+    return {p: {key[0]: plan for key, (_, plan) in adapted.model.get_submodule(p).plans.entries.items()}
             for p in adapted.insertion_points}
 
 
@@ -132,7 +104,7 @@ def test_a_plan_built_in_inference_mode_serves_a_later_call_that_records_gradien
     ids = random_ids(1, 24)
     with torch.inference_mode():
         adapted(input_ids=ids)
-    assert all(adapted.model.get_submodule(p).plans.plans for p in adapted.insertion_points)
+    assert all(adapted.model.get_submodule(p).plans.entries for p in adapted.insertion_points)
 
     def input_gradient(model):
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_()

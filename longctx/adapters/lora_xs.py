@@ -23,7 +23,8 @@ sign flip of a singular pair only re-expresses R (R -> D R D) and leaves R's ini
 R is drawn on the CPU in float32 from the global generator that `wrap(..., seed=...)` seeds, so
 its start is reproducible for a seed on any device and dtype. A and B are recomputed from the base
 at load time (the base fingerprint guarantees it is the same base). On a bf16/fp16 base the two
-width-sized products run in the base's dtype with float32 accumulation (`adapters.precision`).
+width-sized products run in the base's dtype with float32 accumulation (`adapters.precision`), R
+folded into the output factor as (B R)ᵀ, which the layer keeps while B and R are unchanged.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
+from longctx.adapters.derived import DerivedCache
 from longctx.adapters.insertion import replace_modules, resolve_points
 from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.state import StateBinding
@@ -68,11 +70,18 @@ class LoraXSLinear(nn.Module):
         self.register_buffer("lora_xs_A", a.to(dtype), persistent=False)  # (r, d_in)
         self.lora_xs_R = nn.Parameter(initial_r(rank).to(device=base_layer.weight.device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.operands = DerivedCache(2)  # A and (B R)ᵀ in the base's dtype, kept while unchanged
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
         y = self.base_layer(x)  # (B, T, d_out)
-        z = project_in(self.dropout(x), self.lora_xs_A.T)  # (B, T, r) float32: x A in x's dtype
-        return add_projection_out(y, z @ self.lora_xs_R.T, self.lora_xs_B.T, self.scale)  # y + scale · (z Rᵀ) Bᵀ
+        z = project_in(self.dropout(x), self.operands.cast("A", self.lora_xs_A, x.dtype).T)  # (B, T, r) float32
+        out = self.operands.get(("BR", y.dtype), (self.lora_xs_B, self.lora_xs_R),
+                                lambda: self.folded_out().to(y.dtype))  # (r, d_out) in y's dtype
+        return add_projection_out(y, z, out, self.scale)  # y + scale · z (B R)ᵀ = y + scale · (z Rᵀ) Bᵀ
+
+    def folded_out(self) -> Tensor:
+        """(B R)ᵀ (r, d_out): R folded into the output factor, one product fewer per call."""
+        return (self.lora_xs_B @ self.lora_xs_R).T
 
 
 class LoraXS(AdapterMethod):

@@ -8,7 +8,7 @@ the channels it is one (Q·r, Q·r) matrix, so all blocks take one matmul. The s
 blocks obey the same recurrence with decay λ^Q over n items (s0, then each block's local end
 state): a scan of n items, planned the same way. Each block then adds its entering state decayed
 by λ^(i+1), one more matmul. `ScanPlan` holds these matrices: they depend on λ and T only, so a
-caller that scans many chunks of one length with fixed weights builds them once (`PlanCache`).
+caller that scans many chunks of one length with fixed weights builds them once (`DerivedCache`).
 
 Why matmuls: on a GPU this scan is bound by the host issuing operations, not by arithmetic
 (T = 4096, r = 8 is 0.5M multiply-adds per block level): a plan runs in about ten operations.
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -109,37 +107,6 @@ def _entering_states(local: Tensor, plan: ScanPlan, s0: Tensor | None, b: int) -
         return start
     ends = local.view(b, plan.n, plan.q, r)[:, :-1, -1]  # (B, n-1, r): each block's own end state
     return run_scan(torch.cat([start[:, None], ends], dim=1), plan.inner).reshape(b * plan.n, r)
-
-
-class PlanCache:
-    """Scan plans of one layer, kept across calls and sequences while its weights stay as they are.
-
-    A plan is a pure function of the weights it is built from (λ, the mix) and of (T, device,
-    dtype), like a merged LoRA weight: not sequence state, so it may outlive a sequence. Each
-    weight's identity and in-place version are stored with the plan, so an optimiser step or a
-    load rebuilds it. The `capacity` most recently used keys are kept: a chunked run uses two
-    lengths (full chunks and the ragged last one), generation a third. While autograd records
-    through the weights, build() runs every time: its result belongs to that call's graph. A kept
-    plan is built outside inference mode, so a later call that records a gradient (through the
-    input, the weights frozen) can use a plan first built under `torch.inference_mode()`.
-    """
-
-    def __init__(self, capacity: int = 3) -> None:
-        self.capacity = capacity
-        self.plans: dict[tuple, tuple[tuple, ScanPlan]] = {}  # key -> (weights' stamp, plan), oldest first
-
-    def get(self, key: tuple, weights: tuple[Tensor, ...], build: Callable[[], ScanPlan]) -> ScanPlan:
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return build()
-        stamp = tuple((w.data_ptr(), w._version) for w in weights)
-        kept = self.plans.pop(key, None)
-        if kept is None or kept[0] != stamp:
-            with torch.inference_mode(False), torch.no_grad():  # ordinary constants, usable by any later call
-                kept = (stamp, build())
-        self.plans[key] = kept  # now the most recent
-        while len(self.plans) > self.capacity:
-            del self.plans[next(iter(self.plans))]
-        return kept[1]
 
 
 def linear_scan(u: Tensor, log_decay: Tensor, s0: Tensor | None = None, block: int | None = None,

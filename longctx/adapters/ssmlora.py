@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
+from longctx.adapters.derived import DerivedCache
 from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.state import StateBinding
@@ -46,11 +47,12 @@ class SSMLoRALinear(nn.Module):
         self.ssmlora_C = nn.Parameter(torch.zeros(rank, rank, **kw))
         self.ssmlora_D = nn.Parameter(torch.zeros(rank, rank, **kw))
         self.ssmlora_dropout = nn.Dropout(dropout)
+        self.operands = DerivedCache(2)  # A and B in the base's dtype, kept while unchanged
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
         y = self.base_layer(x)  # (B, T, d_out)
         state = self.binding.current()
-        z = project_in(x, self.ssmlora_A)  # (B, T, r) float32
+        z = project_in(x, self.operands.cast("A", self.ssmlora_A, x.dtype))  # (B, T, r) float32
         h = state.previous(self.state_key, z)  # (B, T, r)
         h_new = h @ self.ssmlora_C + z @ self.ssmlora_D + h  # (B, T, r)
         # amin/amax, not aminmax: torch 2.11 (a common cluster build) has no gradient for aminmax
@@ -58,7 +60,8 @@ class SSMLoRALinear(nn.Module):
         h_hat = (h_new - low) / (high - low + NORM_EPS)  # (B, T, r)
         state.live[self.state_key] = h_hat.detach() if self.detach_state else h_hat
         g = z + F.leaky_relu(self.ssmlora_dropout(h_hat))  # (B, T, r)
-        return add_projection_out(y, g, self.ssmlora_B, self.alpha)  # y + alpha · g B: (B, T, d_out)
+        b = self.operands.cast("B", self.ssmlora_B, y.dtype)  # (r, d_out)
+        return add_projection_out(y, g, b, self.alpha)  # y + alpha · g B: (B, T, d_out)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, state_key={self.state_key!r}"

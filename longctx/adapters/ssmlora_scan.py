@@ -7,9 +7,9 @@
 λ = exp(-1/τ) with time scales τ initialised log-spaced from 1 to `max_timescale` tokens; D
 starts at diag(1 - λ) (each channel a unit-gain moving average of z) and C at 0. The scan is
 parallel (`scan.run_scan`), D folded into its first matrix. The layer keeps the matrices of its
-recent chunk lengths while its weights are unchanged and no gradient is recorded (`PlanCache`):
-building them issues about four times the operations of a scan, and on a GPU the host's operations
-are this method's cost. Padding tokens feed nothing into the scan, and the final state s_T is
+recent chunk lengths, and A and B in a bf16/fp16 base's dtype, while its weights are unchanged and
+no gradient is recorded (`DerivedCache`): building a plan issues about four times the operations of
+a scan, and on a GPU the host's operations are this method's cost. Padding tokens feed nothing into the scan, and the final state s_T is
 carried into the next chunk, so a chunked run equals an unchunked one.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import insert_stateful_layers
+from longctx.adapters.derived import DerivedCache
 from longctx.adapters.precision import add_projection_out, project_in
-from longctx.adapters.scan import PlanCache, plan_scan, run_scan
+from longctx.adapters.scan import plan_scan, run_scan
 from longctx.adapters.state import StateBinding
 
 MAX_TIMESCALE = 4096.0
@@ -47,7 +48,8 @@ class SSMLoRAScanLinear(nn.Module):
         self.scan_C = nn.Parameter(torch.zeros(rank, rank, **kw))
         self.scan_D = nn.Parameter(torch.diag(1.0 - torch.exp(-1.0 / tau)).to(**kw))
         self.scan_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # (no operation at 0)
-        self.plans = PlanCache()  # derived from the weights, not sequence state
+        self.plans = DerivedCache(3)  # derived from the weights, not sequence state: per chunk length
+        self.operands = DerivedCache(2)  # A and B in the base's dtype
 
     def log_decay(self) -> Tensor:
         return -torch.exp(-self.scan_log_tau)  # (r,) log λ = -1/τ
@@ -55,7 +57,7 @@ class SSMLoRAScanLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, d_in)
         y = self.base_layer(x)  # (B, T, d_out)
         state = self.binding.current()
-        z = project_in(self.scan_dropout(x), self.scan_A)  # (B, T, r) float32
+        z = project_in(self.scan_dropout(x), self.operands.cast("A", self.scan_A, x.dtype))  # (B, T, r) float32
         u = z if state.token_mask is None else z * state.token_mask[..., None]  # padding feeds nothing
         t = u.shape[1]
         plan = self.plans.get((t, u.device, u.dtype), (self.scan_log_tau, self.scan_D),
@@ -64,7 +66,8 @@ class SSMLoRAScanLinear(nn.Module):
         last = s[:, -1]  # (B, r)
         state.live[self.state_key] = last.detach() if self.detach_state else last
         g = torch.addmm(z.view(-1, self.rank), s.reshape(-1, self.rank), self.scan_C)  # (B·T, r): z + s C
-        return add_projection_out(y, g, self.scan_B, self.scale)  # y + scale · (z + sC) B
+        b = self.operands.cast("B", self.scan_B, y.dtype)  # (r, d_out)
+        return add_projection_out(y, g, b, self.scale)  # y + scale · (z + sC) B
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale}, state_key={self.state_key!r}"
