@@ -102,7 +102,10 @@ def run_scan(u: Tensor, plan: ScanPlan, s0: Tensor | None = None) -> Tensor:
 def _entering_states(local: Tensor, plan: ScanPlan, s0: Tensor | None, b: int) -> Tensor:
     """The state entering each block, (B·n, r): s0, then the inner scan of the blocks' end states."""
     r = plan.carried.shape[0]
-    start = local.new_zeros(b, r) if s0 is None else s0.to(local.dtype)  # (B, r)
+    if s0 is None:
+        start = local.new_zeros(b, r)  # (B, r)
+    else:
+        start = s0 if s0.dtype == local.dtype else s0.to(local.dtype)  # (B, r)
     if plan.n == 1:
         return start
     ends = local.view(b, plan.n, plan.q, r)[:, :-1, -1]  # (B, n-1, r): each block's own end state

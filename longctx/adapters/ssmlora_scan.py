@@ -64,7 +64,7 @@ class SSMLoRAScanLinear(nn.Module):
                               lambda: plan_scan(self.log_decay().to(u.dtype), t, mix=self.scan_D))
         s = run_scan(u, plan, state.carry.get(self.state_key))  # (B, T, r): the scan of z D
         last = s[:, -1]  # (B, r)
-        state.live[self.state_key] = last.detach() if self.detach_state else last
+        state.live[self.state_key] = last.detach() if self.detach_state and last.requires_grad else last
         g = torch.addmm(z.view(-1, self.rank), s.reshape(-1, self.rank), self.scan_C)  # (B·T, r): z + s C
         b = self.operands.cast("B", self.scan_B, y.dtype)  # (r, d_out)
         return add_projection_out(y, g, b, self.scale)  # y + scale · (z + sC) B
