@@ -64,13 +64,18 @@ def _outputs(adapted, ids):
         return adapted(input_ids=ids).logits
 
 
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", KEEPING)
-def test_kept_operands_follow_the_weights_on_a_bf16_base(method):
+def test_kept_operands_follow_the_weights_on_a_bf16_base(method, device):
     """On a bf16 base each layer keeps its weights cast (and LoRA-XS its B R) between calls; after
     an in-place step its output equals a fresh model's with the stepped weights, bit for bit."""
-    adapted = wrap(tiny_llama().to(torch.bfloat16), method)
+    adapted = wrap(tiny_llama().to(device=device, dtype=torch.bfloat16), method)
     perturb(adapted)
-    ids = random_ids(1, 40)
+    ids = random_ids(1, 40).to(device)
     _outputs(adapted, ids)
     layers = [adapted.model.get_submodule(p) for p in adapted.insertion_points]
     kept = [dict(layer.operands.entries) for layer in layers]
@@ -79,7 +84,7 @@ def test_kept_operands_follow_the_weights_on_a_bf16_base(method):
     assert all(layer.operands.entries[k][1] is v[1] for layer, entries in zip(layers, kept) for k, v in entries.items())
     perturb(adapted, seed=2)  # an optimiser step, in place
     stepped = _outputs(adapted, ids)
-    fresh = wrap(tiny_llama().to(torch.bfloat16), method)
+    fresh = wrap(tiny_llama().to(device=device, dtype=torch.bfloat16), method)
     fresh.model.load_state_dict(adapted.model.state_dict())
     assert stepped.dtype == torch.bfloat16 and torch.equal(stepped, _outputs(fresh, ids))
 
