@@ -2,6 +2,9 @@
 folded B R) are kept only while those weights stay as they are: a kept value never goes stale."""
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -109,3 +112,20 @@ def test_training_steps_never_read_a_kept_operand(method):
         return out + [_outputs(adapted, random_ids(1, 16, seed=9)).float().sum().item()]
 
     assert losses(warm=True) == losses(warm=False)
+
+
+@pytest.mark.parametrize("method", KEEPING)
+def test_a_model_with_kept_operands_copies_and_saves_whole(method):
+    """deepcopy and torch.save of the whole model after a call kept operands (weak references do
+    not pickle): the copy and the reloaded model start with nothing kept and give the same logits."""
+    adapted = wrap(tiny_llama().to(torch.bfloat16), method)
+    perturb(adapted)
+    ids = random_ids(1, 24)
+    want = _outputs(adapted, ids)
+    buffer = io.BytesIO()
+    torch.save(adapted.model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(adapted.model), torch.load(buffer, weights_only=False)):
+        assert not any(layer.operands.entries for layer in other.modules() if hasattr(layer, "operands"))
+        with torch.no_grad():
+            assert torch.equal(other(input_ids=ids).logits, want)

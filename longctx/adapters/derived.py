@@ -45,6 +45,11 @@ class DerivedCache:
         self.capacity = capacity
         self.entries: dict[Hashable, tuple[Stamp, Any]] = {}  # oldest first
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or a pickle (`copy.deepcopy`, `torch.save` of a whole model) starts empty: the
+        entries are rebuildable, and a copy's weights are other tensors anyway."""
+        return {"capacity": self.capacity, "entries": {}}
+
     def get(self, key: Hashable, weights: tuple[Tensor, ...], build: Callable[[], Any]) -> Any:
         """build()'s value for `key`, rebuilt only when one of `weights` changed since it was kept."""
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
