@@ -43,17 +43,20 @@ def test_keeps_recent_keys_while_the_weights_are_unchanged():
 
 
 def test_a_swapped_or_reallocated_weight_is_not_mistaken_for_the_kept_one():
-    """`.data` replaced (version counter restarts) and a freed weight whose successor may take its
-    address: both rebuild, so neither the address nor the version alone identifies a weight."""
+    """`.data` replaced (version counter restarts) and a freed weight whose successor has its
+    address and version: both rebuild, so neither the address nor the version identifies a weight."""
     cache = DerivedCache(capacity=1)
     weight = torch.nn.Parameter(torch.ones(4), requires_grad=False)
     assert torch.equal(cache.cast("w", weight, torch.float64), torch.ones(4, dtype=torch.float64))
     weight.data = torch.full((4,), 3.0)
     assert torch.equal(cache.cast("w", weight, torch.float64), torch.full((4,), 3.0, dtype=torch.float64))
-    for value in (5.0, 7.0):  # each new tensor is made after the last is freed: often at its address
-        fresh = torch.full((4,), value)
-        assert torch.equal(cache.cast("w", fresh, torch.float64), torch.full((4,), value, dtype=torch.float64))
-        del fresh
+    storage = torch.ones(4).untyped_storage()
+    first = torch.empty(0).set_(storage)  # (4,) ones
+    assert torch.equal(cache.cast("w", first, torch.float64), torch.ones(4, dtype=torch.float64))
+    del first
+    torch.empty(0).set_(storage).fill_(3.0)  # the memory rewritten through another tensor
+    second = torch.empty(0).set_(storage)  # a new tensor: same address, same version as `first` had
+    assert torch.equal(cache.cast("w", second, torch.float64), torch.full((4,), 3.0, dtype=torch.float64))
 
 
 def test_cast_returns_the_weight_itself_in_its_own_dtype():
