@@ -7,10 +7,11 @@ the config's `longctx` block records method, recipe and base fingerprint (SPEC �
 
 dtype policy (bf16/fp16 bases; as PEFT's `autocast_adapter_dtype=True`): an adapter's own weights
 (ssmlora, ssmlora-scan, lora-xs's R and SVD factors, sdlora's A_log and x_proj deltas, PEFT's LoRA) and
-its SSM state are float32 (or the base's dtype if wider). PEFT's LoRA and lora-xs compute their
-branch in float32; ssmlora(-scan) run the two width-sized products (x A, · B) as GEMMs in the
-layer's dtype with float32 accumulation and their rank-r recurrence in float32
-(`longctx.adapters.precision`). Every branch returns the layer's output dtype. `dense` trains
+its SSM state are float32 (or the base's dtype if wider). PEFT's LoRA computes its branch in
+float32; ssmlora(-scan) and lora-xs run the two width-sized products (x A, · B) as GEMMs in the
+layer's dtype with float32 accumulation, their weights cast once and kept while unchanged
+(`longctx.adapters.derived`), and their rank-r part in float32 (`longctx.adapters.precision`).
+Every branch returns the layer's output dtype. `dense` trains
 the base's weights in their own dtype. Adapters save as they are and load into a base of any
 dtype (`copy_` casts).
 """
