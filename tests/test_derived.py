@@ -97,13 +97,18 @@ def test_kept_operands_follow_the_weights_on_a_bf16_base(method, device):
 
 @pytest.mark.parametrize("method", KEEPING)
 def test_training_steps_never_read_a_kept_operand(method):
-    """Two optimiser steps with gradients recorded, after an inference call kept operands: each
-    step's loss equals a model trained the same way that never kept any (bf16 base)."""
+    """Three optimiser steps with gradients recorded, after an inference call kept operands: each
+    step's loss equals a model trained the same way that never kept any (bf16 base), and every
+    weight that is kept cast or folded (A, B; LoRA-XS's R) moved: a kept operand would carry no
+    gradient back to its weight."""
     def losses(warm: bool) -> list[float]:
         adapted = wrap(tiny_llama().to(torch.bfloat16), method, seed=0)
         if warm:
             _outputs(adapted, random_ids(1, 16))
         params = [p for p in adapted.model.parameters() if p.requires_grad]
+        through_kept = [p for n, p in adapted.model.named_parameters()
+                        if p.requires_grad and n[-2:] in ("_A", "_B", "_R")]
+        start = [p.detach().clone() for p in through_kept]
         opt = torch.optim.SGD(params, lr=0.5)
         out = []
         for step in range(3):
@@ -112,6 +117,7 @@ def test_training_steps_never_read_a_kept_operand(method):
             opt.step()
             opt.zero_grad()
             out.append(loss.item())
+        assert through_kept and all(not torch.equal(p, p0) for p, p0 in zip(through_kept, start))
         return out + [_outputs(adapted, random_ids(1, 16, seed=9)).float().sum().item()]
 
     assert losses(warm=True) == losses(warm=False)

@@ -9,8 +9,9 @@ starts at diag(1 - λ) (each channel a unit-gain moving average of z) and C at 0
 parallel (`scan.run_scan`), D folded into its first matrix. The layer keeps the matrices of its
 recent chunk lengths, and A and B in a bf16/fp16 base's dtype, while its weights are unchanged and
 no gradient is recorded (`DerivedCache`): building a plan issues about four times the operations of
-a scan, and on a GPU the host's operations are this method's cost. Padding tokens feed nothing into the scan, and the final state s_T is
-carried into the next chunk, so a chunked run equals an unchunked one.
+a scan, and on a GPU the host's operations are this method's cost. Padding tokens feed nothing
+into the scan, and the final state s_T is carried into the next chunk, so a chunked run equals an
+unchunked one.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
-from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.derived import DerivedCache
+from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.scan import plan_scan, run_scan
 from longctx.adapters.state import StateBinding
