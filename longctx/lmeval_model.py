@@ -35,7 +35,7 @@ from longctx.tasks.lmeval import REFUSED_GENERATION, flag
 TRUNCATION_CHOICES = ("refuse", "left", "middle")
 VALID_ARGS = ("pretrained", "adapter", "method", "chunk_size", "ssm_carry", "dtype", "attn_implementation",
               "max_length", "truncation", "seed", "device", "trust_remote_code", "add_bos_token", "batch_size",
-              "max_batch_size")
+              "max_batch_size", "gguf_file", "rope_scaling")
 
 
 def _optional_chunk(value: Any) -> int | None:
@@ -52,7 +52,8 @@ def _one_at_a_time(name: str, value: Any) -> None:
 
 
 def build_adapted(pretrained: str, adapter: str | None, method: str | None, dtype: str,
-                  attn_implementation: str, device: str, seed: int, trust_remote_code: bool = False) -> Any:
+                  attn_implementation: str, device: str, seed: int, trust_remote_code: bool = False,
+                  gguf_file: str | None = None, rope_scaling: Any = None) -> Any:
     """Load the base and insert the adapter (a saved directory, or a fresh `method`)."""
     from longctx.adapters import ADAPTERS, load_adapter, wrap
     from longctx.models import load_base
@@ -60,7 +61,8 @@ def build_adapted(pretrained: str, adapter: str | None, method: str | None, dtyp
     if method is not None and method not in ADAPTERS:
         raise choice_error("method", method, ADAPTERS)
     model, tokenizer = load_base(pretrained, dtype=dtype, attn_implementation=attn_implementation,
-                                 device=device, trust_remote_code=trust_remote_code)
+                                 device=device, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
+                                 rope_scaling=rope_scaling)
     adapted = load_adapter(model, adapter) if adapter else wrap(model, method or "base", seed=seed)
     if adapter and method and adapted.method.name != method:
         raise LongctxError(f"adapter {adapter!r} holds method {adapted.method.name!r}, not method={method!r}")
@@ -84,7 +86,7 @@ class SsmloraLM(HFLM):
                  attn_implementation: str = "auto", max_length: Any = None, truncation: str = "refuse",
                  seed: int = 0, device: str | None = None, trust_remote_code: Any = False,
                  add_bos_token: Any = None, batch_size: Any = None, max_batch_size: Any = None,
-                 **unknown: Any) -> None:
+                 gguf_file: str | None = None, rope_scaling: Any = None, **unknown: Any) -> None:
         if unknown:
             raise LongctxError(f"unknown model_args key {sorted(unknown)[0]!r} for ssmlora "
                                f"(valid: {', '.join(VALID_ARGS)})")
@@ -98,17 +100,22 @@ class SsmloraLM(HFLM):
         self.chunk_size = _optional_chunk(chunk_size)
         self.ssm_carry, self.truncation_mode = ssm_carry, truncation
         from longctx.lmeval_plugin import requested_device
-        from longctx.models import position_limit
+        from longctx.models import parse_rope_scaling, position_limit
 
         # --device, else CUDA if present; under accelerate launch, this process's own device
         accelerator, device_ = lmeval_parallel.setup(requested_device(device))
+        scaling = parse_rope_scaling(rope_scaling)
+        if scaling and scaling["rope_type"] == "dynamic" and self.chunk_size is not None:
+            raise LongctxError("rope_scaling=dynamic cannot be chunked: dynamic rope recomputes its frequencies "
+                               "from the longest position of each forward, so the cached keys of earlier chunks "
+                               "would use other ones; use yarn or linear, or chunk_size=none")
         self.adapted, tokenizer = build_adapted(str(pretrained), adapter, method, dtype, attn_implementation,
-                                                str(device_), int(seed), trust)
+                                                str(device_), int(seed), trust, gguf_file or None, scaling)
         if bos is not None:  # as HFLM loads its tokenizer: the tokenizer adds (or not) its BOS
             from longctx.tasks.lmeval import load_tokenizer
 
             tokenizer = load_tokenizer({"pretrained": str(pretrained), "add_bos_token": bos,
-                                        "trust_remote_code": trust})
+                                        "trust_remote_code": trust, "gguf_file": gguf_file})
         limit = position_limit(self.adapted.model)
         self.position_limit = positive_int("max_length", max_length) if max_length is not None else limit
         with lmeval_parallel.quiet_model_object_warnings():
@@ -116,7 +123,8 @@ class SsmloraLM(HFLM):
                              max_length=self.position_limit or (1 << 62), add_bos_token=bos)
         self.log = RequestLog(torch.device(device_))
         lmeval_parallel.adopt(self, accelerator)
-        self.description = {"pretrained": str(pretrained), "adapter": adapter, "method": self.adapted.method.name,
+        self.description = {"pretrained": str(pretrained), "gguf_file": gguf_file, "rope_scaling": scaling,
+                            "adapter": adapter, "method": self.adapted.method.name,
                             "chunk_size": self.chunk_size, "ssm_carry": ssm_carry, "dtype": dtype,
                             "truncation": truncation, "position_limit": self.position_limit,
                             "add_bos_token": bos, "trust_remote_code": trust, "processes": self.world_size,

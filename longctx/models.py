@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from longctx.errors import LongctxError, choice_error
+from longctx.gguf_bases import REAL_BASES, converted_dir, is_gguf
 
 EMBEDDED_BASES = {"longctx-tiny": "llama", "longctx-tiny-mamba": "mamba"}  # name -> architecture of the recipe
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ROPE_TYPES = ("linear", "dynamic", "yarn")
 ATTN_CHOICES = ("auto", "longctx_sdpa", "sdpa", "eager", "flash_attention_2")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -51,10 +53,14 @@ def default_base_path(name: str = "longctx-tiny") -> Path:
     return cache
 
 
-def resolve_base(name_or_path: str) -> str:
-    """Map an embedded name to its directory; pass local directories and hub ids through."""
+def resolve_base(name_or_path: str, gguf_file: str | None = None) -> str:
+    """Map an embedded name to its directory and a GGUF base (a real base's name, a `.gguf` path, or
+    lm-eval's `pretrained=DIR,gguf_file=NAME`) to its dequantised cache; pass local directories and
+    hub ids through."""
     if name_or_path in EMBEDDED_BASES:
         return str(default_base_path(name_or_path))
+    if is_gguf(str(name_or_path), gguf_file):
+        return str(converted_dir(str(name_or_path), gguf_file))
     return str(name_or_path)
 
 
@@ -104,36 +110,73 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+def parse_rope_scaling(value: Any) -> dict[str, Any] | None:
+    """Rope scaling as transformers defines it, from `TYPE:FACTOR` (e.g. `yarn:4`), a mapping with
+    `rope_type` and `factor`, or None / "none" (the checkpoint's own positions)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, dict):
+        kind, factor = value.get("rope_type"), value.get("factor")
+    else:
+        kind, _, factor = str(value).partition(":")
+    if kind not in ROPE_TYPES:
+        raise choice_error("rope_scaling type", kind, ROPE_TYPES)
+    try:
+        parsed = float(factor)
+    except (TypeError, ValueError):
+        parsed = float("nan")
+    if not parsed > 1:
+        raise LongctxError(f"rope_scaling factor must be a number above 1, got {factor!r} (e.g. rope_scaling=yarn:4)")
+    return {"rope_type": kind, "factor": parsed}
+
+
+def scale_rope(config: Any, scaling: dict[str, Any]) -> None:
+    """Set `scaling` on a config the way transformers reads it: the new rope type and factor over the
+    checkpoint's own rope parameters, the original limit kept, the position limit multiplied."""
+    if config.model_type in ("mamba", "mamba2"):
+        raise LongctxError("rope_scaling does not apply to a Mamba base: it has no positions (and no limit)")
+    original = int(config.max_position_embeddings)
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update(scaling, original_max_position_embeddings=original)
+    config.rope_parameters = params
+    config.max_position_embeddings = int(original * scaling["factor"])
+
+
 def load_base(name_or_path: str, dtype: str | torch.dtype = "auto",
               attn_implementation: str = "auto", device: str | torch.device | None = "cpu",
-              trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+              trust_remote_code: bool = False, gguf_file: str | None = None,
+              rope_scaling: Any = None) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) in eval mode, straight onto `device` in `dtype` (no float32 copy in
-    host memory first). dtype "auto": the checkpoint's own. Hub ids load only from the local cache
-    offline."""
+    host memory first). dtype "auto": the checkpoint's own (a GGUF base's: its dequantised float32).
+    Hub ids load only from the local cache offline. `rope_scaling`: see `parse_rope_scaling`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_base(name_or_path)
+    scaling = parse_rope_scaling(rope_scaling)
+    path = resolve_base(name_or_path, gguf_file)
     attn = choose_attn_implementation(attn_implementation)
     torch_dtype, target = parse_dtype(dtype), resolve_device(device)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if scaling:
+            scale_rope(config, scaling)
         attention = {} if config.model_type in ("mamba", "mamba2") else {"attn_implementation": attn}  # no attention
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, device_map={"": target}, trust_remote_code=trust_remote_code, **attention)
+            path, config=config, dtype=torch_dtype, device_map={"": target}, trust_remote_code=trust_remote_code,
+            **attention)
     except (OSError, ValueError) as err:
         if isinstance(err, LongctxError):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LongctxError(
-            f"cannot load base model {name_or_path!r}: {first} (give a local HF directory, a "
-            f"cached hub id, or one of: {', '.join(EMBEDDED_BASES)})") from None
+            f"cannot load base model {name_or_path!r}: {first} (give a local HF directory, a cached hub "
+            f"id, a .gguf file, or one of: {', '.join([*EMBEDDED_BASES, *REAL_BASES])})") from None
     if config.model_type == "mamba":
         from longctx.mamba import use_parallel_scan
 
         use_parallel_scan(model)
     model.eval()
-    model.config.longctx_base_name = str(name_or_path)
+    model.config.longctx_base_name = str(name_or_path) + (f"/{gguf_file}" if gguf_file else "")
     return model, tok
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from longctx.errors import LongctxError, choice_error, positive_int
+from longctx.models import parse_rope_scaling
 from longctx.resources import task_dir
 from longctx.results import FAILED, archive_rows, cell_identity, read_rows, repair, row_id, write_csv
 
@@ -61,6 +62,9 @@ class SweepConfig:
     ssm_carry: str = "chunk"  # chunk | reset (adapter state between chunks)
     unchunked_methods: list[str] = field(default_factory=list)  # also evaluated in one pass (memory baseline)
     truncation: str = "refuse"
+    # Rope scaling for evaluation (`TYPE:FACTOR`, e.g. yarn:4; training never scales): lengths past the
+    # base's position limit, deliberately. Part of each cell's identity when set.
+    rope_scaling: str | None = None
     cell_timeout_s: float | None = None  # each cell's evaluation (the first one's includes loading the model)
     train_timeout_s: float | None = None  # training one adapter
     executor: dict[str, Any] = field(default_factory=dict)  # where groups run (`executors.ExecutorConfig`)
@@ -109,7 +113,7 @@ def _check_names(cfg: SweepConfig) -> None:
 
 def _check_settings(cfg: SweepConfig) -> None:
     from longctx.lmeval_model import TRUNCATION_CHOICES
-    from longctx.models import parse_dtype
+    from longctx.models import parse_dtype, parse_rope_scaling
     from longctx.runner import CARRY_CHOICES
     from longctx.tasks import HAYSTACKS, _check_depths, check_length_value
 
@@ -124,6 +128,10 @@ def _check_settings(cfg: SweepConfig) -> None:
             if size is not None:
                 positive_int(f"train_chunk_size of {method}", size)
     parse_dtype(cfg.dtype)
+    scaling = parse_rope_scaling(cfg.rope_scaling)
+    if scaling and scaling["rope_type"] == "dynamic" and cfg.chunk_size is not None:
+        raise LongctxError("rope_scaling dynamic cannot be chunked (its frequencies follow each forward's longest "
+                           "position); use yarn or linear, or chunk_size: null")
     for key, value, choices in [("ssm_carry", cfg.ssm_carry, CARRY_CHOICES),
                                 ("truncation", cfg.truncation, TRUNCATION_CHOICES),
                                 ("haystack", cfg.haystack, (None, *HAYSTACKS))]:
@@ -163,9 +171,13 @@ def git_commit() -> str | None:
 def base_identity(base: str) -> str:
     """Fingerprint of the base's files, computed once per sweep without loading the model: its
     config, tokenizer and weight files (names, sizes, contents — sampled blocks of files over
-    256 MiB). A hub id is read from the local HF cache; one not cached is identified by name."""
+    256 MiB). A GGUF base (a real base's name, a .gguf file) is its file's sha256. A hub id is read
+    from the local HF cache; one not cached is identified by name."""
+    from longctx.gguf_bases import gguf_sha256, is_gguf
     from longctx.models import resolve_base
 
+    if is_gguf(base):
+        return "gguf:" + gguf_sha256(base)[:16]
     directory = Path(resolve_base(base))
     if not directory.is_dir():
         directory = _hub_snapshot(base)
@@ -262,7 +274,8 @@ def cell_inputs(cfg: SweepConfig, base_id: str, group: tuple, length: int) -> di
             "task": {"name": task, "length": length, "num_samples": cfg.num_samples, "seed": seed,
                      "haystack": cfg.haystack, "depths": cfg.depths, "tokenizer": cfg.base},
             "evaluation": {"chunk_size": chunk, "ssm_carry": cfg.ssm_carry if chunk else None,
-                           "truncation": cfg.truncation, "dtype": cfg.dtype}}
+                           "truncation": cfg.truncation, "dtype": cfg.dtype,
+                           **({"rope_scaling": parse_rope_scaling(cfg.rope_scaling)} if cfg.rope_scaling else {})}}
 
 
 def grid(cfg: SweepConfig) -> list[tuple]:

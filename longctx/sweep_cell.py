@@ -100,7 +100,8 @@ def load_lm(job: dict[str, Any]) -> Any:
     cfg = job["config"]
     source = {"adapter": job["adapter"]} if job["adapter"] else {"method": job["method"]}
     return SsmloraLM(pretrained=cfg["base"], chunk_size=job["chunk_size"], ssm_carry=cfg["ssm_carry"],
-                     dtype=cfg["dtype"], truncation=cfg["truncation"], seed=job["seed"], **source)
+                     dtype=cfg["dtype"], truncation=cfg["truncation"], seed=job["seed"],
+                     rope_scaling=cfg.get("rope_scaling"), **source)
 
 
 def train(job: dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ MODEL_KEYS = {
     "max_length", "truncation", "device", "batch_size", "max_batch_size", "revision", "trust_remote_code",
     "backend", "parallelize", "add_bos_token", "use_fast_tokenizer", "peft", "logits_cache", "model",
     "prefix_token_id", "softmax_dtype", "subfolder", "think_end_token", "enable_thinking",
-    "version", "config_source",  # added by lm-eval itself
+    "gguf_file", "rope_scaling", "version", "config_source",  # the last two added by lm-eval itself
 }
 DEPTH_BINS = 5
 # What the `ssmlora` model returns for a refused generation request (a log-likelihood request: NaN).
@@ -95,7 +95,8 @@ def load_tokenizer(options: dict[str, Any]) -> Any:
     if bos is not None:
         kwargs["add_bos_token"] = bos
     try:
-        return AutoTokenizer.from_pretrained(resolve_base(name), **kwargs)
+        gguf = options.get("gguf_file") if not options.get("tokenizer") else None
+        return AutoTokenizer.from_pretrained(resolve_base(name, gguf), **kwargs)
     except (OSError, ValueError) as err:
         raise LongctxError(f"cannot load tokenizer {name!r}: {str(err).splitlines()[0]}") from None
 
