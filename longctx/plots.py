@@ -117,23 +117,32 @@ def accuracy_vs_length(frame: Any, out: Path) -> list[Path]:
     return paths
 
 
+def _memory_column(frame: Any) -> str:
+    """Each request's own memory (its peak above what was resident before it, so the weights do not
+    hide the differences), or the process's peak for results written before that was recorded."""
+    own = "request_memory_bytes"
+    return own if own in frame and frame[own].notna().all() else "peak_memory_bytes"
+
+
 def memory_vs_length(frame: Any, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     ok = _ok(frame)
     lengths = sorted(set(ok["length"]))
+    column = _memory_column(ok)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
     for index, method in enumerate(_methods(ok)):
         for chunked, style in ((True, "-"), (False, "--")):
             rows = ok[(ok["method"] == method) & (ok["chunk_size"].notna() == chunked)]
-            rows = rows.groupby("length")["peak_memory_bytes"].max().reset_index()
+            rows = rows.groupby("length")[column].max().reset_index()
             if rows.empty:
                 continue
             label = f"{method} ({'chunked' if chunked else 'unchunked'})"
-            ax.plot(rows["length"], rows["peak_memory_bytes"] / 2**20, style, marker="o", label=label,
+            ax.plot(rows["length"], rows[column] / 2**20, style, marker="o", label=label,
                     color=f"C{index}", alpha=0.85)
     _length_axis(ax, lengths)
-    ax.set_ylabel("peak memory per request (MiB)")
+    ax.set_ylabel("request's own peak memory (MiB)" if column == "request_memory_bytes"
+                  else "process peak memory per request (MiB)")
     ax.set_title(f"Peak memory vs input length{_on_base(frame)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

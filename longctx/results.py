@@ -18,9 +18,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+# peak_memory_bytes: the process's peak during the cell's requests (weights included); request_memory_bytes:
+# a request's own, its peak above what was resident before it (the largest of the cell's requests).
+# haystack: the needle tasks' filler (None: a task without one, or a failed cell); haystack_repeated: some
+# example of the length had more filler than the haystack holds, so text the model had read came again.
 COLUMNS = ("method", "base", "task", "length", "seed", "n", "acc", "stderr", "answer_nll", "peak_memory_bytes",
-           "tokens_per_s", "trainable_parameters", "total_parameters", "chunk_size", "train_length",
-           "train_chunk_size", "status", "message", "depth_acc", "lm_eval_output", "log", "git_commit", "time", "cell_id", "identity")
+           "request_memory_bytes", "tokens_per_s", "trainable_parameters", "total_parameters", "chunk_size", "train_length",
+           "train_chunk_size", "status", "message", "depth_acc", "haystack", "haystack_repeated", "lm_eval_output",
+           "log", "git_commit", "time", "cell_id", "identity")
 STATUSES = ("ok", "oom", "error", "timeout")
 FAILED = ("oom", "error", "timeout")  # what `--retry-failed` reruns
 ARCHIVE = "results.archive.jsonl"

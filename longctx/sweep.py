@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from longctx.errors import LongctxError, choice_error, positive_int
+from longctx.fetch import ESSAYS, require
+from longctx.gguf_bases import REAL_BASES
 from longctx.models import parse_rope_scaling
+from longctx.tasks import HAYSTACKS, haystack_for
 from longctx.resources import task_dir
 from longctx.results import FAILED, archive_rows, cell_identity, read_rows, repair, row_id, write_csv
 
@@ -53,7 +56,7 @@ class SweepConfig:
     dtype: str = "float32"  # the base's dtype in training and evaluation
     num_samples: int = 8
     seeds: list[int] = field(default_factory=lambda: [0])
-    haystack: str | None = None  # None: each task's default
+    haystack: str | dict[str, str] | None = None  # one for every task, or {task: haystack}; None: their defaults
     depths: list[float] | None = None  # None: the tasks' default needle depths
     chunk_size: int | None = None
     # Chunked training (`longctx.chunked_training`): a size (or null: whole sequences) for every
@@ -101,6 +104,8 @@ def _check_names(cfg: SweepConfig) -> None:
     for task in cfg.tasks:
         if task not in TASKS:
             raise choice_error("task", task, TASKS)
+    if cfg.base in REAL_BASES:  # fetched before anything runs, or one line saying how
+        require(REAL_BASES[cfg.base][0].name)
     if not isinstance(cfg.recipe_overrides, dict):
         raise LongctxError(f"recipe_overrides must map methods to recipe fields, got {cfg.recipe_overrides!r}")
     for method, overrides in cfg.recipe_overrides.items():
@@ -115,7 +120,7 @@ def _check_settings(cfg: SweepConfig) -> None:
     from longctx.lmeval_model import TRUNCATION_CHOICES
     from longctx.models import parse_dtype, parse_rope_scaling
     from longctx.runner import CARRY_CHOICES
-    from longctx.tasks import HAYSTACKS, _check_depths, check_length_value
+    from longctx.tasks import _check_depths, check_length_value
 
     cfg.lengths = sorted(check_length_value(v) for v in cfg.lengths)
     cfg.train_length = check_length_value(cfg.train_length or cfg.lengths[0])
@@ -133,10 +138,10 @@ def _check_settings(cfg: SweepConfig) -> None:
         raise LongctxError("rope_scaling dynamic cannot be chunked (its frequencies follow each forward's longest "
                            "position); use yarn or linear, or chunk_size: null")
     for key, value, choices in [("ssm_carry", cfg.ssm_carry, CARRY_CHOICES),
-                                ("truncation", cfg.truncation, TRUNCATION_CHOICES),
-                                ("haystack", cfg.haystack, (None, *HAYSTACKS))]:
+                                ("truncation", cfg.truncation, TRUNCATION_CHOICES)]:
         if value not in choices:
-            raise choice_error(key, value, [c for c in choices if c is not None])
+            raise choice_error(key, value, choices)
+    _check_haystacks(cfg)
     if cfg.depths is not None:
         cfg.depths = _check_depths(cfg.depths)
     from longctx.executors import parse_executor
@@ -146,6 +151,22 @@ def _check_settings(cfg: SweepConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise LongctxError(f"{key} must be a positive number, got {value!r}")
+
+
+def _check_haystacks(cfg: SweepConfig) -> None:
+    """Known names (and tasks, for a mapping); a fetched haystack must be in the cache before anything runs."""
+    if isinstance(cfg.haystack, dict):
+        for task in cfg.haystack:
+            if task not in cfg.tasks:
+                raise choice_error("task in haystack", task, cfg.tasks)
+    elif cfg.haystack is not None and not isinstance(cfg.haystack, str):
+        raise LongctxError(f"haystack must be a name or a {{task: name}} mapping, got {cfg.haystack!r}")
+    for task in cfg.tasks:
+        name = haystack_for(cfg.haystack, task)
+        if name is not None and name not in HAYSTACKS:
+            raise choice_error("haystack", name, HAYSTACKS)
+        if name == "paul-graham":
+            require(ESSAYS.name)
 
 
 def load_config(path: str | Path) -> SweepConfig:
@@ -272,7 +293,7 @@ def cell_inputs(cfg: SweepConfig, base_id: str, group: tuple, length: int) -> di
             "method": method, "recipe": _recipe(cfg, method),
             "training": training_settings(cfg, method, task, seed, train_chunk),
             "task": {"name": task, "length": length, "num_samples": cfg.num_samples, "seed": seed,
-                     "haystack": cfg.haystack, "depths": cfg.depths, "tokenizer": cfg.base},
+                     "haystack": haystack_for(cfg.haystack, task), "depths": cfg.depths, "tokenizer": cfg.base},
             "evaluation": {"chunk_size": chunk, "ssm_carry": cfg.ssm_carry if chunk else None,
                            "truncation": cfg.truncation, "dtype": cfg.dtype,
                            **({"rope_scaling": parse_rope_scaling(cfg.rope_scaling)} if cfg.rope_scaling else {})}}

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from longctx.fileio import atomic_write_text
 from longctx.results import append_row, is_oom, read_rows, row_id
+from longctx.tasks import haystack_for
 
 MARKER = "longctx-sweep-cell: begin "
 CHILD = [sys.executable, "-m", "longctx.sweep_cell"]  # + the job file; tests substitute a stand-in
@@ -54,18 +55,25 @@ def failure(err: BaseException, prefix: str = "") -> dict[str, Any]:
 
 
 def evaluate_length(lm: Any, job: dict[str, Any], length: int, cell_id: str) -> dict[str, Any]:
-    """One lm-eval run of the task at one length; the row's measured fields."""
+    """One lm-eval run of the task at one length; the row's measured fields. The haystack fields come
+    from the evaluated documents' `extra` (samples logged for that, not written out): its name, and
+    whether any example's filler outran it and repeated."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     cfg, task = job["config"], f"longctx_{job['task']}"
     metadata = {"max_seq_lengths": [length], "num_samples": cfg["num_samples"], "seed": job["seed"],
                 "tokenizer": cfg["base"]}
-    metadata.update({k: cfg[k] for k in ("haystack", "depths") if cfg.get(k) is not None})
+    if cfg.get("depths") is not None:
+        metadata["depths"] = cfg["depths"]
+    if haystack_for(cfg.get("haystack"), job["task"]) is not None:
+        metadata["haystack"] = haystack_for(cfg["haystack"], job["task"])
     manager = TaskManager(include_path=job["tasks_dir"], include_defaults=False, metadata=metadata)
     results = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, random_seed=job["seed"],
-                                      log_samples=False)
+                                      log_samples=True)
     metrics = results["results"][task]
+    extras = [json.loads(sample["doc"].get("extra") or "{}") for sample in results.pop("samples")[task]]
+    haystacks = sorted({e["haystack"] for e in extras if e.get("haystack")})
     chunk = f"chunk{job['chunk_size']}" if job["chunk_size"] else "unchunked"
     out = (Path(job["out"]) / "lm_eval" / job["method"] / job["task"]
            / f"seed{job['seed']}-{chunk}-{length}-{cell_id}.json")
@@ -75,8 +83,11 @@ def evaluate_length(lm: Any, job: dict[str, Any], length: int, cell_id: str) -> 
     depth = {k.split(",")[0]: v for k, v in metrics.items() if k.startswith("depth_") and "stderr" not in k}
     return {"n": int(results["n-samples"][task]["effective"]), "acc": metrics.get("acc,none"),
             "stderr": _number(metrics.get("acc_stderr,none")), "answer_nll": _number(metrics.get("answer_nll,none")),
-            "peak_memory_bytes": record.get("peak_memory_bytes"), "tokens_per_s": record.get("tokens_per_s"),
-            "depth_acc": depth or None, "lm_eval_output": str(out), **_status(lm, length, record)}
+            "peak_memory_bytes": record.get("peak_memory_bytes"),
+            "request_memory_bytes": record.get("peak_memory_delta_bytes"), "tokens_per_s": record.get("tokens_per_s"),
+            "depth_acc": depth or None, "haystack": ",".join(haystacks) or None,
+            "haystack_repeated": any(e.get("haystack_repeated", False) for e in extras), "lm_eval_output": str(out),
+            **_status(lm, length, record)}
 
 
 def _status(lm: Any, length: int, record: dict[str, Any]) -> dict[str, str]:

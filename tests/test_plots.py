@@ -106,3 +106,23 @@ def test_notebook_runs_headless_on_a_results_fixture(results):
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum(o.output_type == "display_data" for o in outputs) >= 2  # the two figures
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_memory_plot_shows_each_requests_own_memory_when_recorded(results, monkeypatch):
+    """The memory figure plots a request's peak above what was resident before it (so weights shared by
+    every method do not flatten the differences), and the process's peak for older results."""
+    import matplotlib.axes
+
+    from longctx import plots
+
+    plotted = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, x, y, *a, **k: plotted.append((k.get("label"), list(y))) or original(self, x, y, *a, **k))
+    frame = load_table(results)
+    plots.memory_vs_length(frame, results / "old")
+    assert ("base (unchunked)", [500 + n for n in (256, 512, 1024, 2048)]) in plotted
+    plotted.clear()
+    frame["request_memory_bytes"] = frame["peak_memory_bytes"] - 500 * 2**20
+    plots.memory_vs_length(frame, results / "new")
+    assert ("base (unchunked)", [256.0, 512.0, 1024.0, 2048.0]) in plotted

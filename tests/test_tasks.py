@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from longctx.errors import LongctxError
 from longctx.tasks import TASKS, generate
-from longctx.tasks.common import tolerance
+from longctx.tasks.common import HAYSTACKS, tolerance
 
 NUM = r"(\d+)"
 
@@ -90,6 +90,10 @@ def check_example(task: str, example, tokenizer, length: int) -> None:
     assert example.target == " " + sep.join(example.outputs)
     assert 0.0 <= example.depth <= 1.0
     assert example.target_tokens == len(tokenizer(example.target, add_special_tokens=False)["input_ids"])
+    if task in ("cwe", "fwe", "mqar"):  # no haystack, nothing recorded
+        assert "haystack" not in example.extra and "haystack_repeated" not in example.extra
+    else:
+        assert example.extra["haystack"] in HAYSTACKS and isinstance(example.extra["haystack_repeated"], bool)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -2,6 +2,10 @@
 
 `TASKS` is the registry: task name -> generator of one example. `generate` builds a task's
 examples for one split and one length; `longctx.tasks.lmeval` turns them into lm-eval datasets.
+The needle tasks (passkey, niah_*, vt) fill their prompts from a haystack (`HAYSTACKS`: `noise`,
+`essay`, or `paul-graham`, fetched with `longctx fetch paul-graham-essays`) and record in each
+example's `extra` which one (`haystack`) and whether its filler outran the pool and repeated
+(`haystack_repeated`); cwe, fwe and mqar use no haystack and record neither.
 
 A length L means the whole request fits in L tokens: special tokens (a BOS the model's tokenizer
 adds) + prompt + answer for the log-likelihood form, + the generation budget (`max_gen_toks`) for
@@ -19,7 +23,7 @@ from longctx.tasks.common import (HAYSTACKS, SPLITS, Example, TooShort, check_sp
                                   tolerance)
 from longctx.tasks.counting import TokenCounter
 
-# name -> (generator, default haystack)
+# name -> (generator, default haystack; cwe, fwe and mqar ignore theirs)
 TASKS: dict[str, tuple[Callable[..., Example], str]] = {
     "passkey": (niah.make("passkey"), "noise"),
     "niah_single": (niah.make("single"), "essay"),
@@ -45,6 +49,12 @@ def _check_depths(depths: Any) -> list[float]:
     return [float(d) for d in depths]
 
 
+def haystack_for(haystack: str | dict[str, str] | None, task: str) -> str | None:
+    """The haystack a sweep asks for `task`: one name for every task, a {task: name} mapping (tasks not
+    in it keep their default), or None (each task's default)."""
+    return haystack.get(task) if isinstance(haystack, dict) else haystack
+
+
 def check_length_value(length: Any) -> int:
     if isinstance(length, bool) or not isinstance(length, int) or length < MIN_LENGTH:
         raise LongctxError(f"length {length!r} is not an integer >= {MIN_LENGTH}")
@@ -59,7 +69,9 @@ def generate(task: str, tokenizer: Any, length: int, n: int, seed: int = 0, spli
     The request is `special_tokens` + prompt + answer (`max_gen_toks` None: log-likelihood form)
     or `special_tokens` + prompt + `max_gen_toks` (generation form). Example i uses depth
     `depths[i % len(depths)]` (for needle tasks) and its own random stream, so the first k examples
-    do not depend on n. Same arguments, same examples, in any process.
+    do not depend on n. Same arguments, same examples, in any process. `haystack` None is the
+    task's default; `paul-graham` raises a one-line error naming `longctx fetch paul-graham-essays`
+    when the essays are not fetched.
     """
     if task not in TASKS:
         raise choice_error("task", task, TASKS)

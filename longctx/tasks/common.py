@@ -8,6 +8,13 @@ B − max(8, B/200) … B. The budget B is the length L less what the rest of th
 (`longctx.tasks.generate`: special tokens and the answer, or the generation budget), so that the
 whole request has L − max(8, L/200) … L tokens. Filler is added word by word, so one step is a few tokens even for a
 character-level tokenizer. Everything is a pure function of (tokenizer, length, seed, split).
+
+Haystacks (the filler of the needle tasks): `noise` (RULER's five sentences, 19 words), `essay`
+(Python documentation shipped in `assets/text`, 22K words) and `paul-graham` (the 49 essays of the
+original needle-in-a-haystack test and RULER, 112K words, files in name order; fetched once with
+`longctx fetch paul-graham-essays`, never shipped, read only when used). Filler longer than its pool
+wraps around and repeats text the model has already read; each example records its haystack and
+whether it repeated (`haystack_extra`).
 """
 from __future__ import annotations
 
@@ -17,11 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from longctx import fetch
 from longctx.errors import LongctxError, choice_error
 
 TEXT_DIR = Path(__file__).resolve().parent.parent / "assets" / "text"
 SPLITS = ("train", "validation", "test")
-HAYSTACKS = ("noise", "essay")
+HAYSTACKS = ("noise", "essay", "paul-graham")
 # RULER's noise haystack: the same five sentences repeated.
 NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
          "There and back again.")
@@ -69,7 +77,15 @@ class TooShort(LongctxError):
 
 def fit_to_length(render: Callable[[int], str], count: Callable[[str], int], length: int,
                   task: str, upper: int = 1 << 22) -> tuple[str, int]:
-    """(prompt, tokens) for a filler count whose prompt has between L − tolerance and L tokens.
+    """(prompt, tokens) for a filler count whose prompt has between L − tolerance and L tokens
+    (see `fit_filler`)."""
+    text, tokens, _ = fit_filler(render, count, length, task, upper)
+    return text, tokens
+
+
+def fit_filler(render: Callable[[int], str], count: Callable[[str], int], length: int,
+               task: str, upper: int = 1 << 22) -> tuple[str, int, int]:
+    """(prompt, tokens, filler count) for a filler count whose prompt has between L − tolerance and L tokens.
 
     Interpolation search over `n` (monotone: more filler, more tokens), aiming at the middle of
     the tolerance band; usually two or three tokenizations. Where one filler step jumps over the
@@ -102,7 +118,7 @@ def fit_to_length(render: Callable[[int], str], count: Callable[[str], int], len
             break
     if lo_c < floor:  # one filler step jumps over the band (long words, character tokenizers)
         lo_text, lo_c = pad_into_band(lo_text, count, floor, length, task)
-    return lo_text, lo_c
+    return lo_text, lo_c, lo_n
 
 
 def pad_into_band(text: str, count: Callable[[str], int], floor: int, length: int, task: str) -> tuple[str, int]:
@@ -154,19 +170,41 @@ def _noise_words() -> tuple[str, ...]:
     return tuple(NOISE.split())
 
 
+def _paul_graham_words() -> tuple[str, ...]:
+    """The fetched essays' words; `fetch.require` raises the one-line "run `longctx fetch …`" error
+    when they are absent (checked on every use, so a changed `$LONGCTX_CACHE` is honoured)."""
+    return _essays_in(fetch.require(fetch.ESSAYS.name))
+
+
+@functools.lru_cache(maxsize=None)
+def _essays_in(directory: Path) -> tuple[str, ...]:
+    """Words of every `*.txt` in `directory`, files in sorted name order, each split on whitespace."""
+    return tuple(word for path in sorted(directory.glob("*.txt")) for word in path.read_text(encoding="utf-8").split())
+
+
+_POOLS: dict[str, Callable[[], tuple[str, ...]]] = {"noise": _noise_words, "essay": _essay_words,
+                                                    "paul-graham": _paul_graham_words}
+
+
 def pool_words(kind: str) -> tuple[str, ...]:
-    """All words of the `noise` or `essay` haystack, in order."""
+    """All words of one haystack (`HAYSTACKS`), in order; `paul-graham` is read on first use."""
     if kind not in HAYSTACKS:
         raise choice_error("haystack", kind, HAYSTACKS)
-    return _noise_words() if kind == "noise" else _essay_words()
+    return _POOLS[kind]()
 
 
 def haystack_words(kind: str, n: int, offset: int = 0) -> list[str]:
-    """`n` words of the `noise` or `essay` haystack, starting at `offset` (wrapping around)."""
+    """`n` words of a haystack, starting at `offset` (wrapping around)."""
     pool = pool_words(kind)
     start = offset % len(pool)
     reps = (start + n) // len(pool) + 1
     return list((pool * reps)[start:start + n])
+
+
+def haystack_extra(kind: str, n: int) -> dict[str, Any]:
+    """What an example records of its filler: the haystack's name and whether its `n` words are more
+    than the pool holds (`haystack_repeated`: text the model has already read comes again)."""
+    return {"haystack": kind, "haystack_repeated": n > len(pool_words(kind))}
 
 
 def needle_cuts(n_words: int, words: list[str], depths: list[float]) -> list[int]:

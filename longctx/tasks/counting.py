@@ -69,9 +69,9 @@ __all__ = ["TokenCounter", "fit_haystack"]
 
 
 def fit_haystack(counter: TokenCounter, prefix: str, needles: list[str], depths: list[float], question: str,
-                 kind: str, offset: int, length: int, task: str) -> tuple[str, int, list[float]]:
-    """(prompt, tokens, depth of each needle) for `prefix + " " + haystack-with-needles + question`
-    sized by word counts alone (requires `counter.additive`)."""
+                 kind: str, offset: int, length: int, task: str) -> tuple[str, int, list[float], int]:
+    """(prompt, tokens, depth of each needle, haystack words) for `prefix + " " + haystack-with-needles
+    + question` sized by word counts alone (requires `counter.additive`)."""
     from longctx.errors import LongctxError
     from longctx.tasks.common import TooShort, haystack_words, needle_cuts, needle_order, tolerance
 
@@ -98,4 +98,4 @@ def fit_haystack(counter: TokenCounter, prefix: str, needles: list[str], depths:
         before += needle_tokens[i]
         last = cuts[i]
     body = " ".join(pieces + words[last:])
-    return prefix + " " + body + pad + question, total, depth
+    return prefix + " " + body + pad + question, total, depth, n

@@ -5,7 +5,9 @@ lm-eval calls a task's `custom_dataset` with the `--metadata` JSON merged over t
 two: task keys are validated, known model arguments are ignored, anything else is an error.
 Examples of all lengths are interleaved (length i mod k), so `--limit` still covers every length.
 Per-example metrics are named by the requested length, as lm-eval's RULER tasks do, plus
-needle-depth bins and overall accuracy.
+needle-depth bins and overall accuracy. Each document carries its example's `extra` as JSON; the
+needle tasks' names the haystack and whether the filler repeated it (`haystack`,
+`haystack_repeated`), which the sweep's results rows report per length (`longctx.sweep_cell`).
 
 Length L = the whole request fits in L tokens: the model's special tokens (BOS, as its tokenizer
 adds them under `add_bos_token`) + prompt + answer (log-likelihood form) or + the generation

@@ -12,8 +12,8 @@ from typing import Callable
 from longctx.errors import LongctxError
 
 from longctx.tasks.counting import fit_haystack
-from longctx.tasks.common import (Example, fit_to_length, haystack_words, insert_at_depths, measured_depth,
-                                  split_number, split_words)
+from longctx.tasks.common import (Example, fit_filler, haystack_extra, haystack_words, insert_at_depths,
+                                  measured_depth, split_number, split_words)
 
 NIAH_PREFIX = "Memorize the magic numbers hidden in this text.\n"
 PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
@@ -92,14 +92,14 @@ def _sized(variant: str, task: str, count: Callable[[str], int], length: int, rn
     prefix = PASSKEY_PREFIX if variant == "passkey" else NIAH_PREFIX
     offset = rng.randrange(1 << 20)
     if getattr(count, "additive", False):  # sized from per-word counts (longctx.tasks.counting)
-        prompt, n_tokens, depths = fit_haystack(count, prefix, spec["needles"], spec["depths"], spec["question"],
-                                                haystack, offset, length, task)
+        prompt, n_tokens, depths, n_words = fit_haystack(count, prefix, spec["needles"], spec["depths"],
+                                                         spec["question"], haystack, offset, length, task)
     else:
         def render(n: int) -> str:
             body = insert_at_depths(haystack_words(haystack, n, offset), spec["needles"], spec["depths"])
             return prefix + " " + body + spec["question"]
 
-        prompt, n_tokens = fit_to_length(render, count, length, task)
+        prompt, n_tokens, n_words = fit_filler(render, count, length, task)
         depths = [measured_depth(prompt, prompt.index(nd), count, n_tokens) for nd in spec["needles"]]
     if variant == "multivalue":  # answers in order of appearance in the prompt itself
         order = sorted(range(len(spec["needles"])), key=lambda i: prompt.index(spec["needles"][i]))
@@ -107,4 +107,4 @@ def _sized(variant: str, task: str, count: Callable[[str], int], length: int, rn
     return Example(task=task, split=split, index=0, max_length=length, n_tokens=n_tokens,
                    depth=depths[spec["first"]], input=prompt,
                    target=" " + ", ".join(spec["answers"]), outputs=spec["answers"], seed=0,
-                   extra={"needles": len(spec["needles"])})
+                   extra={"needles": len(spec["needles"]), **haystack_extra(haystack, n_words)})

@@ -8,7 +8,8 @@ import string
 from typing import Callable
 
 from longctx.tasks.counting import fit_haystack
-from longctx.tasks.common import Example, fit_to_length, haystack_words, insert_at_depths, measured_depth, split_number
+from longctx.tasks.common import (Example, fit_filler, haystack_extra, haystack_words, insert_at_depths, measured_depth,
+                                  split_number)
 
 PREFIX = "Track the variable assignments in this text.\n"
 HOPS = 4  # assignments after the first: five names in all
@@ -33,14 +34,15 @@ def generate(count: Callable[[str], int], length: int, rng: random.Random, split
     question = f"\nWhich variables hold the value {value}, in order? They are:"
     offset = rng.randrange(1 << 20)
     if getattr(count, "additive", False):  # sized from per-word counts (longctx.tasks.counting)
-        prompt, n_tokens, where = fit_haystack(count, PREFIX, statements, depths, question, haystack, offset,
-                                               length, "vt")
+        prompt, n_tokens, where, n_words = fit_haystack(count, PREFIX, statements, depths, question, haystack,
+                                                        offset, length, "vt")
         depth_first = where[0]
     else:
         def render(n: int) -> str:
             return PREFIX + " " + insert_at_depths(haystack_words(haystack, n, offset), statements, depths) + question
 
-        prompt, n_tokens = fit_to_length(render, count, length, "vt")
+        prompt, n_tokens, n_words = fit_filler(render, count, length, "vt")
         depth_first = measured_depth(prompt, prompt.index(statements[0]), count, n_tokens)
     return Example(task="vt", split=split, index=0, max_length=length, n_tokens=n_tokens, depth=depth_first,
-                   input=prompt, target=" " + " ".join(names), outputs=names, seed=0)
+                   input=prompt, target=" " + " ".join(names), outputs=names, seed=0,
+                   extra=haystack_extra(haystack, n_words))
