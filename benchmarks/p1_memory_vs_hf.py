@@ -5,7 +5,8 @@ Each side runs in its own child process (clean peaks: CPU resident-set high-wate
 before the request, or the CUDA allocator's peak). `hf` computes logits for every position
 (N × 32K floats, then their log-softmax); `ssmlora` keeps the continuation's logits only and
 carries a preallocated KV cache through chunks. Pick the longest length `hf` fits on the machine.
-Usage: python benchmarks/p1_memory_vs_hf.py [--length 32768] [--chunk-size 2048] [--device cpu]
+`--base smollm2-135m` (or any base name / directory) measures a real checkpoint instead.
+Usage: python benchmarks/p1_memory_vs_hf.py [--length 32768] [--chunk-size 2048] [--device cpu] [--base NAME]
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def child(side: str, directory: str, length: int, chunk_size: int, device: str) 
         from longctx.lmeval_model import SsmloraLM
 
         lm = SsmloraLM(pretrained=directory, method="ssmlora", chunk_size=chunk_size, device=device)
-    ids = torch.randint(10, 4000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(10, 4000, (length,), generator=torch.Generator().manual_seed(0)).tolist()  # in every vocab
     request = (("context", "continuation"), ids[:-CONTINUATION], ids[-CONTINUATION:])
     with PeakMemory(device) as peak:
         start = time.perf_counter()
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--base", default=None, help="a real base (e.g. smollm2-135m) instead of the random model")
     parser.add_argument("--child", choices=["hf", "ssmlora"])
     parser.add_argument("--dir")
     args = parser.parse_args()
@@ -71,7 +73,12 @@ def main() -> None:
         print(json.dumps(child(args.child, args.dir, args.length, args.chunk_size, args.device)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(Path(tmp), args.layers, args.hidden)
+        if args.base:
+            from longctx.models import resolve_base
+
+            tmp = resolve_base(args.base)  # hf loads the same directory (a GGUF base: its dequantised cache)
+        else:
+            save_model(Path(tmp), args.layers, args.hidden)
         out = {}
         for side in ("hf", "ssmlora"):
             cmd = [sys.executable, __file__, "--child", side, "--dir", tmp, "--length", str(args.length),
@@ -82,8 +89,8 @@ def main() -> None:
             out[side] = json.loads(run.stdout.strip().splitlines()[-1])
     hf, ours = out["hf"], out["ssmlora"]
     mib = 2 ** 20
-    print(f"P1: {args.length} tokens, Llama {args.layers} layers d={args.hidden} 32K vocab, {args.device} "
-          f"({hf['method']}); ssmlora chunk {args.chunk_size}")
+    model = args.base or f"Llama {args.layers} layers d={args.hidden} 32K vocab"
+    print(f"P1: {args.length} tokens, {model}, {args.device} ({hf['method']}); ssmlora chunk {args.chunk_size}")
     print(f"  hf      peak {hf['peak'] / mib:9.1f} MiB (request's own {hf['delta'] / mib:9.1f} MiB)  {hf['seconds']:.1f} s")
     print(f"  ssmlora peak {ours['peak'] / mib:9.1f} MiB (request's own {ours['delta'] / mib:9.1f} MiB)  {ours['seconds']:.1f} s")
     print(f"  log-probs: hf {hf['logprob']:.4f}  ssmlora {ours['logprob']:.4f} (zero-initialised adapter)")

@@ -5,7 +5,8 @@ drift in machine speed hits all alike) and the best round of each counts. Target
 and ≥ 0.8× (ssmlora-scan). Also the operations each method adds per insertion point and chunk:
 where the host issues operations slower than the GPU runs them (small models, short chunks), that
 count is what the adapter costs.
-Usage: python benchmarks/p3_adapter_throughput.py [--length 4096] [--chunk-size 4096]
+`--base smollm2-135m` (or any base) measures a real checkpoint instead of the random benchmark model.
+Usage: python benchmarks/p3_adapter_throughput.py [--length 4096] [--chunk-size 4096] [--base NAME]
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ TARGETS = {"ssmlora": 0.85, "ssmlora-scan": 0.80}
 
 def main() -> None:
     from longctx.adapters import wrap
+    from longctx.models import load_base
     from longctx.runner import chunked_forward
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,10 +34,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--base", default=None, help="a real base (e.g. smollm2-135m) instead of the random model")
     args = parser.parse_args()
     ids = torch.randint(0, 32000, (1, args.length), generator=torch.Generator().manual_seed(0)).to(args.device)
-    models = {m: wrap(bench_llama(layers=args.layers, hidden=args.hidden, device=args.device), m)
-              for m in ("base", "ssmlora", "ssmlora-scan")}
+
+    def model() -> torch.nn.Module:
+        if args.base:
+            return load_base(args.base, device=args.device)[0]
+        return bench_llama(layers=args.layers, hidden=args.hidden, device=args.device)
+
+    models = {m: wrap(model(), m) for m in ("base", "ssmlora", "ssmlora-scan")}
+    if args.base:
+        print(f"base {args.base}: {len(models['ssmlora'].insertion_points)} insertion points, chunk {args.chunk_size}")
     best = {m: float("inf") for m in models}
     for _ in range(args.repeats):
         for method, adapted in models.items():

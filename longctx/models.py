@@ -176,8 +176,19 @@ def load_base(name_or_path: str, dtype: str | torch.dtype = "auto",
 
         use_parallel_scan(model)
     model.eval()
+    if target.type == "cpu":
+        make_resident(model)
     model.config.longctx_base_name = str(name_or_path) + (f"/{gguf_file}" if gguf_file else "")
     return model, tok
+
+
+def make_resident(model: nn.Module) -> None:
+    """Read every weight once. Safetensors weights loaded onto the CPU are memory-mapped and become
+    resident only when first touched, which would count them in the first request's memory."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel():
+                tensor.reshape(-1).sum()
 
 
 def meta_model(shape: str) -> nn.Module:

@@ -150,7 +150,8 @@ def _requests(task: str, smollm2: Path, lengths=(1024, 2048), n=1, max_gen_toks:
             continue
         taken[length] = taken.get(length, 0) + 1
         context = obj.fewshot_context(doc, num_fewshot=0, gen_prefix=obj.doc_to_prefix(doc))
-        for instance in obj.construct_requests(doc=doc, ctx=context, metadata=(task, index, 1)):
+        made = obj.construct_requests(doc=doc, ctx=context, metadata=(task, index, 1))
+        for instance in made if isinstance(made, list) else [made]:
             if instance.request_type == "generate_until":
                 instance.arguments = (instance.arguments[0], {**instance.arguments[1], "max_gen_toks": max_gen_toks})
             out.append(instance)
