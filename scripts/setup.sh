@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install longctx with its test extras and the cluster executors' libraries.
+# Create .venv and install longctx with its test extras, the cluster executors' libraries and GGUF reading.
 # On a machine without an NVIDIA GPU, torch is installed first as the pinned CPU build, so that
 # no multi-GB CUDA build is downloaded; with a GPU, the same pin resolves to the CUDA build and
 # the optional [gpu] kernels may be added with LONGCTX_GPU_EXTRAS=1.
@@ -16,6 +16,6 @@ else
   $PIP install -q "torch==2.13.0+cpu" 2>/dev/null \
     || $PIP install -q "torch==2.13.0+cpu" --extra-index-url "https://download.pytorch.org/whl/cpu"
 fi
-$PIP install -q -e ".[dev,cluster]"
+$PIP install -q -e ".[dev,cluster,gguf]"
 if [ "${LONGCTX_GPU_EXTRAS:-0}" = 1 ]; then $PIP install -q -e ".[gpu]"; fi
 .venv/bin/python -c "import torch, longctx; print('longctx set up: torch', torch.__version__, '| cuda' if torch.cuda.is_available() else '| cpu')"
