@@ -36,6 +36,13 @@ def test_an_unfetched_real_base_says_how_to_fetch_it(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
+def test_fetch_of_an_unknown_asset_is_one_line_naming_the_choices(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "longctx.cli", "fetch", "llama-70b"], capture_output=True, text=True,
+                         env={**_env(), "LONGCTX_CACHE": str(tmp_path)})
+    assert out.returncode == 2 and out.stderr == ("longctx: error: unknown asset 'llama-70b'; valid choices: "
+                                                  "smollm2-135m, paul-graham-essays, all\n")
+
+
 def test_a_missing_gguf_package_is_one_line_naming_it(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
     (tmp_path / "m.gguf").write_bytes(b"GGUF")

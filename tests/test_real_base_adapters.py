@@ -86,3 +86,23 @@ def test_yarn_scaling_equals_transformers_own_and_chunks_exactly(smollm2):
         chunked = chunked_forward(ours, ids, chunk_size=128, keep=torch.arange(300)).logits
     assert (a - b).abs().max() < 1e-4 and (a - c).abs().max() > 1e-2
     assert (chunked - a).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_on_the_real_base(smollm2, tmp_path):
+    """`bench.py --base smollm2-135m` (checked on the CPU with --smoke: lengths / 64, so 128 tokens for
+    the 8K limit): G1 and G4 on the real weights at the limit, hf and longctx loading the same files."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "benchmarks/gpu/bench.py"),
+                          "--smoke", "--device", "cpu", "--base", "smollm2-135m", "--rope-scaling", "yarn:4",
+                          "--skip", "adapters", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["base"] == 32768 and {"G1", "G4_512_ssmlora_chunk64"} <= set(figures)
+    g4 = figures["G4_512_ssmlora_chunk64"]
+    assert abs(g4["hf"]["logprob"] - g4["longctx"]["logprob"]) < 0.05  # same bf16 weights, same yarn positions

@@ -15,6 +15,10 @@ is measured (so a run cut short keeps what it had), and all of them go to `--out
 
 Usage: python benchmarks/gpu/bench.py [--out gpu.json] [--skip g4,million] [--device cuda]
 The model's position limit is raised to 2^20 + 64 so that 512K and 1M inputs are admitted.
+
+`--base smollm2-135m [--rope-scaling yarn:4]`: G1, G4 and P3-GPU on a real checkpoint's weights (bf16)
+instead, at its position limit (8K; 32K with yarn x4) since nothing longer is admitted; the kernel and
+long-input figures are skipped (they do not depend on the weights).
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ SMOKE_SHAPE = dict(LLAMA_3_2_1B, vocab_size=4096, hidden_size=128, intermediate_
 GIB = 2 ** 30
 K = 1024  # tokens per "K" in every length below; --smoke shrinks it (and the model) to check the script on a CPU
 CHUNK = 4 * K
+G4_LENGTHS = (32 * K, 64 * K)
+G1_LENGTH = 64 * K
 WARM_REQUESTS = 5  # G4: requests per length and side timed warm (and as many with the allocator emptied)
 RESULTS: dict[str, Any] = {}
 
@@ -93,6 +99,26 @@ def save_random_checkpoint(directory: str, device: str, shape: dict[str, Any]) -
     empty_cache()
 
 
+def real_base_checkpoint(directory: str, base: str, rope_scaling: str | None) -> tuple[int, int]:
+    """A real base's files linked into `directory` with its config in bf16 (and rope scaling, if asked),
+    so that `hf` and longctx load the same checkpoint; returns (vocabulary, position limit)."""
+    from transformers import AutoConfig
+
+    from longctx.models import parse_rope_scaling, resolve_base, scale_rope
+
+    source = Path(resolve_base(base))
+    for path in source.iterdir():
+        if path.name != "config.json":
+            (Path(directory) / path.name).symlink_to(path)
+    config = AutoConfig.from_pretrained(source)
+    scaling = parse_rope_scaling(rope_scaling)
+    if scaling:
+        scale_rope(config, scaling)
+    config.dtype = torch.bfloat16
+    config.save_pretrained(directory)
+    return config.vocab_size, config.max_position_embeddings
+
+
 def use_attention(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """Switch every attention layer of `model` to the registered implementation `name`."""
     model.config._attn_implementation = name
@@ -134,7 +160,7 @@ def bench_prefill(model: torch.nn.Module, device: str) -> None:
     """G1: 64K prefill, chunked longctx vs stock unchunked sdpa (and stock chunked for context)."""
     from longctx.runner import chunked_forward
 
-    n = 64 * K
+    n = G1_LENGTH
     ids = random_ids(n, device, vocab=model.config.vocab_size)
     use_attention(model, "sdpa")
     with torch.no_grad():
@@ -143,7 +169,7 @@ def bench_prefill(model: torch.nn.Module, device: str) -> None:
     use_attention(model, "longctx_sdpa")
     ours = cuda_time(lambda: chunked_forward(model, ids, chunk_size=CHUNK))
     ratio = stock / ours
-    report("G1", f"G1      64K prefill: stock sdpa unchunked {stock:.2f} s ({n / stock / 1e3:.0f}K tok/s), "
+    report("G1", f"G1      {n // K}K prefill: stock sdpa unchunked {stock:.2f} s ({n / stock / 1e3:.0f}K tok/s), "
                  f"stock sdpa chunked {stock_chunked:.2f} s, longctx chunk {CHUNK} {ours:.2f} s: "
                  f"{ratio:.2f}x (target >= 0.9x) {verdict(ratio >= 0.9)}",
            {"stock_unchunked_s": stock, "stock_chunked_s": stock_chunked, "longctx_chunked_s": ours,
@@ -200,7 +226,7 @@ def bench_adapters(model: torch.nn.Module, device: str, rounds: int = 5) -> None
     from longctx.adapters import wrap
     from longctx.runner import chunked_forward
 
-    ids = random_ids(32 * K, device, seed=1, vocab=model.config.vocab_size)
+    ids = random_ids(min(32 * K, G1_LENGTH), device, seed=1, vocab=model.config.vocab_size)  # a real base: its limit
     methods = ("base", "lora", "ssmlora", "ssmlora-scan", "lora-xs")
     adapted = {m: wrap(copy.deepcopy(use_attention(model, "longctx_sdpa")), m) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -212,7 +238,7 @@ def bench_adapters(model: torch.nn.Module, device: str, rounds: int = 5) -> None
     speeds = {m: ids.shape[1] / sorted(t)[len(t) // 2] for m, t in times.items()}
     ratios = {m: s / speeds["base"] for m, s in speeds.items() if m != "base"}
     text = ", ".join(f"{m} {r:.2f}" for m, r in ratios.items())
-    report("adapters", f"P3-GPU  32K throughput vs base ({speeds['base'] / 1e3:.0f}K tok/s): {text} "
+    report("adapters", f"P3-GPU  {ids.shape[1] // K}K throughput vs base ({speeds['base'] / 1e3:.0f}K tok/s): {text} "
                        f"(target >= 0.9x) {verdict(min(ratios.values()) >= 0.9)}",
            {"tokens_per_s": speeds, "ratios": ratios})
 
@@ -269,7 +295,7 @@ def bench_vs_hf(directory: str, device: str, vocab: int, chunks: tuple[int, ...]
 
     from longctx.lmeval_model import SsmloraLM
 
-    lengths = (32 * K, 64 * K)
+    lengths = G4_LENGTHS
     lm = HFLM(pretrained=directory, device=device, batch_size=1, dtype="bfloat16", max_length=1 << 20)
     hf = measure_lm(lm, lengths, device, vocab)
     del lm
@@ -333,7 +359,7 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    global K, CHUNK
+    global K, CHUNK, G1_LENGTH, G4_LENGTHS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", help="write every figure here as JSON")
@@ -341,23 +367,34 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny model and lengths / 64: checks the script")
     parser.add_argument("--g4-chunks", default="4096", help="chunk sizes of the longctx side of G4, comma-separated")
     parser.add_argument("--g4-methods", default="ssmlora", help="methods of the longctx side of G4 (e.g. ssmlora,base)")
+    parser.add_argument("--base", help="a real base (e.g. smollm2-135m): G1, G4, P3-GPU on its weights, at its limit")
+    parser.add_argument("--rope-scaling", help="with --base: e.g. yarn:4 (the limit grows by the factor)")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py: error: no CUDA device here (run on a GPU, or --smoke --device cpu to check the script)")
     shape = SMOKE_SHAPE if args.smoke else LLAMA_3_2_1B
     if args.smoke:
         K, CHUNK = 16, 64
+        G1_LENGTH, G4_LENGTHS = 64 * K, (32 * K, 64 * K)
     skip = set(filter(None, args.skip.split(",")))
     if torch.device(args.device).type != "cuda":
         skip |= {"kernel"}  # CUDA kernels only
     report("environment", f"env     {json.dumps(environment(args.device))}", environment(args.device))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        save_random_checkpoint(tmp, args.device, shape)
+        vocab = shape["vocab_size"]
+        if args.base:
+            vocab, limit = real_base_checkpoint(tmp, args.base, args.rope_scaling)
+            G1_LENGTH = limit * K // 1024
+            G4_LENGTHS = (G1_LENGTH,)
+            skip |= {"kernel", "long", "million"}
+            report("base", f"base    {args.base} (rope scaling {args.rope_scaling or 'none'}): limit {limit}", limit)
+        else:
+            save_random_checkpoint(tmp, args.device, shape)
         if "g4" not in skip:
             chunks = tuple(int(c) // (1024 // K) for c in args.g4_chunks.split(","))
-            bench_vs_hf(tmp, args.device, shape["vocab_size"], chunks, tuple(args.g4_methods.split(",")))
-        run_in_process(tmp, args.device, skip, shape["vocab_size"])
+            bench_vs_hf(tmp, args.device, vocab, chunks, tuple(args.g4_methods.split(",")))
+        run_in_process(tmp, args.device, skip, vocab)
     print(f"total {time.perf_counter() - started:.0f} s", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
