@@ -182,11 +182,12 @@ def test_quick_demo_runs_both_bases_and_reports_them(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_parse_and_the_demo_ones_are_what_the_demo_runs(path):
     from longctx.demo import DEMO, DEMO_MAMBA
+    from longctx.gguf_bases import REAL_BASES
     from longctx.models import EMBEDDED_BASES
     from longctx.sweep import load_config
 
     cfg = load_config(path)
-    assert cfg.base in EMBEDDED_BASES
+    assert cfg.base in {**EMBEDDED_BASES, **REAL_BASES}
     assert "sdlora" not in cfg.methods or EMBEDDED_BASES[cfg.base] == "mamba"  # SDLoRA is Mamba-only
     demo = {"demo.yaml": DEMO, "demo-mamba.yaml": DEMO_MAMBA}.get(path.name)
     if demo is not None:
