@@ -6,7 +6,7 @@ The unit of work is one bundle of cell groups (a group: the cells sharing a trai
 on the worker by `longctx.cluster.work` — training included, never in the driver. An engine only
 submits bundles and says which of its jobs are still alive; everything else (rows, logs,
 failures) goes through the shared results directory. `submitit` and `ray` are optional
-(`pip install longctx[cluster]`), imported only when their executor is chosen.
+(`pip install longctx-eval[cluster]`), imported only when their executor is chosen.
 """
 from __future__ import annotations
 

@@ -56,6 +56,7 @@ def add_task_folder() -> None:
         original(self, *args, **kwargs)
 
     __init__._longctx = True  # type: ignore[attr-defined]
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]  # inspect.signature shows lm-eval's own
     TaskManager.__init__ = __init__  # type: ignore[method-assign]
 
 

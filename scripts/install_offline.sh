@@ -73,8 +73,8 @@ if [ -n "$EDITABLE" ]; then
   BUILD=(--no-build-isolation)
 else
   shopt -s nullglob
-  wheels=("$WHEELHOUSE"/longctx-*.whl)
-  [ ${#wheels[@]} -eq 1 ] || die "expected one longctx-*.whl in $WHEELHOUSE, found ${#wheels[@]} (rerun scripts/wheelhouse.sh)"
+  wheels=("$WHEELHOUSE"/longctx_eval-*.whl)
+  [ ${#wheels[@]} -eq 1 ] || die "expected one longctx_eval-*.whl in $WHEELHOUSE, found ${#wheels[@]} (rerun scripts/wheelhouse.sh)"
   TARGET=("${wheels[0]}${EXTRAS:+[$EXTRAS]}")
   BUILD=()
 fi

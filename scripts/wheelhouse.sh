@@ -131,7 +131,7 @@ if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
 fi
 run_pip "$WORK/build.log" wheel --no-deps "${NO_ISOLATION[@]}" --wheel-dir "$LOCAL" "$SRC" \
   || die "pip could not build the longctx wheel from $ROOT (pip's errors above)"
-ROOT_REQ="$(ls "$LOCAL"/longctx-*.whl)${EXTRAS:+[$EXTRAS]}"
+ROOT_REQ="$(ls "$LOCAL"/longctx_eval-*.whl)${EXTRAS:+[$EXTRAS]}"
 
 # The stand-in torch: a name and a version, no dependencies, no files; never put in the folder.
 STUB="$WORK/stub/torch-$TORCH_VERSION-py3-none-any.whl"

@@ -30,7 +30,7 @@ def installed(tmp_path_factory) -> dict[str, Path]:
     build = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist",
                  clone], offline_env(), timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
-    (wheel,) = (tmp / "dist").glob("longctx-*.whl")
+    (wheel,) = (tmp / "dist").glob("longctx_eval-*.whl")
     python = node_venv(tmp / "venv")
     proc = run(["bash", INSTALL, tmp / "dist"], offline_env(PYTHON=str(python)), cwd=tmp, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -61,7 +61,7 @@ def stub_index(folder: Path) -> set[str]:
     names = set()
     for dist in importlib.metadata.distributions():
         name, version = dist.metadata["Name"], dist.version
-        if not name or canon(name) in names or canon(name) == "longctx":
+        if not name or canon(name) in names or canon(name) == "longctx-eval":
             continue
         names.add(canon(name))
         requires = dist.requires or []
@@ -153,7 +153,7 @@ def test_wheelhouse_then_offline_install(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"wheelhouse: \d+ wheels, [\d.]+ MiB in ", proc.stdout), proc.stdout
     names = wheel_names(full)
-    for needed in ["longctx", "transformers", "peft", "lm-eval", "datasets", "mambapy", *SDIST_ONLY]:
+    for needed in ["longctx-eval", "transformers", "peft", "lm-eval", "datasets", "mambapy", *SDIST_ONLY]:
         assert needed in names, sorted(names)
     assert not {n for n in names if n in {"torch", "triton"} or n.startswith(("nvidia-", "cuda-"))}, sorted(names)
     # What only torch needs never comes in (here torch's own metadata requires sympy and networkx).
@@ -167,7 +167,7 @@ def test_wheelhouse_then_offline_install(tmp_path):
                 "--exclude", "lm_eval"], env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     left = wheel_names(small)
-    assert {"longctx", "transformers", "pandas"} <= left, sorted(left)
+    assert {"longctx-eval", "transformers", "pandas"} <= left, sorted(left)
     assert not {"numpy", "lm-eval", "sqlitedict", "word2number", "rouge-score", "pytablewriter"} & left, sorted(left)
     assert left < names
 
@@ -177,7 +177,7 @@ def test_wheelhouse_then_offline_install(tmp_path):
     proc = run(["bash", INSTALL, full], offline_env(PYTHON=str(python)), cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "longctx ready: " + str(tmp_path / "node") in proc.stdout, proc.stdout
-    assert re.search(r"Successfully installed longctx-\S+\s*$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"Successfully installed longctx-eval-\S+\s*$", proc.stdout, re.M), proc.stdout
     cli = run([tmp_path / "node" / "bin" / "longctx", "--help"], offline_env(), cwd=tmp_path)
     assert cli.returncode == 0 and "demo" in cli.stdout, cli.stdout + cli.stderr
 
