@@ -187,7 +187,7 @@ def test_base_loglikelihoods_equal_lm_evals_hf_within_1e_4(smollm2, hf_lm, ours)
 @pytest.mark.slow
 def test_bfloat16_agrees_with_float32_on_the_real_base(smollm2, ours):
     """bf16 keeps the greedy verdict; the answer's log-likelihood moves by a few hundredths of a nat
-    (measured: docs/real-model.md)."""
+    (measured: docs/results.md)."""
     from longctx.lmeval_model import SsmloraLM
 
     requests = _requests("longctx_passkey", smollm2, lengths=(1024,))
