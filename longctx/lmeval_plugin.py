@@ -1,4 +1,4 @@
-"""Makes `--model ssmlora --tasks longctx_…` work in the stock `lm_eval` command (SPEC §7).
+"""Makes `--model ssmlora --tasks longctx_…` work in the stock `lm_eval` command (design §7).
 
 lm-eval 0.4.13 discovers no out-of-tree models or tasks, so the package installs a start-up line
 (`longctx_lmeval.pth`, see setup.py) that calls `install()`: it adds an import hook and nothing

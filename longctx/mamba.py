@@ -1,4 +1,4 @@
-"""Chunk-wise prefill for Mamba bases (SPEC §5).
+"""Chunk-wise prefill for Mamba bases (design §5).
 
 transformers' pure-PyTorch `MambaMixer` carries the convolution state into a multi-token chunk,
 but its selective scan restarts from zero (`mamba_selective_scan` takes no initial state), so

@@ -2,7 +2,7 @@
 
 `longctx-tiny` (the embedded base built by `longctx pretrain`) is accepted wherever a base is
 named; everything else is an ordinary HuggingFace causal LM loaded through the same code.
-Adapter insertion points are resolved by module-name patterns per model family (SPEC §3).
+Adapter insertion points are resolved by module-name patterns per model family (design §3).
 """
 from __future__ import annotations
 

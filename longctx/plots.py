@@ -1,4 +1,4 @@
-"""`longctx plot RESULTS_DIR` (SPEC §8): the figures a length-scaling paper needs, from the sweep's
+"""`longctx plot RESULTS_DIR` (design §8): the figures a length-scaling paper needs, from the sweep's
 results table, as PNG and PDF under `RESULTS_DIR/plots/`.
 
 accuracy vs length (line per method, log₂ axis, 95% Wilson bands, facet per task); peak memory

@@ -1,4 +1,4 @@
-"""The sweep's results table (SPEC §8): one row per cell, appended to `results.jsonl` as one whole
+"""The sweep's results table (design §8): one row per cell, appended to `results.jsonl` as one whole
 line per write (a crash can tear at most the last line, which the reader drops), and
 `results.csv` rewritten atomically from it.
 

@@ -1,4 +1,4 @@
-"""Chunk-wise execution of long inputs (SPEC §5).
+"""Chunk-wise execution of long inputs (design §5).
 
 A forward over N tokens runs in chunks of `chunk_size` tokens, carrying the model's KV cache
 and each adapter's `SequenceState` from chunk to chunk. Logits are computed only at the

@@ -1,4 +1,4 @@
-"""`longctx sweep CONFIG` (SPEC §8): methods × tasks × lengths × seeds, resumable.
+"""`longctx sweep CONFIG` (design §8): methods × tasks × lengths × seeds, resumable.
 
 A cell is one (method, task, seed, chunk size, training chunk size, length); its identity (`cell_inputs`, hashed by
 `results.cell_identity`) is everything that changes its result: the base's name and a

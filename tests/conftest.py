@@ -22,7 +22,7 @@ if _WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 METHODS = ["base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"]
-# Methods whose chunked run must equal the unchunked run (SPEC §5).
+# Methods whose chunked run must equal the unchunked run (design §5).
 EXACT_UNDER_CHUNKING = ["base", "dense", "lora", "ssmlora-scan", "lora-xs"]
 # Name filter of each method's own (trainable) parameters.
 OWN_PARAMS = {"base": None, "dense": "", "lora": "lora_", "ssmlora": "ssmlora_", "ssmlora-scan": "scan_", "lora-xs": "lora_xs_"}

@@ -1,4 +1,4 @@
-"""Chunked execution equals the unchunked run (SPEC §5), and bad runner input is refused."""
+"""Chunked execution equals the unchunked run (design §5), and bad runner input is refused."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""bf16 and fp16 end to end (SPEC §3): every method on both families runs chunked, generates and
+"""bf16 and fp16 end to end (design §3): every method on both families runs chunked, generates and
 trains in reduced precision, close to its float32 run, with the dtype policy of
 `longctx.adapters.base` (adapter weights and state float32, layer outputs in the model's dtype).
 

@@ -1,4 +1,4 @@
-"""SSMLoRA against the SPEC §4 equations, written out here independently of longctx's layers.
+"""SSMLoRA against the design §4 equations, written out here independently of longctx's layers.
 
 The reference runs the plain base model with forward hooks that add the SSMLoRA branch computed
 from the equations below, keeping its own per-key states, chain order and chunk carry.

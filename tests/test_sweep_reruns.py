@@ -1,4 +1,4 @@
-"""A cell's identity is everything that changes its result (SPEC §8, issue 11 part 2): a rerun
+"""A cell's identity is everything that changes its result (design §8, issue 11 part 2): a rerun
 with a changed setting re-runs exactly the changed cells, trains a new adapter only where the
 training settings (or recipe, or base) changed, moves rows of cells no longer in the config to
 the archive, and an unchanged rerun repeats nothing; `--retry-failed`; `demo --quick`'s directory.

@@ -1,4 +1,4 @@
-"""GPU benchmark G1-G4 (SPEC §9) on a Llama-3.2-1B-shaped model: random weights, bf16, GQA.
+"""GPU benchmark G1-G4 (design §9) on a Llama-3.2-1B-shaped model: random weights, bf16, GQA.
 
 One command, one process, one card; every figure is printed with its target and PASS/MISS as it
 is measured (so a run cut short keeps what it had), and all of them go to `--out` as JSON:

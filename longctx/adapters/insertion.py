@@ -1,6 +1,6 @@
 """Where adapters go: insertion points by module-name pattern per model family.
 
-Presets (SPEC §4, from the SSMLoRA reference code):
+Presets (design §4, from the SSMLoRA reference code):
 - `sparse-qv`: q_proj in even layers, v_proj in odd layers, each point with its own state key.
 - `reference-all`: `sparse-qv` plus o_proj of every layer sharing one key, gate/up/down_proj of
   every layer sharing one key each, and a classification head (`score`) if present.

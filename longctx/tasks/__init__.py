@@ -1,4 +1,4 @@
-"""Long-input task generators (SPEC §6): pure functions of (tokenizer, length, n, seed, split, …).
+"""Long-input task generators (design §6): pure functions of (tokenizer, length, n, seed, split, …).
 
 `TASKS` is the registry: task name -> generator of one example. `generate` builds a task's
 examples for one split and one length; `longctx.tasks.lmeval` turns them into lm-eval datasets.

@@ -1,5 +1,5 @@
 """What every long-input task shares: the example record, exact sizing in the evaluated model's
-tokens, haystacks, split-disjoint needles and depth placement (SPEC §6).
+tokens, haystacks, split-disjoint needles and depth placement (design §6).
 
 Sizing: a task renders its prompt from a filler count `n` (haystack words, list entries, pairs);
 `fit_to_length` finds the largest `n` whose prompt has at most B tokens by interpolation search
@@ -62,7 +62,7 @@ class Example:
 
 
 def tolerance(length: int) -> int:
-    """How far below L a prompt may fall (SPEC §6): max(8, L/200) tokens."""
+    """How far below L a prompt may fall (design §6): max(8, L/200) tokens."""
     return max(8, length // 200)
 
 
