@@ -1,13 +1,11 @@
 """Invariants every adapter method shares (table-driven over METHODS)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from conftest import METHODS, OWN_PARAMS, perturb, random_ids, tiny_llama
-from longctx.adapters import load_adapter, wrap
+from longctx.adapters import load_adapter, saved_metadata, wrap
 from longctx.adapters.lora_xs import R_INIT_STD
 from longctx.errors import LongctxError
 from longctx.runner import chunked_forward
@@ -53,8 +51,8 @@ def test_save_load_round_trip(method, ids, tmp_path):
     perturb(adapted)
     expected = logits(adapted, ids)
     adapted.save(tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["longctx"]["method"] == method and config["longctx"]["base_fingerprint"]
+    config = saved_metadata(tmp_path / "adapter")
+    assert config["method"] == method and config["base_fingerprint"]
     reloaded = load_adapter(tiny_llama(), tmp_path / "adapter")
     assert reloaded.method.name == method and reloaded.insertion_points == adapted.insertion_points
     torch.testing.assert_close(logits(reloaded, ids), expected, rtol=0, atol=0)

@@ -2,9 +2,13 @@
 
     adapted = wrap(model, "ssmlora")          # fresh adapter from adapters/ssmlora.yaml
     adapted = load_adapter(model, "runs/x")   # a saved directory (ours or PEFT's LoRA)
+
+A LoRA directory's adapter_config.json is PEFT's own: PEFT parses it (`lora.peft_lora_config`)
+and applies it, so it loads as `PeftModel.from_pretrained` loads it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from longctx.adapters.base import (CONFIG_NAME, WEIGHTS_NAME, AdaptedModel, AdapterMethod, Recipe, base_dtype,
-                                   common_dtype, dtype_fingerprints, load_recipe, make_recipe)
+from longctx.adapters.base import (CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME, AdaptedModel, AdapterMethod, Recipe,
+                                   base_dtype, common_dtype, dtype_fingerprints, load_recipe, make_recipe)
 from longctx.adapters.dense import Dense
 from longctx.adapters.frozen import FrozenBase
-from longctx.adapters.lora import Lora, recipe_fields_from_peft
+from longctx.adapters.lora import Lora, peft_lora_config, recipe_fields_from_peft
 from longctx.adapters.lora_xs import LoraXS
 from longctx.adapters.sdlora import SDLoRA
 from longctx.adapters.ssmlora import SSMLoRA
@@ -36,7 +40,7 @@ ADAPTERS: dict[str, AdapterMethod] = {
 }
 
 __all__ = ["ADAPTERS", "AdaptedModel", "Recipe", "SequenceState", "get_adapter", "load_adapter",
-           "load_recipe", "wrap"]
+           "load_recipe", "saved_metadata", "wrap"]
 
 
 def applicable(methods: list[str], model: nn.Module) -> list[str]:
@@ -52,15 +56,16 @@ def get_adapter(name: str) -> AdapterMethod:
     return ADAPTERS[name]
 
 
-def wrap(model: nn.Module, method: str, recipe: Recipe | None = None, seed: int = 0,
+def wrap(model: nn.Module, method: str | AdapterMethod, recipe: Recipe | None = None, seed: int = 0,
          **overrides: Any) -> AdaptedModel:
-    """Insert `method` into `model` (in place), freezing the base's own weights.
+    """Insert `method` (a name, or a method object such as a loaded directory's `Lora(config)`) into
+    `model` (in place), freezing the base's own weights.
 
     The recipe defaults to `longctx/recipes/<method>.yaml` with `overrides` on top. Adapter weights are
     initialised from `seed` without disturbing the global RNG.
     """
-    impl = get_adapter(method)
-    recipe = recipe or load_recipe(method, overrides)
+    impl = method if isinstance(method, AdapterMethod) else get_adapter(method)
+    recipe = recipe or load_recipe(impl.name, overrides)
     base_fp, base_fps, dtype = fingerprint(model), dtype_fingerprints(model), base_dtype(model)
     base_name = str(getattr(model.config, "longctx_base_name", getattr(model.config, "_name_or_path", "")))
     for param in model.parameters():
@@ -77,36 +82,48 @@ def wrap(model: nn.Module, method: str, recipe: Recipe | None = None, seed: int 
     return AdaptedModel(adapted_model, impl, recipe, points, base_fp, base_name, binding, dtype, base_fps)
 
 
-def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    """The adapter_config.json of `directory`, or a one-line error saying what is wrong."""
+def read_adapter_config(directory: str | Path, name: str = CONFIG_NAME) -> dict[str, Any]:
+    """The JSON object in `directory`/`name`, or a one-line error saying what is wrong."""
     path = Path(directory)
     if not path.is_dir():
         raise LongctxError(f"adapter directory {str(directory)!r} does not exist")
     try:
-        config = json.loads((path / CONFIG_NAME).read_text())
+        config = json.loads((path / name).read_text())
     except OSError:
-        raise LongctxError(f"adapter directory {str(directory)!r} has no {CONFIG_NAME}") from None
+        raise LongctxError(f"adapter directory {str(directory)!r} has no {name}") from None
     except json.JSONDecodeError as err:
-        raise LongctxError(f"{path / CONFIG_NAME} is corrupt: {err}") from None
+        raise LongctxError(f"{path / name} is corrupt: {err}") from None
     if not isinstance(config, dict):
-        raise LongctxError(f"{path / CONFIG_NAME} is corrupt: expected a JSON object")
+        raise LongctxError(f"{path / name} is corrupt: expected a JSON object")
     return config
 
 
-def _method_and_recipe(config: dict[str, Any], directory: Path) -> tuple[str, Recipe, dict[str, Any]]:
-    """(method, recipe, the `longctx` block: empty for a directory written by PEFT)."""
-    ours = config.get("longctx")
-    if isinstance(ours, dict) and "method" in ours:
-        method = ours["method"]
-        get_adapter(method)
+def saved_metadata(directory: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """longctx's own block of a saved adapter (method, recipe, base fingerprint): in
+    longctx_config.json next to a LoRA directory's adapter_config.json (which PEFT reads), else
+    the `longctx` key of adapter_config.json (other methods, and LoRA directories saved before);
+    empty for a directory written by PEFT. `config`: its adapter_config.json, if already read."""
+    if (Path(directory) / METADATA_NAME).is_file():
+        return read_adapter_config(directory, METADATA_NAME)
+    ours = (config if config is not None else read_adapter_config(directory)).get("longctx")
+    return ours if isinstance(ours, dict) else {}
+
+
+def _method_and_recipe(config: dict[str, Any], directory: Path) -> tuple[AdapterMethod, Recipe, dict[str, Any]]:
+    """(method, recipe, longctx's own block: empty for a directory written by PEFT). A LoRA
+    directory's method carries the LoraConfig PEFT parsed from adapter_config.json."""
+    ours = saved_metadata(directory, config)
+    where = str(directory / CONFIG_NAME)
+    if "method" in ours:
+        method = get_adapter(ours["method"])
         fields = {k: v for k, v in ours.get("recipe", {}).items() if k != "method"}
-        return method, make_recipe(method, fields), ours
+        if method.name == "lora" and "peft_type" in config:
+            method = Lora(peft_lora_config(config, where))
+        return method, make_recipe(method.name, fields), ours
     if config.get("peft_type") == "LORA":  # written by PEFT's save_pretrained
-        try:
-            return "lora", make_recipe("lora", recipe_fields_from_peft(config)), {}
-        except ValueError as err:
-            raise LongctxError(f"{directory / CONFIG_NAME}: {err}") from None
-    raise LongctxError(f"{directory / CONFIG_NAME} names no method (no 'longctx' block and peft_type "
+        peft = peft_lora_config(config, where)
+        return Lora(peft), make_recipe("lora", recipe_fields_from_peft(peft)), {}
+    raise LongctxError(f"{where} names no method (no 'longctx' block and peft_type "
                        f"{config.get('peft_type')!r}); valid methods: {', '.join(ADAPTERS)}")
 
 
@@ -123,6 +140,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdaptedModel:
     except (OSError, SafetensorError) as err:
         raise LongctxError(f"cannot read {directory / WEIGHTS_NAME}: {err}") from None
     adapted = wrap(model, method, recipe)
+    if not adapted.recipe.insertion:  # a PEFT regex target_modules: the modules it matched
+        adapted.recipe = dataclasses.replace(adapted.recipe, insertion=tuple(adapted.insertion_points))
     try:
         adapted.method.load_weights(adapted.model, weights)
     except RuntimeError as err:

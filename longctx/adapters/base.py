@@ -3,7 +3,8 @@
 An adapted model is the HF causal LM with the method's modules inserted, plus what is needed to
 reproduce and check it: the recipe, the insertion points and a fingerprint of the base it was
 built on. Directories use PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`);
-the config's `longctx` block records method, recipe and base fingerprint (SPEC §4).
+the config's `longctx` block records method, recipe and base fingerprint (SPEC §4); for `lora`,
+whose adapter_config.json PEFT reads, that block is longctx_config.json beside it.
 
 dtype policy (bf16/fp16 bases; as PEFT's `autocast_adapter_dtype=True`): an adapter's own weights
 (ssmlora, ssmlora-scan, lora-xs's R and SVD factors, sdlora's A_log and x_proj deltas, PEFT's LoRA) and
@@ -35,6 +36,9 @@ from longctx.errors import LongctxError
 from longctx.fileio import atomic_directory
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+# longctx's own block, kept out of the adapter_config.json that PEFT reads (a `lora` directory):
+# PEFT warns about every key it does not know. Other methods keep it in adapter_config.json.
+METADATA_NAME = "longctx_config.json"
 FORMAT_VERSION = 1
 
 
@@ -204,15 +208,18 @@ class AdaptedModel:
         """Write the adapter directory atomically (temporary directory, then rename)."""
         from safetensors.torch import save_file
 
-        config = {**self.method.config_fields(self), "longctx": {
+        fields = self.method.config_fields(self)
+        ours = {
             "format_version": FORMAT_VERSION, "method": self.method.name,
             "recipe": self.recipe.to_dict(), "base_fingerprint": self.base_fingerprint,
             "base_dtype": self.base_dtype, "base_fingerprints": self.base_fingerprints,
             "base_name": self.base_name, "insertion_points": self.insertion_points,
             "trainable_parameters": self.trainable_parameters(),
-            "total_parameters": self.total_parameters()}}
+            "total_parameters": self.total_parameters()}
+        files = {CONFIG_NAME: fields, METADATA_NAME: ours} if fields else {CONFIG_NAME: {"longctx": ours}}
         weights = {n: t.contiguous().cpu() for n, t in self.method.weights(self.model).items()}
         with atomic_directory(Path(directory)) as tmp:
             save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=list) + "\n")
+            for name, content in files.items():
+                (tmp / name).write_text(json.dumps(content, indent=2, default=list) + "\n")
         return Path(directory)
