@@ -1,4 +1,4 @@
-"""`longctx train` (SPEC §8): fine-tune one adapter on a task's train split with HF `Trainer`.
+"""`longctx train` (design §8): fine-tune one adapter on a task's train split with HF `Trainer`.
 
 The loss covers the answer tokens only (prompt positions are labelled -100). Hyper-parameters
 come from `longctx/recipes/<method>.yaml`, overridable; `Trainer` brings the progress bar, gradient

@@ -71,7 +71,7 @@ def test_same_input_twice_gives_same_logits(method, ids):
 
 
 # ssmlora is checked in one forward only: its chunk carry is position-aligned by definition
-# (SPEC §4), so left padding shifts which token inherits which state between chunks.
+# (design §4), so left padding shifts which token inherits which state between chunks.
 PADDING_CASES = [(m, c) for m in METHODS for c in (None, 16) if not (m == "ssmlora" and c)]
 
 

@@ -3,7 +3,7 @@
 An adapted model is the HF causal LM with the method's modules inserted, plus what is needed to
 reproduce and check it: the recipe, the insertion points and a fingerprint of the base it was
 built on. Directories use PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`);
-the config's `longctx` block records method, recipe and base fingerprint (SPEC §4); for `lora`,
+the config's `longctx` block records method, recipe and base fingerprint (design §4); for `lora`,
 whose adapter_config.json PEFT reads, that block is longctx_config.json beside it.
 
 dtype policy (bf16/fp16 bases; as PEFT's `autocast_adapter_dtype=True`): an adapter's own weights
@@ -108,7 +108,7 @@ def adapter_dtype(base: torch.dtype) -> torch.dtype:
     return torch.promote_types(base, torch.float32)
 
 
-# Fingerprints of a base as it reads once cast to each of these dtypes (SPEC §3: bf16/fp16 work).
+# Fingerprints of a base as it reads once cast to each of these dtypes (design §3: bf16/fp16 work).
 FINGERPRINT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _REDUCED = ("bfloat16", "float16")
 

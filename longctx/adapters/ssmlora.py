@@ -1,7 +1,7 @@
 """`ssmlora`: SSMLoRA (Yu et al., 2025, arXiv:2502.04958), as in the paper and reference code.
 
 For an adapted linear map W (d_in -> d_out), rank r, scale alpha, and the state h (T, r) left
-by the previous insertion point with the same state key (SPEC §4):
+by the previous insertion point with the same state key (design §4):
 
     z  = x A                                   A ~ N(0, 1)/sqrt(r),  B = 0,  C = D = 0
     h' = h C + z D + h
