@@ -4,6 +4,8 @@ transformers' `DynamicLayer` grows by concatenation: each chunk copies the layer
 so for a moment a layer holds its old and new cache together and peak memory exceeds the
 KV-cache floor by about one layer's cache. `PreallocatedLayer` writes each chunk into a buffer
 sized for the known total length and returns views, so peak memory is the floor itself.
+A layer's buffer is created on the device of the first keys it receives, so in a model split over
+devices (`longctx.placement`) each layer's cache lives on the device that layer runs on.
 """
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ every request run through the chunked runner.
 The base and adapter are built first and the model object is handed to `HFLM`, so lm-eval's
 tokenisation and request plumbing stay its own; `accelerate launch` data parallelism is set up
 here (`longctx.lmeval_parallel`), since HFLM runs a model object as one process. Requests run one
-at a time (long inputs: batching buys nothing but padding; batch_size/max_batch_size other than 1
-are refused), chunked, with logits kept only where a score or next token needs them. Each
+at a time (long inputs: batching buys nothing but padding; a batch_size other than 1 or auto is
+refused), chunked, with logits kept only where a score or next token needs them. lm-eval `hf`'s
+own arguments keep hf's meaning (`longctx.lmeval_args`), parallelize=True included: the model is
+split over devices (`longctx.placement`), each layer's KV cache on its own device. Each
 request's input tokens, chunks, peak memory, wall time and tokens/s are recorded and aggregated
 per requested length into the results (`config.longctx` in lm-eval's results JSON).
 
@@ -22,50 +24,35 @@ from typing import Any, Callable
 
 import torch
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import handle_stop_sequences
+from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 from tqdm import tqdm
 
-from longctx import lmeval_parallel
+from longctx import lmeval_parallel, models
+from longctx.adapters import ADAPTERS, load_adapter, wrap
 from longctx.attention import attention_record
-from longctx.errors import LongctxError, choice_error, positive_int
+from longctx.errors import LongctxError, choice_error
+from longctx.lmeval_args import TRUNCATION_CHOICES, VALID_ARGS, ModelArgs, parse_model_args
+from longctx.lmeval_plugin import requested_device
 from longctx.lmeval_stats import RequestLog
+from longctx.placement import input_device
 from longctx.runner import CARRY_CHOICES, chunked_forward, greedy_generate
-from longctx.tasks.lmeval import REFUSED_GENERATION, flag
+from longctx.tasks.lmeval import REFUSED_GENERATION, load_tokenizer
 
-TRUNCATION_CHOICES = ("refuse", "left", "middle")
-VALID_ARGS = ("pretrained", "adapter", "method", "chunk_size", "ssm_carry", "dtype", "attn_implementation",
-              "max_length", "truncation", "seed", "device", "trust_remote_code", "add_bos_token", "batch_size",
-              "max_batch_size", "gguf_file", "rope_scaling")
+__all__ = ["SsmloraLM", "TRUNCATION_CHOICES", "VALID_ARGS", "build_adapted", "token_tensor"]
 
 
-def _optional_chunk(value: Any) -> int | None:
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
-        return None
-    return positive_int("chunk_size", value)
-
-
-def _one_at_a_time(name: str, value: Any) -> None:
-    """batch_size / max_batch_size: absent or 1, else a one-line refusal."""
-    if value is not None and str(value).strip() != "1":
-        raise LongctxError(f"{name}={value} is not supported: ssmlora runs requests one at a time (long inputs "
-                           f"gain nothing from padded batches); leave {name} out or set it to 1")
-
-
-def build_adapted(pretrained: str, adapter: str | None, method: str | None, dtype: str,
-                  attn_implementation: str, device: str, seed: int, trust_remote_code: bool = False,
-                  gguf_file: str | None = None, rope_scaling: Any = None) -> Any:
-    """Load the base and insert the adapter (a saved directory, or a fresh `method`)."""
-    from longctx.adapters import ADAPTERS, load_adapter, wrap
-    from longctx.models import load_base
-
-    if method is not None and method not in ADAPTERS:
-        raise choice_error("method", method, ADAPTERS)
-    model, tokenizer = load_base(pretrained, dtype=dtype, attn_implementation=attn_implementation,
-                                 device=device, trust_remote_code=trust_remote_code, gguf_file=gguf_file,
-                                 rope_scaling=rope_scaling)
-    adapted = load_adapter(model, adapter) if adapter else wrap(model, method or "base", seed=seed)
-    if adapter and method and adapted.method.name != method:
-        raise LongctxError(f"adapter {adapter!r} holds method {adapted.method.name!r}, not method={method!r}")
+def build_adapted(args: ModelArgs, device: str) -> tuple[Any, Any]:
+    """Load the base as the arguments say and insert the adapter (a saved directory, or a fresh
+    `method`); returns (adapted model, the base's tokenizer)."""
+    if args.method is not None and args.method not in ADAPTERS:
+        raise choice_error("method", args.method, ADAPTERS)
+    model, tokenizer = models.load_base(args.pretrained, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                                 device=device, trust_remote_code=args.trust_remote_code, gguf_file=args.gguf_file,
+                                 rope_scaling=args.rope_scaling, revision=args.revision, subfolder=args.subfolder,
+                                 device_map=args.device_map, max_memory=args.max_memory)
+    adapted = load_adapter(model, args.adapter) if args.adapter else wrap(model, args.method or "base", seed=args.seed)
+    if args.adapter and args.method and adapted.method.name != args.method:
+        raise LongctxError(f"adapter {args.adapter!r} holds method {adapted.method.name!r}, not method={args.method!r}")
     adapted.model.eval()
     return adapted, tokenizer
 
@@ -79,59 +66,51 @@ def token_tensor(ids: list[int], device: Any) -> torch.Tensor:
 
 
 class SsmloraLM(HFLM):
-    """`lm_eval --model ssmlora --model_args pretrained=…,method=…|adapter=…,chunk_size=…`."""
+    """`lm_eval --model ssmlora --model_args pretrained=…,method=…|adapter=…,chunk_size=…`, and any
+    argument of lm-eval's `hf` model (`longctx.lmeval_args`, docs/lmeval-model-args.md)."""
 
-    def __init__(self, pretrained: str = "longctx-tiny", adapter: str | None = None, method: str | None = None,
-                 chunk_size: Any = None, ssm_carry: str = "chunk", dtype: str = "auto",
-                 attn_implementation: str = "auto", max_length: Any = None, truncation: str = "refuse",
-                 seed: int = 0, device: str | None = None, trust_remote_code: Any = False,
-                 add_bos_token: Any = None, batch_size: Any = None, max_batch_size: Any = None,
-                 gguf_file: str | None = None, rope_scaling: Any = None, **unknown: Any) -> None:
-        if unknown:
-            raise LongctxError(f"unknown model_args key {sorted(unknown)[0]!r} for ssmlora "
-                               f"(valid: {', '.join(VALID_ARGS)})")
-        if ssm_carry not in CARRY_CHOICES:
-            raise choice_error("ssm_carry", ssm_carry, CARRY_CHOICES)
-        if truncation not in TRUNCATION_CHOICES:
-            raise choice_error("truncation", truncation, TRUNCATION_CHOICES)
-        _one_at_a_time("batch_size", batch_size)
-        _one_at_a_time("max_batch_size", max_batch_size)
-        trust, bos = bool(flag("trust_remote_code", trust_remote_code)), flag("add_bos_token", add_bos_token)
-        self.chunk_size = _optional_chunk(chunk_size)
-        self.ssm_carry, self.truncation_mode = ssm_carry, truncation
-        from longctx.lmeval_plugin import requested_device
-        from longctx.models import parse_rope_scaling, position_limit
-
-        # --device, else CUDA if present; under accelerate launch, this process's own device
-        accelerator, device_ = lmeval_parallel.setup(requested_device(device))
-        scaling = parse_rope_scaling(rope_scaling)
+    def __init__(self, **model_args: Any) -> None:
+        args = parse_model_args(model_args)
+        if args.ssm_carry not in CARRY_CHOICES:
+            raise choice_error("ssm_carry", args.ssm_carry, CARRY_CHOICES)
+        self.chunk_size, self.ssm_carry, self.truncation_mode = args.chunk_size, args.ssm_carry, args.truncation
+        scaling = models.parse_rope_scaling(args.rope_scaling)
         if scaling and scaling["rope_type"] == "dynamic" and self.chunk_size is not None:
             raise LongctxError("rope_scaling=dynamic cannot be chunked: dynamic rope recomputes its frequencies "
                                "from the longest position of each forward, so the cached keys of earlier chunks "
                                "would use other ones; use yarn or linear, or chunk_size=none")
-        self.adapted, tokenizer = build_adapted(str(pretrained), adapter, method, dtype, attn_implementation,
-                                                str(device_), int(seed), trust, gguf_file or None, scaling)
-        if bos is not None:  # as HFLM loads its tokenizer: the tokenizer adds (or not) its BOS
-            from longctx.tasks.lmeval import load_tokenizer
-
-            tokenizer = load_tokenizer({"pretrained": str(pretrained), "add_bos_token": bos,
-                                        "trust_remote_code": trust, "gguf_file": gguf_file})
-        limit = position_limit(self.adapted.model)
-        self.position_limit = positive_int("max_length", max_length) if max_length is not None else limit
+        # --device, else CUDA if present; under accelerate launch, this process's own device; a model
+        # split over devices takes its inputs where its dispatch says (`placement.input_device`)
+        accelerator, device_ = lmeval_parallel.setup(None if args.device_map else requested_device(args.device))
+        args.rope_scaling = scaling
+        self.adapted, tokenizer = build_adapted(args, str(device_))
+        device_ = input_device(self._hf_model()) or device_
+        if args.tokenizer or args.use_fast_tokenizer is not None or args.add_bos_token is not None:
+            tokenizer = load_tokenizer(args.tokenizer_options())  # as HFLM loads its tokenizer
+        limit = models.position_limit(self.adapted.model)
+        self.position_limit = args.max_length if args.max_length is not None else limit
         with lmeval_parallel.quiet_model_object_warnings():
             super().__init__(pretrained=self._hf_model(), tokenizer=tokenizer, batch_size=1,
-                             max_length=self.position_limit or (1 << 62), add_bos_token=bos)
+                             max_length=self.position_limit or (1 << 62), add_bos_token=args.add_bos_token,
+                             **args.hflm)
+        self._device = torch.device(device_)
         self.log = RequestLog(torch.device(device_))
         lmeval_parallel.adopt(self, accelerator)
-        self.description = {"pretrained": str(pretrained), "gguf_file": gguf_file, "rope_scaling": scaling,
-                            "adapter": adapter, "method": self.adapted.method.name,
-                            "chunk_size": self.chunk_size, "ssm_carry": ssm_carry, "dtype": dtype,
-                            "truncation": truncation, "position_limit": self.position_limit,
-                            "add_bos_token": bos, "trust_remote_code": trust, "processes": self.world_size,
-                            "trainable_parameters": self.adapted.trainable_parameters(),
-                            "total_parameters": self.adapted.total_parameters(),
-                            "attention": attention_record(self._hf_model())}
+        self.description = self._describe(args)
         self._labels: list[Any] = []
+
+    def _describe(self, args: ModelArgs) -> dict[str, Any]:
+        """The run's settings, for lm-eval's results (`config.longctx`)."""
+        model = self._hf_model()
+        return {"pretrained": args.pretrained, "revision": args.revision, "subfolder": args.subfolder,
+                "gguf_file": args.gguf_file, "tokenizer": args.tokenizer, "rope_scaling": args.rope_scaling,
+                "adapter": args.adapter, "method": self.adapted.method.name, "chunk_size": self.chunk_size,
+                "ssm_carry": self.ssm_carry, "dtype": args.dtype, "truncation": self.truncation_mode,
+                "position_limit": self.position_limit, "add_bos_token": args.add_bos_token,
+                "trust_remote_code": args.trust_remote_code, "processes": self.world_size,
+                "device_map": getattr(model, "hf_device_map", None) if args.device_map else None,
+                "trainable_parameters": self.adapted.trainable_parameters(),
+                "total_parameters": self.adapted.total_parameters(), "attention": attention_record(model)}
 
     def _hf_model(self) -> Any:
         """The transformers model HFLM wraps (PEFT's wrapper unwrapped; its layers stay inserted)."""
@@ -250,10 +229,13 @@ class SsmloraLM(HFLM):
             new = greedy_generate(self.adapted, inputs, max_new, chunk_size=self.chunk_size,
                                   eos_token_id=self.eot_token_id, ssm_carry=self.ssm_carry,
                                   stop=self._stopper(until))
-        text = self.tok_decode(new[0].tolist())
-        for stop in until:
-            text = text.split(stop)[0] if stop else text
-        return text
+        tokens = new[0].tolist()
+        if isinstance(self.think_end_token, int) and self.think_end_token in tokens:  # as hf: after the last one
+            tokens = tokens[len(tokens) - tokens[::-1].index(self.think_end_token):]
+        text = self.tok_decode(tokens)
+        text = text.lstrip() if isinstance(self.think_end_token, int) else text
+        think = self.think_end_token if isinstance(self.think_end_token, str) else None
+        return postprocess_generated_text(text, until, think)  # hf's: after the thinking, before a stop
 
     def _stopper(self, until: list[str]) -> Callable[[torch.Tensor], bool]:
         def stop(new_tokens: torch.Tensor) -> bool:  # (1, t)

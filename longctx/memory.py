@@ -42,6 +42,13 @@ def _max_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kB on Linux
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has run everything queued on it (CUDA kernels run asynchronously; the CPU
+    has nothing queued). The one place measurements wait for the device, so a caller can count it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _reset_cpu_peak() -> bool:
     try:
         _CLEAR_REFS.write_text("5")
@@ -55,17 +62,20 @@ class PeakMemory:
 
     peak_bytes: the region's peak (CPU: whole-process resident memory; CUDA: allocated tensors).
     delta_bytes: peak minus what was in use at entry. reserved_bytes: CUDA allocator's reserve.
+    CUDA: the device is synchronised at entry and exit, unless `synchronize=False` says the caller
+    does so itself (`lmeval_stats.RequestLog`: once per request, before its clock stops).
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", synchronize: bool = True) -> None:
         self.device = torch.device(device)
         self.peak_bytes = self.delta_bytes = self.baseline_bytes = 0
         self.reserved_bytes: int | None = None
-        self.method, self.resettable = "", True
+        self.method, self.resettable, self.synchronize = "", True, synchronize
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            if self.synchronize:
+                synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline_bytes, self.method = torch.cuda.memory_allocated(self.device), "cuda_allocator"
         elif _reset_cpu_peak():
@@ -78,7 +88,8 @@ class PeakMemory:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self.method == "cuda_allocator":
-            torch.cuda.synchronize(self.device)
+            if self.synchronize:
+                synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
             self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
         elif self.method == "proc_vmhwm":

@@ -18,6 +18,7 @@ from torch import nn
 
 from longctx.errors import LongctxError, choice_error
 from longctx.gguf_bases import REAL_BASES, converted_dir, is_gguf
+from longctx.placement import dispatch, full_device_map
 
 EMBEDDED_BASES = {"longctx-tiny": "llama", "longctx-tiny-mamba": "mamba"}  # name -> architecture of the recipe
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -57,20 +58,44 @@ def resolve_base(name_or_path: str, gguf_file: str | None = None) -> str:
     """Map an embedded name to its directory and a GGUF base (a real base's name, a `.gguf` path, or
     lm-eval's `pretrained=DIR,gguf_file=NAME`) to its dequantised cache; pass local directories and
     hub ids through."""
-    if name_or_path in EMBEDDED_BASES:
-        return str(default_base_path(name_or_path))
-    if is_gguf(str(name_or_path), gguf_file):
-        return str(converted_dir(str(name_or_path), gguf_file))
-    return str(name_or_path)
+    return base_source(name_or_path, gguf_file)[0]
 
 
-def choose_attn_implementation(requested: str = "auto") -> str:
-    """`auto`: flash_attention_2 when flash-attn imports and CUDA is present, else `longctx_sdpa`
-    (SDPA whose chunked prefill needs no mask; see `longctx.attention`)."""
+def base_source(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
+                subfolder: str | None = None) -> tuple[str, dict[str, str]]:
+    """(what to load, from_pretrained's `revision`/`subfolder` keywords), as lm-eval's `hf` passes
+    them. A hub id or local directory takes both (transformers ignores a revision for a directory).
+    An embedded base has no revisions or subfolders, and a GGUF base is read by path and cached by
+    its hash: there a revision other than `main` is refused, and a subfolder is where `gguf_file`
+    lies in DIR (`pretrained=DIR,subfolder=S,gguf_file=F` reads DIR/S/F)."""
+    name, pinned = str(name_or_path), revision is not None and str(revision) not in ("", "main")
+    if name in EMBEDDED_BASES:
+        for key, value in (("revision", revision if pinned else None), ("subfolder", subfolder)):
+            if value:
+                raise LongctxError(f"{key}={value!r} does not apply to the embedded base {name!r}: it is built "
+                                   f"locally, one directory with no revisions or subfolders; leave {key} out")
+        return str(default_base_path(name)), {}
+    if is_gguf(name, gguf_file):
+        if pinned:
+            raise LongctxError(f"revision={revision!r} does not apply to a GGUF base: its file is read as it is "
+                               f"(from DIR or the local hub cache) and cached by its hash; name the file you mean")
+        if subfolder and not gguf_file:
+            raise LongctxError(f"subfolder={subfolder!r} applies to pretrained=DIR,gguf_file=NAME only, not to "
+                               f"{name!r}: give the .gguf file's path")
+        member = f"{str(subfolder).strip('/')}/{gguf_file}" if subfolder else gguf_file
+        return str(converted_dir(name, member)), {}
+    source = {"revision": str(revision)} if pinned else {}
+    return name, {**source, **({"subfolder": str(subfolder)} if subfolder else {})}
+
+
+def choose_attn_implementation(requested: str = "auto", on_cpu: bool = False) -> str:
+    """`auto`: flash_attention_2 when flash-attn imports and CUDA is present (and no layer runs on
+    the CPU, `on_cpu`), else `longctx_sdpa` (SDPA whose chunked prefill needs no mask; see
+    `longctx.attention`)."""
     if requested not in ATTN_CHOICES:
         raise choice_error("attn_implementation", requested, ATTN_CHOICES)
     if requested == "auto":
-        has_flash = importlib.util.find_spec("flash_attn") is not None
+        has_flash = importlib.util.find_spec("flash_attn") is not None and not on_cpu
         requested = "flash_attention_2" if has_flash and torch.cuda.is_available() else "longctx_sdpa"
     if requested == "longctx_sdpa":
         from longctx.attention import register
@@ -145,25 +170,33 @@ def scale_rope(config: Any, scaling: dict[str, Any]) -> None:
 def load_base(name_or_path: str, dtype: str | torch.dtype = "auto",
               attn_implementation: str = "auto", device: str | torch.device | None = "cpu",
               trust_remote_code: bool = False, gguf_file: str | None = None,
-              rope_scaling: Any = None) -> tuple[nn.Module, Any]:
+              rope_scaling: Any = None, revision: str | None = None, subfolder: str | None = None,
+              device_map: Any = None, max_memory: dict[Any, int] | None = None) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) in eval mode, straight onto `device` in `dtype` (no float32 copy in
     host memory first). dtype "auto": the checkpoint's own (a GGUF base's: its dequantised float32).
-    Hub ids load only from the local cache offline. `rope_scaling`: see `parse_rope_scaling`."""
+    Hub ids load only from the local cache offline. `rope_scaling`: see `parse_rope_scaling`;
+    `revision`/`subfolder`: see `base_source`. `device_map` (with `max_memory`, as lm-eval's `hf`
+    passes them under parallelize=True): the model is split over devices instead of put on `device`
+    (loaded on the CPU, then dispatched: `longctx.placement`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     scaling = parse_rope_scaling(rope_scaling)
-    path = resolve_base(name_or_path, gguf_file)
-    attn = choose_attn_implementation(attn_implementation)
-    torch_dtype, target = parse_dtype(dtype), resolve_device(device)
+    path, source = base_source(name_or_path, gguf_file, revision, subfolder)
+    torch_dtype = parse_dtype(dtype)
+    target = resolve_device(device) if device_map is None else torch.device("cpu")
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **source)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **source)
         if scaling:
             scale_rope(config, scaling)
+        mapping = None if device_map is None else _device_map(config, device_map, max_memory, torch_dtype,
+                                                               trust_remote_code)
+        attn = choose_attn_implementation(attn_implementation, on_cpu=target.type == "cpu" and (
+            mapping is None or "cpu" in mapping.values()))
         attention = {} if config.model_type in ("mamba", "mamba2") else {"attn_implementation": attn}  # no attention
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=torch_dtype, device_map={"": target}, trust_remote_code=trust_remote_code,
-            **attention)
+            **attention, **source)
     except (OSError, ValueError) as err:
         if isinstance(err, LongctxError):
             raise
@@ -171,15 +204,27 @@ def load_base(name_or_path: str, dtype: str | torch.dtype = "auto",
         raise LongctxError(
             f"cannot load base model {name_or_path!r}: {first} (give a local HF directory, a cached hub "
             f"id, a .gguf file, or one of: {', '.join([*EMBEDDED_BASES, *REAL_BASES])})") from None
+    if mapping is not None:
+        dispatch(model, mapping)
     if config.model_type == "mamba":
         from longctx.mamba import use_parallel_scan
 
         use_parallel_scan(model)
     model.eval()
-    if target.type == "cpu":
-        make_resident(model)
-    model.config.longctx_base_name = str(name_or_path) + (f"/{gguf_file}" if gguf_file else "")
+    make_resident(model)  # the weights left on the CPU, if any
+    parts = [str(name_or_path), subfolder, gguf_file]
+    model.config.longctx_base_name = "/".join(str(p).strip("/") for p in parts if p) + (
+        f"@{source['revision']}" if "revision" in source else "")
     return model, tok
+
+
+def _device_map(config: Any, device_map: Any, max_memory: dict[Any, int] | None, dtype: Any,
+                trust_remote_code: bool) -> dict[str, str]:
+    """The map of every module (`placement.full_device_map`), each device checked to be here."""
+    mapping = full_device_map(config, device_map, max_memory, dtype, trust_remote_code)
+    for name in set(mapping.values()):
+        resolve_device(name)
+    return mapping
 
 
 def make_resident(model: nn.Module) -> None:

@@ -22,6 +22,7 @@ from longctx.adapters.state import SequenceState
 from longctx.attention import LAST_LAYER_ROWS, last_layer_rows_skippable
 from longctx.errors import LongctxError, choice_error, positive_int
 from longctx.models import check_length, model_family
+from longctx.placement import is_dispatched
 
 CARRY_CHOICES = ("chunk", "reset")
 
@@ -110,7 +111,10 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
                     reserve: int = 0) -> ChunkedOutput:
     """Run `input_ids` (B, N) in chunks; return next-token logits at the `keep` positions.
 
-    keep: absolute positions (K,) whose logits are needed (default: the last one).
+    keep: absolute positions (K,) whose logits are needed (default: the last one). A model split over
+    devices (`placement.dispatch`) is asked for its last `rows` positions as a number, not by index:
+    the positions are picked from its logits, which come back on the inputs' device, since an index
+    tensor would meet the hidden states on the last layer's device.
     attention_mask: (B, N), 0 on left padding. state: the sequence's adapter state (fresh if
     None). `ssm_carry=reset` starts every chunk's adapter state from zeros. `reserve`: extra
     cache room for tokens that will follow (generation).
@@ -128,6 +132,7 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
     state = state if state is not None else SequenceState()
     cache, kept, n_chunks = new_cache(model, n + reserve), [], 0
     skips_rows = mask is None and model_family(model) == "llama" and last_layer_rows_skippable(model)
+    split = is_dispatched(model)
     for index, start in enumerate(range(0, n, size)):
         end = min(start + size, n)
         local = keep_on_device[bounds[index]:bounds[index + 1]] - start  # (K_chunk,)
@@ -136,10 +141,12 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
             state.reset()
         with _bind(adapted, state), torch.no_grad():
             out = forward_chunk(model, input_ids[:, start:end], None if mask is None else mask[:, :end],
-                                positions[:, start:end], cache, local, rows_read=rows if skips_rows else None)
+                                positions[:, start:end], cache, max(rows, 1) if split else local,
+                                rows_read=rows if skips_rows else None)
         n_chunks += 1  # `cache` was filled in place by every layer (whatever the output calls it)
         if local.numel():
-            kept.append(out.logits.float())  # (B, K_chunk, V)
+            logits = out.logits[:, local - (end - start - rows)] if split else out.logits  # (B, K_chunk, V)
+            kept.append(logits.float())
     logits = torch.cat(kept, dim=1) if kept else torch.empty(input_ids.shape[0], 0, 0)
     logits = logits[:, order.argsort().to(logits.device)] if kept else logits  # back to the caller's order
     return ChunkedOutput(logits, keep, cache, state, n_chunks)
@@ -173,7 +180,7 @@ def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_ne
     max_new = positive_int("max_new_tokens", max_new_tokens)
     check_length(model, input_ids.shape[1] + max_new)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    out = chunked_forward(adapted, input_ids, mask, chunk_size, ssm_carry=ssm_carry, reserve=max_new)
+    out = chunked_forward(adapted, input_ids, attention_mask, chunk_size, ssm_carry=ssm_carry, reserve=max_new)
     cache, state = out.cache, out.state
     token = out.logits[:, -1].argmax(-1)  # (B,)
     done = torch.zeros_like(token, dtype=torch.bool)
@@ -185,11 +192,12 @@ def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_ne
         new.append(token)
         if len(new) == max_new or bool(done.all()) or (stop is not None and stop(torch.stack(new, dim=1))):
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, N + t)
+        if attention_mask is not None:  # without padding no mask at all, as in the prefill
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, N + t)
         position = position + 1
         if ssm_carry == "reset":
             state.reset()
         with _bind(adapted, state), torch.no_grad():
-            step = forward_chunk(model, token[:, None], mask, position, cache, 1)
+            step = forward_chunk(model, token[:, None], None if attention_mask is None else mask, position, cache, 1)
         token = step.logits[:, -1].argmax(-1)  # `cache` filled in place
     return torch.stack(new, dim=1)  # (B, T_new)

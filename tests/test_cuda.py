@@ -233,3 +233,81 @@ def test_chunked_training_attention_keeps_no_mask_on_cuda(monkeypatch):
     print(f"chunk 1024 over 32K keys, forward + backward: blockwise {peaks['blockwise'] / 2**20:.0f} MiB, "
           f"masked {peaks['masked'] / 2**20:.0f} MiB")
     assert peaks["blockwise"] < peaks["masked"] / 2
+
+
+# ---- a model split over the GPU and the CPU (lm-eval hf's parallelize=True), request timings -------
+
+SPLIT = {"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0", "model.layers.1": "cuda:0",
+         "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cuda:0"}
+SPLIT_TEXT = "The grass is green. The sky is blue. " * 12
+
+
+def _split_lm(**kwargs):
+    from longctx.lmeval_model import SsmloraLM
+
+    return SsmloraLM(pretrained="longctx-tiny", attn_implementation="longctx_sdpa", **kwargs)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 0.05)])
+@pytest.mark.parametrize("chunk_size", [None, 32])
+def test_gpu_cpu_split_scores_as_the_unsplit_run(dtype, tolerance, chunk_size, tmp_path):
+    """Half the layers on cuda:0, half on the CPU (lm_head with its tied embedding on the GPU): the
+    log-likelihoods and the generation of the unsplit GPU run, a stateful adapter included, and each
+    layer's KV cache on that layer's device."""
+    from lm_eval.api.instance import Instance
+
+    from longctx.models import load_base
+
+    adapted = wrap(load_base("longctx-tiny")[0], "ssmlora-scan")
+    perturb(adapted, scale=0.2)
+    adapted.save(tmp_path / "scan")
+    kwargs = {"adapter": str(tmp_path / "scan"), "chunk_size": chunk_size, "dtype": dtype}
+    whole, split = _split_lm(device="cuda", **kwargs), _split_lm(parallelize=True, device_map=SPLIT, **kwargs)
+    requests = [Instance("loglikelihood", {}, (SPLIT_TEXT + "The pass key is", " 12345."), 0)]
+    (a, _), (b, _) = whole.loglikelihood(requests)[0], split.loglikelihood(requests)[0]
+    assert abs(a - b) <= tolerance * max(1.0, abs(a)), (a, b)
+    generate = [Instance("generate_until", {}, (SPLIT_TEXT, {"until": ["\n"], "max_gen_toks": 6}), 0)]
+    if dtype == "float32":
+        assert split.generate_until(generate) == whole.generate_until(generate)
+    ids = torch.tensor([split.tok_encode(SPLIT_TEXT)])  # on the CPU: the split model's input device
+    cache = chunked_forward(split.adapted, ids, chunk_size=chunk_size).cache
+    assert [layer.keys.device.type for layer in cache.layers] == ["cuda", "cuda", "cpu", "cpu"]
+
+
+def test_a_device_map_splitting_a_tied_weight_is_refused():
+    from longctx.errors import LongctxError
+
+    with pytest.raises(LongctxError, match="splits one tied weight over devices"):
+        _split_lm(parallelize=True, device_map={**SPLIT, "lm_head": "cpu"})
+
+
+def test_request_clock_stops_after_the_gpu_has_finished(monkeypatch):
+    """GPU work queued in a request is finished before its clock stops: one synchronisation, and the
+    host's interval contains the device's (CUDA events), whatever the speed of either."""
+    from longctx import lmeval_stats
+    from longctx.lmeval_stats import RequestLog
+
+    calls, real = [], lmeval_stats.synchronize
+    monkeypatch.setattr(lmeval_stats, "synchronize", lambda device: calls.append(device) or real(device))
+    log = RequestLog(torch.device("cuda"))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with log.request(None, 1, 1, 0):
+        start.record()
+        torch.cuda._sleep(100_000_000)  # tens of milliseconds of GPU time, queued
+        end.record()
+    assert end.query() and calls == [torch.device("cuda")]
+    assert log.records[0].seconds >= start.elapsed_time(end) / 1000
+
+
+def test_model_type_on_cuda_synchronises_once_per_request(monkeypatch):
+    from lm_eval.api.instance import Instance
+
+    from longctx import lmeval_stats
+
+    lm = _split_lm(method="base", chunk_size=32, device="cuda")
+    calls, real = [], lmeval_stats.synchronize
+    monkeypatch.setattr(lmeval_stats, "synchronize", lambda device: calls.append(device) or real(device))
+    requests = [Instance("loglikelihood", {}, (SPLIT_TEXT * k, " 12345."), 0) for k in (1, 2)]
+    lm.loglikelihood(requests)
+    assert [r.chunks > 1 for r in lm.log.records] == [True, True]
+    assert calls == [lm.device, lm.device] and all(r.seconds > 0 for r in lm.log.records)

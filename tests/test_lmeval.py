@@ -291,3 +291,26 @@ def test_token_tensor_equals_torch_tensor_of_the_list(ids):
     out = token_tensor(ids, "cpu")
     assert out.dtype == torch.int64 and out.shape == (1, len(ids))
     assert torch.equal(out, torch.tensor([ids], dtype=torch.int64).view(1, len(ids)))
+
+
+def test_a_requests_clock_stops_after_one_device_synchronisation(base_path, monkeypatch):
+    """The runner queues a GPU's work without waiting; a request's seconds end only once the device
+    has finished: exactly one synchronisation per request (none per chunk), just before the clock
+    stops. Recorded here with stand-ins for the clock and the synchronisation (on a GPU:
+    tests/test_cuda.py)."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from longctx import lmeval_stats, memory
+
+    lm = _ssmlora(base_path, method="base", chunk_size=16)
+    events, ticks = [], iter(range(100))
+    monkeypatch.setattr(lmeval_stats, "clock", lambda: events.append("clock") or float(next(ticks)))
+    for module in (lmeval_stats, memory):  # any synchronisation, the request's or the memory probe's
+        monkeypatch.setattr(module, "synchronize", lambda device: events.append(("sync", torch.device(device))))
+    text = "The grass is green. The sky is blue. " * 8
+    lm.loglikelihood([Instance("loglikelihood", {}, (text * k, " The pass key is 12345."), 0) for k in (1, 2)])
+    lm.generate_until([Instance("generate_until", {}, (text, {"until": ["\n"], "max_gen_toks": 3}), 0)])
+    assert len(lm.log.records) == 3 and all(r.chunks > 3 for r in lm.log.records)  # chunks of 16
+    assert events == ["clock", ("sync", lm.device), "clock"] * 3
+    assert [r.seconds for r in lm.log.records] == [1.0, 1.0, 1.0]  # the clock's readings around the sync

@@ -105,13 +105,11 @@ def test_rank_zero_gathers_every_process_records():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"batch_size": 8}, "batch_size=8 is not supported: ssmlora runs requests one at a time"),
-    ({"batch_size": "auto"}, "batch_size=auto is not supported: ssmlora runs requests one at a time"),
-    ({"max_batch_size": 64}, "max_batch_size=64 is not supported: ssmlora runs requests one at a time"),
+    ({"batch_size": "auto", "max_batch_size": 0}, "max_batch_size must be a positive integer"),
     ({"add_bos_token": "maybe"}, "add_bos_token must be true or false"),
     ({"trust_remote_code": "sometimes"}, "trust_remote_code must be true or false"),
-    ({"parallelize": True}, "valid: pretrained, adapter, method, chunk_size, ssm_carry, dtype, attn_implementation, "
-                            "max_length, truncation, seed, device, trust_remote_code, add_bos_token, batch_size, "
-                            "max_batch_size"),
+    ({"load_in_4bit": True}, "unknown model_args key 'load_in_4bit' for ssmlora (valid: pretrained, adapter, "
+                             "method, chunk_size"),
 ])
 def test_arguments_that_cannot_take_effect_are_refused_in_one_line(kwargs, message, base512):
     from longctx.lmeval_model import SsmloraLM

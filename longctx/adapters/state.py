@@ -38,15 +38,15 @@ class SequenceState:
         previous chunk's last state, token j taking position j (a shorter chunk takes the first
         positions; positions the previous chunk did not have start from zeros); else zeros.
         """
-        if key in self.live:
-            return self.live[key]
+        if key in self.live:  # on `like`'s device: points sharing a key may sit on different devices
+            return self.live[key].to(like.device)
         prev = self.carry.get(key)
         if prev is None:
             return torch.zeros_like(like)
         if prev.shape[0] != like.shape[0]:
             raise ValueError(f"state for {key!r} holds {prev.shape[0]} sequences, input has {like.shape[0]}")
         t = like.shape[1]
-        prev = prev[:, :t].to(like.dtype)  # (B, min(T_prev, T), r)
+        prev = prev[:, :t].to(like.device, like.dtype)  # (B, min(T_prev, T), r)
         if prev.shape[1] < t:
             pad = like.new_zeros(like.shape[0], t - prev.shape[1], like.shape[2])
             prev = torch.cat([prev, pad], dim=1)  # (B, T, r)

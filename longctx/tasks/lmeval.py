@@ -42,7 +42,9 @@ MODEL_KEYS = {
     "max_length", "truncation", "device", "batch_size", "max_batch_size", "revision", "trust_remote_code",
     "backend", "parallelize", "add_bos_token", "use_fast_tokenizer", "peft", "logits_cache", "model",
     "prefix_token_id", "softmax_dtype", "subfolder", "think_end_token", "enable_thinking",
-    "gguf_file", "rope_scaling", "version", "config_source",  # the last two added by lm-eval itself
+    "gguf_file", "rope_scaling", "mixed_precision_dtype", "max_memory_per_gpu", "max_cpu_memory", "offload_folder",
+    "tp_plan", "delta", "autogptq", "gptqmodel", "chat_template_args", "device_map",
+    "version", "config_source",  # the last two added by lm-eval itself
 }
 DEPTH_BINS = 5
 # What the `ssmlora` model returns for a refused generation request (a log-likelihood request: NaN).
@@ -82,23 +84,28 @@ def flag(name: str, value: Any) -> bool | None:
 
 
 def load_tokenizer(options: dict[str, Any]) -> Any:
-    """The model's tokenizer as the `ssmlora` (or `hf`) model will load it: `add_bos_token` and
-    `trust_remote_code` from the model arguments apply here too."""
+    """The model's tokenizer as the `ssmlora` (or `hf`) model will load it: `tokenizer` (else
+    `pretrained`), with `revision`, `subfolder`, `use_fast_tokenizer`, `add_bos_token` and
+    `trust_remote_code` from the model arguments, as lm-eval's `hf` passes them."""
     from transformers import AutoTokenizer
 
-    from longctx.models import resolve_base
+    from longctx.models import base_source  # deferred: imports torch, which task listing does not need
 
     name = options.get("tokenizer") or options.get("pretrained")
     if not name or not isinstance(name, str):
         raise LongctxError("longctx tasks size prompts in the model's tokens: give model_args pretrained=… "
                            "or metadata {\"tokenizer\": …}")
     kwargs = {"trust_remote_code": bool(flag("trust_remote_code", options.get("trust_remote_code")))}
-    bos = flag("add_bos_token", options.get("add_bos_token"))
+    bos, fast = flag("add_bos_token", options.get("add_bos_token")), flag("use_fast_tokenizer",
+                                                                          options.get("use_fast_tokenizer"))
     if bos is not None:
         kwargs["add_bos_token"] = bos
+    gguf = options.get("gguf_file") if not options.get("tokenizer") else None
+    if fast is not None and not gguf:  # as hf: a GGUF file's own tokenizer takes no use_fast
+        kwargs["use_fast"] = fast
+    path, source = base_source(name, gguf, options.get("revision"), options.get("subfolder"))
     try:
-        gguf = options.get("gguf_file") if not options.get("tokenizer") else None
-        return AutoTokenizer.from_pretrained(resolve_base(name, gguf), **kwargs)
+        return AutoTokenizer.from_pretrained(path, **source, **kwargs)
     except (OSError, ValueError) as err:
         raise LongctxError(f"cannot load tokenizer {name!r}: {str(err).splitlines()[0]}") from None
 
