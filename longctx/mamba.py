@@ -94,6 +94,12 @@ class _UnfusedPath:
     def update_recurrent_state(self, states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Tensor:
         return states
 
+    def get_recurrent_states_to_keep(self, layer_idx: int) -> int:  # transformers >= 5.25
+        return 0  # no per-token states recorded: the whole chunk takes the parallel scan
+
+    def is_recording_past(self, layer_idx: int) -> bool:  # transformers >= 5.25
+        return False
+
 
 def _stateful(mixer: nn.Module, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
     keyword = cache_keyword()

@@ -12,6 +12,7 @@ import importlib.metadata
 import inspect
 
 import pytest
+import torch
 
 # (distribution, module, attribute, parameters its callable must take, longctx module using it)
 INTERNALS = [
@@ -26,14 +27,16 @@ INTERNALS = [
     ("transformers", "transformers", "AttentionInterface.register", (), "longctx/attention.py"),
     ("transformers", "transformers.models.mamba.modeling_mamba", "MambaMixer.forward", ("hidden_states",),
      "longctx/mamba.py, adapters/sdlora.py"),
-    ("transformers", "transformers.models.mamba.modeling_mamba", "mamba_selective_scan",
-     ("delta_bias", "delta_softplus", "return_last_state", "use_mambapy"), "longctx/mamba.py"),
+    ("transformers", "transformers.models.mamba.modeling_mamba", "mamba_selective_scan", (), "longctx/mamba.py"),
     ("transformers", "transformers.models.mamba.modeling_mamba", "apply_mask_to_padding_states", (),
      "longctx/mamba.py"),
-    ("transformers", "transformers.models.mamba.modeling_mamba", "causal_conv1d_fn", ("activation",),
-     "longctx/mamba.py"),
+    ("transformers", "transformers.models.mamba.modeling_mamba", "causal_conv1d_fn", (), "longctx/mamba.py"),
     ("transformers", "transformers.trainer_callback", "PrinterCallback", (), "longctx/train.py"),
-    ("transformers", "transformers.trainer_utils", "get_last_checkpoint", (), "longctx/train.py"),
+    ("transformers", "transformers.trainer", "TRAINER_STATE_NAME", (), "longctx/train.py"),
+    ("transformers", "transformers.integrations.accelerate", "check_and_set_device_map", ("device_map",),
+     "longctx/placement.py"),
+    ("transformers", "transformers.integrations.accelerate", "_get_device_map",
+     ("model", "device_map", "max_memory"), "longctx/placement.py"),
     ("lm-eval", "lm_eval.models.huggingface", "HFLM.__init__",
      ("pretrained", "tokenizer", "batch_size", "max_length", "add_bos_token"), "longctx/lmeval_model.py"),
     ("lm-eval", "lm_eval.models.utils", "handle_stop_sequences", (), "longctx/lmeval_model.py"),
@@ -75,3 +78,23 @@ def test_mamba_cache_keyword_is_one_longctx_knows():
     assert {"cache", "cache_params"} & set(names), (
         f"transformers {version}: MambaMixer.forward takes neither `cache` nor `cache_params` "
         f"({list(names)}); longctx/mamba.py passes the carried state under one of them")
+
+
+def test_mamba_scan_and_convolution_take_the_arguments_longctx_passes():
+    """Called, not inspected: transformers 5.25 wraps both in kernel-dispatch modules whose
+    signature is (*args, **kwargs). longctx/mamba.py's chunk path calls them exactly so."""
+    module = "transformers.models.mamba.modeling_mamba"
+    version = importlib.metadata.version("transformers")
+    scan, conv = _resolve(module, "mamba_selective_scan"), _resolve(module, "causal_conv1d_fn")
+    b, d, t, n = 1, 2, 3, 2
+    x, dt, z = torch.randn(b, d, t), torch.randn(b, d, t), torch.randn(b, d, t)  # (B, D, T)
+    a, bb, cc = -torch.rand(d, n), torch.randn(b, n, t), torch.randn(b, n, t)  # (D, N), (B, N, T)
+    try:
+        y, last = scan(x, dt, a, bb, cc, D=torch.ones(d), z=z, delta_bias=torch.zeros(d), delta_softplus=True,
+                       return_last_state=True, use_mambapy=False)
+        out = conv(torch.randn(b, d, t + 3), torch.randn(d, 4), torch.zeros(d), activation="silu")
+    except TypeError as exc:
+        pytest.fail(f"transformers {version}: {module}'s scan or convolution no longer takes longctx/mamba.py's "
+                    f"arguments ({exc})")
+    assert y.shape == (b, d, t) and last.shape == (b, d, n), f"transformers {version}: scan output shapes moved"
+    assert out.shape == (b, d, t + 3), f"transformers {version}: causal_conv1d_fn output shape moved"
