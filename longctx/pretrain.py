@@ -290,6 +290,33 @@ def recipe_overrides(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
+# What a pretrain output held before its manifest listed its files ("files").
+_LEGACY_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "manifest.json")
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output directory holding anything `pretrain` did not write: the output replaces
+    the directory whole, and what longctx did not write is never deleted. An empty or absent one,
+    or an earlier pretrain output (the files its manifest lists), is fine."""
+    if out.exists() and not out.is_dir():
+        raise LongctxError(f"--out {str(out)!r} is a file, not a directory")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not names:
+        return
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or "model_sha256" not in manifest:
+        raise LongctxError(f"--out {str(out)!r} is not empty and is not a longctx pretrain output (it holds "
+                           f"{names[0]!r}); pretrain replaces its --out whole: use an empty or new directory")
+    foreign = [name for name in names if name not in manifest.get("files", _LEGACY_FILES)]
+    if foreign:
+        raise LongctxError(f"--out {str(out)!r} holds {foreign[0]!r}, which longctx pretrain did not write; "
+                           f"pretrain replaces its --out whole: move it away or use another directory")
+
+
 def _require_mambapy() -> None:
     """Training Mamba without mambapy falls back to transformers' per-token loop: refuse up front."""
     try:
@@ -375,6 +402,7 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
 
     overrides.update({k: v for k, v in {"steps": steps, "seq_len": seq_len}.items() if v is not None})
     recipe = _recipe(arch, seed, device, overrides)
+    check_out_dir(Path(out_dir))
     if time_limit_minutes is not None and not time_limit_minutes > 0:
         raise LongctxError(f"time limit: {time_limit_minutes} is not a positive number of minutes")
     torch.set_num_threads(recipe.threads)
@@ -390,6 +418,7 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
     model = model.float().cpu().eval()  # capability is measured on CPU in float32, as tests re-measure it
     samples = PROBE_SAMPLES if recipe.steps >= 100 else 2
     capability = evaluate_capability(model, tokenizer, n=samples) if measure else None
+    check_out_dir(Path(out_dir))  # again: anything put there while training is kept as well
     with atomic_directory(Path(out_dir)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -404,6 +433,7 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
                     "stopped_early": limit.stopped and {**limit.stopped, "time_limit_minutes": time_limit_minutes},
                     "capability": capability, "capability_samples": samples,
                     "capability_measured": f"on CPU in float32, torch {torch.__version__}",
-                    "model_sha256": _sha256(tmp / "model.safetensors")}
+                    "model_sha256": _sha256(tmp / "model.safetensors"),
+                    "files": sorted([*(p.name for p in tmp.iterdir()), "manifest.json"])}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)

@@ -2,10 +2,12 @@
 
 The loss covers the answer tokens only (prompt positions are labelled -100). Hyper-parameters
 come from `longctx/recipes/<method>.yaml`, overridable; `Trainer` brings the progress bar, gradient
-clipping, checkpoints (resumed automatically from `OUT/checkpoints`) and, under `accelerate
-launch`, DDP/FSDP/DeepSpeed. Validation accuracy (greedy-exact answers on the validation split)
-is logged every `eval_every` steps. The adapter directory and `train_log.json` are written
-atomically; the base's own weights are never saved.
+clipping, checkpoints (a run resumes from the last complete one in `OUT/checkpoints`) and, under
+`accelerate launch`, DDP/FSDP/DeepSpeed. A run directory records what its adapter depends on in
+`OUT/train_settings.json`; it is continued only with those settings (`open_run_directory`).
+Validation accuracy (greedy-exact answers on the validation split) is logged every `eval_every`
+steps. The adapter directory and `train_log.json` are written atomically; the base's own weights
+are never saved.
 """
 from __future__ import annotations
 
@@ -17,7 +19,13 @@ from typing import Any
 
 import torch
 
-from longctx.errors import LongctxError, positive_int
+from longctx.adapters import ADAPTERS, wrap
+from longctx.chunked_training import chunked_training_loss
+from longctx.errors import LongctxError, choice_error, positive_int
+from longctx.fileio import atomic_write_text
+from longctx.models import load_base, parse_dtype
+from longctx.runner import score_continuation
+from longctx.tasks import TASKS, generate
 
 
 @dataclass
@@ -38,11 +46,6 @@ class TrainConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # recipe fields (rank, alpha, …)
 
     def validate(self) -> None:
-        from longctx.adapters import ADAPTERS
-        from longctx.errors import choice_error
-        from longctx.models import parse_dtype
-        from longctx.tasks import TASKS
-
         if self.method not in ADAPTERS:
             raise choice_error("method", self.method, ADAPTERS)
         if self.task not in TASKS:
@@ -78,8 +81,6 @@ def pad_batch(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.
 
 def answer_accuracy(adapted: Any, tokenizer: Any, examples: list[Any]) -> float:
     """Fraction of examples whose whole answer is the model's greedy continuation."""
-    from longctx.runner import score_continuation
-
     model = adapted.model
     was_training = model.training
     model.eval()
@@ -107,8 +108,6 @@ def _chunked_trainer_class() -> type:
     """HF `Trainer` whose step runs each batch through `chunked_training_loss`: one backward per
     chunk, everything else (optimiser, clipping, schedule, checkpoints, resume) is Trainer's."""
     from transformers import Trainer
-
-    from longctx.chunked_training import chunked_training_loss
 
     class ChunkedTrainer(Trainer):
         def __init__(self, *args: Any, adapted: Any, chunk_size: int, **kwargs: Any) -> None:
@@ -156,9 +155,7 @@ def _warm_up_and_select(adapted: Any, cfg: TrainConfig, lr: float, train: list, 
     select = getattr(adapted.method, "select_dimensions", None)
     if select is None:
         return None
-    from longctx.adapters.sdlora import WARMUP_STEPS
-
-    warm = dataclasses.replace(cfg, steps=min(WARMUP_STEPS, cfg.steps))
+    warm = dataclasses.replace(cfg, steps=min(adapted.recipe.selection_warmup_steps, cfg.steps))
     with tempfile.TemporaryDirectory() as tmp:
         args = _arguments(warm, lr, Path(tmp), progress=False)
         args.save_strategy = "no"
@@ -166,7 +163,7 @@ def _warm_up_and_select(adapted: Any, cfg: TrainConfig, lr: float, train: list, 
                            data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0))
         _quiet(trainer)
         trainer.train()
-    return select(adapted.model)
+    return {"warmup_steps": trainer.state.global_step, **select(adapted.model)}
 
 
 def _quiet(trainer: Any) -> None:
@@ -176,14 +173,97 @@ def _quiet(trainer: Any) -> None:
     trainer.remove_callback(PrinterCallback)
 
 
-def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Train, validate and save; returns the adapter directory (`OUT/adapter`)."""
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_STATE = "trainer_state.json"  # a Trainer checkpoint's last file (transformers.trainer.TRAINER_STATE_NAME)
 
-    from longctx.adapters import wrap
-    from longctx.fileio import atomic_write_text
-    from longctx.models import load_base
-    from longctx.tasks import generate
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The highest `checkpoint-N` that Trainer finished writing: its trainer_state.json, written
+    last, parses. A save cut short (SIGKILL) leaves an empty or partial directory: ignored."""
+    found = []
+    for path in checkpoints.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        try:
+            complete = step.isdigit() and isinstance(json.loads((path / CHECKPOINT_STATE).read_text()), dict)
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            found.append((int(step), path))
+    return max(found)[1] if found else None
+
+
+def run_settings(cfg: TrainConfig, adapted: Any, lr: float) -> dict[str, Any]:
+    """Everything the adapter of a run directory depends on (`OUT/train_settings.json`): the
+    config less what only validation, the directory or the length of training (`steps`, which
+    may grow: training continues from the last checkpoint) change, the resolved recipe and base."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in _NOT_SETTINGS}
+    return {**config, "learning_rate": lr, "recipe": adapted.recipe.to_dict(),
+            "base_fingerprint": adapted.base_fingerprint}
+
+
+_NOT_SETTINGS = ("out", "steps", "n_validation", "eval_every", "overrides")  # overrides: in `recipe`
+SETTINGS_NAME = "train_settings.json"
+
+
+def _recorded_settings(out: Path) -> tuple[dict[str, Any] | None, bool]:
+    """(the settings a run directory was trained with, whether from a train_log.json): its
+    train_settings.json, or for a run from before that file the `config` of its train_log.json
+    (no recipe or base fingerprint then); None if neither."""
+    for name in (SETTINGS_NAME, "train_log.json"):
+        try:
+            recorded = json.loads((out / name).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as err:
+            raise LongctxError(f"{out / name} is unreadable ({err}): use another --out or remove the "
+                               "directory") from None
+        if not isinstance(recorded, dict):
+            raise LongctxError(f"{out / name} is not a JSON object: use another --out or remove the directory")
+        if name == SETTINGS_NAME:
+            return recorded, False
+        config = {k: v for k, v in recorded.get("config", {}).items() if k not in _NOT_SETTINGS or k == "overrides"}
+        return {**config, "learning_rate": recorded.get("learning_rate")}, True
+    return None, False
+
+
+def _first_difference(recorded: dict[str, Any], requested: dict[str, Any], only_shared: bool) -> str | None:
+    """`NAME RECORDED, not REQUESTED` for the first setting that differs (recipe fields one by one)."""
+    def flat(settings: dict[str, Any]) -> dict[str, Any]:
+        recipe = {f"recipe field {k}": v for k, v in settings.get("recipe", {}).items()}
+        return {**{k: v for k, v in settings.items() if k != "recipe"}, **recipe}
+
+    old, new = flat(recorded), flat(json.loads(json.dumps(requested)))  # JSON's types on both sides
+    keys = [k for k in new if k in old] if only_shared else [*new, *(k for k in old if k not in new)]
+    return next((f"{k} {old.get(k)!r}, not {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)), None)
+
+
+def open_run_directory(out: Path, cfg: TrainConfig, settings: dict[str, Any]) -> Path | None:
+    """Refuse a run directory trained with other settings (continuing it would hand back its
+    adapter under the new ones), or with more steps than asked; else record the settings and
+    return the checkpoint to resume from, if any."""
+    if out.exists() and not out.is_dir():
+        raise LongctxError(f"--out {str(out)!r} is a file, not a run directory")
+    resume, (recorded, legacy) = last_complete_checkpoint(out / "checkpoints"), _recorded_settings(out)
+    if recorded is None and (resume or (out / "adapter").exists()):
+        raise LongctxError(f"run directory {str(out)!r} holds a trained adapter or checkpoint but no record of its "
+                           f"settings ({SETTINGS_NAME}): use another --out or remove the directory")
+    if recorded is not None:
+        requested = {**settings, "overrides": cfg.overrides} if legacy else settings
+        difference = _first_difference(recorded, requested, only_shared=legacy)
+        if difference:
+            raise LongctxError(f"run directory {str(out)!r} was trained with {difference}: "
+                               f"use another --out or remove the directory")
+    done = int(resume.name.removeprefix("checkpoint-")) if resume else 0
+    if done > cfg.steps:
+        raise LongctxError(f"run directory {str(out)!r} has trained {done} steps, more than --steps {cfg.steps}: "
+                           f"use another --out or remove the directory")
+    if not (out / SETTINGS_NAME).is_file():
+        atomic_write_text(out / SETTINGS_NAME, json.dumps(settings, indent=2) + "\n")
+    return resume
+
+
+def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train, validate and save; returns the adapter directory (`OUT/adapter`). A run directory
+    is continued (from its last complete checkpoint) only with the settings it was trained with."""
 
     cfg.validate()
     out = Path(cfg.out)
@@ -194,23 +274,22 @@ def train_adapter(cfg: TrainConfig, progress: bool = True) -> Path:
     adapted = wrap(model, cfg.method, seed=cfg.seed, **cfg.overrides)
     if adapted.trainable_parameters() == 0:
         raise LongctxError(f"method {cfg.method!r} has no trainable parameters; evaluate it without training")
+    lr = cfg.learning_rate or adapted.recipe.learning_rate
+    resume = open_run_directory(out, cfg, run_settings(cfg, adapted, lr))
     n_train = cfg.steps * cfg.batch_size
     train = encode_examples(tokenizer, generate(cfg.task, tokenizer, cfg.train_length, n_train, cfg.seed, "train"))
     validation = generate(cfg.task, tokenizer, cfg.train_length, cfg.n_validation, cfg.seed, "validation")
-    lr = cfg.learning_rate or adapted.recipe.learning_rate
     adapted.model.train()
     selection = _warm_up_and_select(adapted, cfg, lr, train, tokenizer, out, progress)
-    checkpoints = out / "checkpoints"
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    trainer = _trainer(cfg, adapted, args=_arguments(cfg, lr, checkpoints, progress), train_dataset=train,
+    trainer = _trainer(cfg, adapted, args=_arguments(cfg, lr, out / "checkpoints", progress), train_dataset=train,
                        data_collator=lambda rows: pad_batch(rows, tokenizer.pad_token_id or 0),
                        callbacks=[_validation_callback(adapted, tokenizer, validation, cfg.eval_every)])
     if not progress:
         _quiet(trainer)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     adapted.model.eval()
     adapter_dir = adapted.save(out / "adapter")
-    log = {"config": asdict(cfg), "learning_rate": lr, "resumed_from": resume, "selection": selection,
+    log = {"config": asdict(cfg), "learning_rate": lr, "resumed_from": resume and str(resume), "selection": selection,
            "trainable_parameters": adapted.trainable_parameters(), "total_parameters": adapted.total_parameters(),
            "validation_accuracy": answer_accuracy(adapted, tokenizer, validation),
            "seconds": round(time.perf_counter() - started, 1), "history": trainer.state.log_history}

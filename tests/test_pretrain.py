@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +281,51 @@ def test_quiet_pretrain_logs_json_lines_and_builds_the_asked_state_size(tmp_path
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert config["state_size"] == manifest["recipe"]["state_size"] == 8 and config["num_hidden_layers"] == 1
+
+
+TINY = {**SMALL, "induction_steps": 0, "recall_steps": 0, "steps": 1, "num_layers": 1, "measure": False}
+
+
+def test_pretrain_refuses_an_out_holding_what_it_did_not_write_and_leaves_it_there(tmp_path, capsys):
+    """The output replaces its directory whole: a directory that is not a pretrain output, or a
+    pretrain output holding something else as well, is refused (one line, exit 2) before training."""
+    from longctx import cli
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    code = cli.main(["pretrain", "--out", str(mine), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"longctx: error: --out {str(mine)!r} is not empty and is not a longctx pretrain "
+                                 "output (it holds 'notes.txt'); pretrain replaces its --out whole: use an empty or "
+                                 "new directory\n")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LongctxError, match="is a file, not a directory"):
+        pretrain(tmp_path / "file", **TINY)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_pretrain_replaces_its_own_output_and_nothing_else(tmp_path):
+    out = pretrain(tmp_path / "base", **TINY)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"] == sorted(p.name for p in out.iterdir())
+    pretrain(out, **{**TINY, "seed": 1})  # its own output: replaced
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["seed"] == 1
+    (out / "notes.txt").write_text("my notes")
+    model = (out / "model.safetensors").read_bytes()
+    with pytest.raises(LongctxError, match="holds 'notes.txt', which longctx pretrain did not write"):
+        pretrain(out, **TINY)
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "model.safetensors").read_bytes() == model
+
+
+def test_an_output_from_before_manifests_listed_their_files_is_recognised(tmp_path):
+    from longctx.pretrain import check_out_dir
+
+    committed = default_base_path("longctx-tiny")
+    old = Path(shutil.copytree(committed, tmp_path / "old"))
+    assert "files" not in json.loads((old / "manifest.json").read_text())
+    check_out_dir(old)  # the files such an output held: fine to replace
+    (old / "README.md").write_text("mine")
+    with pytest.raises(LongctxError, match="holds 'README.md', which longctx pretrain did not write"):
+        check_out_dir(old)

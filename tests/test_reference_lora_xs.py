@@ -69,7 +69,7 @@ def reference_model(model: nn.Module, adapted) -> nn.Module:
 def test_one_layer_equals_the_reference_forward_and_not_sigma_on_the_output_side():
     torch.manual_seed(0)
     linear = nn.Linear(48, 80, dtype=torch.float64)  # (d_out, d_in) = (80, 48): not square
-    ours = LoraXSLinear(linear, rank=6, alpha=12.0, dropout=0.0)
+    ours = LoraXSLinear(linear, rank=6, alpha=12.0, dropout=0.0, r_init_std=1e-5)
     with torch.no_grad():
         ours.lora_xs_R.copy_(torch.randn(6, 6, dtype=torch.float64))
     reference = ReferenceLoraXSLinear(linear, 6, 12.0, ours.lora_xs_R)

@@ -11,8 +11,8 @@ Where we follow the reference code (github.com/MohammadrezaBanaei/LoRA-XS, `util
 PEFT's `lora_A.weight = (Wᵀ Q)ᵀ = S Pᵀ` and `lora_B.weight = Q`; since W = Q S Pᵀ, that is B = U_r
 (no Σ) and A = Σ_r V_rᵀ (Σ on the input side), as above. R (its `default_lora_latent_mapping`, an
 r×r linear map applied between A and B) starts from a normal distribution with mean 0 and standard
-deviation 1e-5 (`torch.nn.init.normal_(std=1e-5)`), so a fresh adapter differs from its base by a
-branch of that order, not by exactly zero. The scale is PEFT's alpha / r; dropout acts on x.
+deviation 1e-5 (`torch.nn.init.normal_(std=1e-5)`; the recipe's `r_init_std`), so a fresh adapter
+differs from its base by a branch of that order, not by exactly zero. The scale is PEFT's alpha / r; dropout acts on x.
 
 Where we depart: the reference's SVD is scikit-learn's randomized `TruncatedSVD` (n_iter=10,
 random_state=42); ours is the exact `torch.linalg.svd` (float32, float64 on a float64 base), which
@@ -37,9 +37,6 @@ from longctx.adapters.insertion import replace_modules, resolve_points
 from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.state import StateBinding
 
-R_INIT_STD = 1e-5  # the reference's `init_module_weights(..., sigma=0.00001)`: a standard deviation
-
-
 def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """(B = U_r, A = Σ_r V_rᵀ) of `weight` (d_out, d_in), in the adapter's dtype (float32, or float64 on
     a float64 weight), with a fixed sign convention."""
@@ -52,15 +49,15 @@ def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return u, s[:, None] * vh  # (o, r), (r, i)
 
 
-def initial_r(rank: int) -> Tensor:
-    """R's start, N(0, R_INIT_STD²) entries, drawn in float32 on the CPU from the global generator."""
-    return torch.randn(rank, rank, dtype=torch.float32) * R_INIT_STD  # (r, r)
+def initial_r(rank: int, std: float) -> Tensor:
+    """R's start, N(0, std²) entries, drawn in float32 on the CPU from the global generator."""
+    return torch.randn(rank, rank, dtype=torch.float32) * std  # (r, r)
 
 
 class LoraXSLinear(nn.Module):
     """A frozen linear layer plus (alpha/r) · B R A with frozen SVD factors and trainable R."""
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float, *, r_init_std: float) -> None:
         super().__init__()
         rank = min(rank, *base_layer.weight.shape)
         self.base_layer, self.rank, self.scale = base_layer, rank, alpha / rank
@@ -68,7 +65,7 @@ class LoraXSLinear(nn.Module):
         dtype = adapter_dtype(base_layer.weight.dtype)  # float32 on a bf16/fp16 base
         self.register_buffer("lora_xs_B", b.to(dtype), persistent=False)  # (d_out, r)
         self.register_buffer("lora_xs_A", a.to(dtype), persistent=False)  # (r, d_in)
-        self.lora_xs_R = nn.Parameter(initial_r(rank).to(device=base_layer.weight.device, dtype=dtype))
+        self.lora_xs_R = nn.Parameter(initial_r(rank, r_init_std).to(device=base_layer.weight.device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.operands = DerivedCache(2)  # A and (B R)ᵀ in the base's dtype, kept while unchanged
 
@@ -89,6 +86,6 @@ class LoraXS(AdapterMethod):
 
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
         points = list(resolve_points(model, recipe.insertion))
-        replace_modules(model, points, lambda name, layer: LoraXSLinear(layer, recipe.rank, recipe.alpha,
-                                                                        recipe.dropout))
+        replace_modules(model, points, lambda name, layer: LoraXSLinear(
+            layer, recipe.rank, recipe.alpha, recipe.dropout, r_init_std=recipe.r_init_std))
         return model, points

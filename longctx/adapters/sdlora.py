@@ -6,7 +6,8 @@ Mamba bases, in the reference's configuration (`cfg/peft/sd_lora/500it/n0.75_d0.
   (the recipe's `insertion`), built from PEFT's own LoRA layer class as the reference does;
 - selective dimension tuning of the SSM. A warm-up trains every entry of A_log (D×N) as a delta
   (and the LoRA); then, per mixer, the 1% of channels with the largest summed squared A_log
-  update, and in each of them the 25% of states with the largest squared update, are selected.
+  update, and in each of them the 25% of states with the largest squared update, are selected
+  (the recipe's `channel_freeze` 0.99 and `state_freeze` 0.75: the fractions frozen).
   Afterwards only these train: A_log at the selected (channel, state) entries, and the selected
   channels' input columns of x_proj's B and C rows (all N states). D, dt and everything else
   stay the base's. A = -exp(A_log_base + ΔA) as the scan reads it.
@@ -34,12 +35,9 @@ from longctx.adapters.insertion import replace_modules, resolve_points
 from longctx.adapters.state import StateBinding
 from longctx.errors import LongctxError
 
-# The reference's `num_freeze` (sd_lora.py `_parse_dims`: int(round(fraction * size)) frozen, the
-# rest trained). Its three Mamba configs share channel 0.99 and use state 0.75 / 0.9 / 0.95; the
-# n0.75 one (25% of states) is the default here.
-CHANNEL_FREEZE = 0.99  # of the D channels of each mixer: ~1% train
-STATE_FREEZE = 0.75  # of the N states of each selected channel (A_log only): 25% train
-WARMUP_STEPS = 10  # optimiser steps before selection (the reference: 500, or 250 on RTE; see README)
+# The fractions frozen by the selection (the recipe's `channel_freeze`, `state_freeze`) are the
+# reference's `num_freeze` (sd_lora.py `_parse_dims`: int(round(fraction * size)) frozen, the rest
+# trained); `longctx train` runs `selection_warmup_steps` optimiser steps before selecting.
 ADAPTER_NAME = "default"
 
 
@@ -83,8 +81,10 @@ def _x_proj_delta(mixer: nn.Module, module: nn.Module, args: Any, out: Tensor) -
     return (out.to(delta.dtype) + F.pad(extra, (out.shape[-1] - extra.shape[-1], 0))).to(out.dtype)
 
 
-def _install(mixer: nn.Module) -> None:
-    """Swap the mixer's A_log parameter for a base buffer + a zero delta; hook x_proj."""
+def _install(mixer: nn.Module, recipe: Recipe) -> None:
+    """Swap the mixer's A_log parameter for a base buffer + a zero delta; hook x_proj; keep the
+    recipe's freeze fractions for `select_dimensions`."""
+    mixer.sdlora_freeze = (recipe.channel_freeze, recipe.state_freeze)
     a = mixer.A_log.detach().clone()
     del mixer._parameters["A_log"]
     mixer.register_buffer("sdlora_A_base", a)
@@ -138,7 +138,8 @@ def _choose(mixer: nn.Module, from_updates: bool) -> tuple[Tensor, Tensor]:
     reference's `get_importances`: summed over states for channels, per channel for states), or
     the first k_c / k_s indices (same sizes, no data: for parameter counts)."""
     n_channel, n_state = mixer.sdlora_A_base.shape
-    k_c, k_s = n_trained(n_channel, CHANNEL_FREEZE), n_trained(n_state, STATE_FREEZE)
+    channel_freeze, state_freeze = mixer.sdlora_freeze
+    k_c, k_s = n_trained(n_channel, channel_freeze), n_trained(n_state, state_freeze)
     device = mixer.sdlora_A_base.device
     if not from_updates:
         return torch.arange(k_c, device=device), torch.arange(k_s, device=device).repeat(k_c, 1)
@@ -166,7 +167,7 @@ class SDLoRA(AdapterMethod):
         points = _insert_lora(model, recipe)
         names = {m: n for n, m in model.named_modules()}
         for mixer in mixers:
-            _install(mixer)
+            _install(mixer, recipe)
         ssm = [f"{names[m]}.{part}" for m in mixers for part in ("A_log", "x_proj[B,C]")]
         return model, points + ssm
 

@@ -27,6 +27,9 @@ from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.state import StateBinding
 
+# The reference's guard against dividing by a zero range (h' equal over its r entries gives ĥ = 0
+# for any positive value); elsewhere it moves ĥ by a relative 1e-8 / range. A guard of the
+# reference's formula, not a tuning setting: kept out of the recipe.
 NORM_EPS = 1e-8
 
 

@@ -4,17 +4,18 @@
     s_t = λ ⊙ s_{t-1} + (z_t D)                λ ∈ (0,1)^r learned, input-independent
     y   = W x + (alpha / r) · (z + s C) B      B = 0 at start: the adapted model equals the base
 
-λ = exp(-1/τ) with time scales τ initialised log-spaced from 1 to `max_timescale` tokens; D
-starts at diag(1 - λ) (each channel a unit-gain moving average of z) and C at 0. The scan is
-parallel (`scan.run_scan`), D folded into its first matrix. The layer keeps the matrices of its
-recent chunk lengths, and A and B in a bf16/fp16 base's dtype, while its weights are unchanged and
-no gradient is recorded (`DerivedCache`): building a plan issues about four times the operations of
-a scan, and on a GPU the host's operations are this method's cost. Padding tokens feed nothing
-into the scan, and the final state s_T is carried into the next chunk, so a chunked run equals an
-unchunked one.
+λ = exp(-1/τ) with time scales τ initialised log-spaced from 1 to the recipe's `max_timescale`
+(4096) tokens; D starts at diag(1 - λ) (each channel a unit-gain moving average of z) and C at 0.
+The scan is parallel (`scan.run_scan`), D folded into its first matrix. The layer keeps the
+matrices of its recent chunk lengths, and A and B in a bf16/fp16 base's dtype, while its weights
+are unchanged and no gradient is recorded (`DerivedCache`): building a plan issues about four times
+the operations of a scan, and on a GPU the host's operations are this method's cost. Padding tokens
+feed nothing into the scan, and the final state s_T is carried into the next chunk, so a chunked
+run equals an unchunked one.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,14 +28,13 @@ from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.scan import plan_scan, run_scan
 from longctx.adapters.state import StateBinding
 
-MAX_TIMESCALE = 4096.0
-
 
 class SSMLoRAScanLinear(nn.Module):
     """A frozen linear layer plus a low-rank branch whose state scans along the tokens."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, dropout: float,
-                 state_key: str, binding: StateBinding, detach_state: bool = True) -> None:
+                 state_key: str, binding: StateBinding, detach_state: bool = True, *,
+                 max_timescale: float) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.rank, self.scale, self.state_key = rank, float(alpha) / rank, state_key
@@ -42,7 +42,7 @@ class SSMLoRAScanLinear(nn.Module):
         self.binding = binding
         w = base_layer.weight
         kw = dict(device=w.device, dtype=adapter_dtype(w.dtype))  # float32 on a bf16/fp16 base
-        tau = torch.logspace(0.0, math.log10(MAX_TIMESCALE), rank, device=w.device, dtype=torch.float32)
+        tau = torch.logspace(0.0, math.log10(max_timescale), rank, device=w.device, dtype=torch.float32)
         self.scan_log_tau = nn.Parameter(tau.log().to(kw["dtype"]))  # (r,)
         self.scan_A = nn.Parameter(torch.randn(base_layer.in_features, rank, **kw) / math.sqrt(rank))
         self.scan_B = nn.Parameter(torch.zeros(rank, base_layer.out_features, **kw))
@@ -79,4 +79,5 @@ class SSMLoRAScan(AdapterMethod):
 
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
         # Each point scans its own state along the tokens: keys are the module names.
-        return model, insert_stateful_layers(model, recipe, binding, SSMLoRAScanLinear, own_keys=True)
+        layer_cls = functools.partial(SSMLoRAScanLinear, max_timescale=recipe.max_timescale)
+        return model, insert_stateful_layers(model, recipe, binding, layer_cls, own_keys=True)
