@@ -113,19 +113,24 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    """Run (or resume) a sweep from a YAML config."""
-    from longctx.sweep import load_config, run_sweep
+    """Run (or resume) a sweep from a YAML config. Exit status 1, with a line on stderr, when no
+    cell of the table is ok; the same line (exit 0) when only some are not."""
+    from longctx.sweep import load_config, run_sweep, sweep_outcome, sweep_status
 
     cfg = load_config(args.config)
     if args.status:
         from longctx.reports import format_table
-        from longctx.cluster import sweep_status
 
         print(format_table(sweep_status(cfg, args.out or cfg.out, args.executor)))
         return
     out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet, retry_failed=args.retry_failed,
                     executor=args.executor)
     print(f"results: {out / 'results.jsonl'} and {out / 'results.csv'}")
+    ok, failures = sweep_outcome(out)
+    if failures:
+        print(f"longctx: {failures}", file=sys.stderr)
+    if not ok:
+        raise SystemExit(1)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

@@ -8,23 +8,24 @@ recorded in `OUT/dispatch.json` (atomic). So the login shell can close: `longctx
 run again collects the rows that landed, leaves groups whose jobs are still queued or running
 alone, and resubmits only groups with cells missing whose jobs are gone (a `scancel`, a dead
 node) — at most `executor.max_attempts` times, after which their cells are recorded as errors
-naming the log. Each cell is done once whatever dies: a worker holds its group's lock while it
-runs and skips cells that already have a row.
+naming the log; `--retry-failed` gives the groups it retries their attempts afresh. Each cell is
+done once whatever dies: a worker holds its group's lock while it runs and skips cells that
+already have a row.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import time
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from longctx.executors import ENGINES, ExecutorConfig
 from longctx.fileio import atomic_write_text
 from longctx.results import FAILED, append_row, read_rows, row_id
-
-if TYPE_CHECKING:
-    from longctx.sweep import SweepConfig
+from longctx.sweep_cell import make_row, run_group
 
 STATE = "dispatch.json"
 POLL_S = 2.0
@@ -40,7 +41,7 @@ def group_tag(log: Path) -> str:
 def group_lock(out: Path, tag: str) -> Iterator[None]:
     """Exclusive per group across processes and nodes sharing `out` (flock; released when the holder
     dies, so a cancelled job never blocks its resubmission)."""
-    import fcntl
+    import fcntl  # deferred: POSIX only, and only cluster workers take group locks
 
     path = out / "locks" / f"{tag}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,16 +53,12 @@ def group_lock(out: Path, tag: str) -> Iterator[None]:
 def work(job_files: list[str]) -> None:
     """Run on a worker: each job file of the bundle (side by side when several share a GPU), every
     cell of it that has no row yet."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=len(job_files)) as pool:
         for future in [pool.submit(_work_one, Path(f)) for f in job_files]:
             future.result()
 
 
 def _work_one(job_file: Path) -> None:
-    from longctx.sweep_cell import run_group
-
     job = json.loads(job_file.read_text())
     out, limits = Path(job["out"]), job.get("limits", {})
     with group_lock(out, group_tag(Path(job["log"]))):
@@ -88,26 +85,30 @@ def _missing(jobs: dict[str, dict[str, Any]], done: set[str]) -> dict[str, list[
 
 
 def _give_up(job: dict[str, Any], cells: list[dict[str, Any]], attempts: int, results: Path) -> None:
-    from longctx.sweep_cell import make_row
-
     message = (f"the {attempts} job(s) submitted for this cell ended without a result (cancelled, or the node "
                f"died); see {job['log']} and the executor's own logs")
     for cell in cells:
         append_row(results, make_row(job, cell, n=0, status="error", message=message))
 
 
-def dispatch(jobs: dict[str, dict[str, Any]], cfg: ExecutorConfig, out: Path, progress: bool = True) -> None:
+def dispatch(jobs: dict[str, dict[str, Any]], engine: Any, cfg: ExecutorConfig, out: Path, progress: bool = True,
+             retried: Collection[str] = ()) -> None:
     """Submit every group with missing cells whose job is not alive, then wait, counting cells as
-    they land, resubmitting groups whose jobs ended with cells missing. `jobs`: group tag -> job."""
-    from tqdm import tqdm
+    they land, resubmitting groups whose jobs ended with cells missing. `jobs`: group tag -> job;
+    `engine`: the `executors.ENGINES` one of `cfg`; `retried`: tags whose failed cells
+    `--retry-failed` archived, whose attempts start again from 0 (else a group that used up
+    `max_attempts` would be given up again without running)."""
+    from tqdm import tqdm  # deferred: a progress bar only the driver draws
 
-    engine = ENGINES[cfg.kind](cfg, out)
     results = out / "results.jsonl"
     total = sum(len(job["cells"]) for job in jobs.values())
     done = {row_id(r) for r in read_rows(results)}
     bar = tqdm(total=total, desc=f"sweep cells ({cfg.kind})", disable=not progress,
                initial=sum(c["cell_id"] in done for job in jobs.values() for c in job["cells"]))
     state = _load_state(out)
+    for tag in retried:
+        if tag in state:
+            state[tag]["attempts"] = 0
     try:
         while True:
             # Jobs first, rows second: a job that ends in between has its rows read, not resubmitted.
@@ -171,18 +172,3 @@ def status_rows(jobs: dict[str, dict[str, Any]], cfg: ExecutorConfig | None, out
             else:
                 counts[alive.get(state.get(tag, {}).get("job"), "queued")] += 1
     return [{"method": m, "task": t, **c} for (m, t), c in table.items()]
-
-
-def sweep_status(cfg: "SweepConfig", out: Path, executor: str | None = None) -> list[dict[str, Any]]:
-    """Per (method, task): cells done / running / queued / failed (`cluster.status_rows`)."""
-    from longctx.executors import parse_executor
-    from longctx.sweep import base_identity, group_job, log_path, plan
-
-    engine = parse_executor(cfg.executor, executor)
-    out = Path(out) if engine.kind == "local" else Path(out).resolve()
-    base_id = base_identity(cfg.base)
-    jobs = {}
-    for group, cells in plan(cfg, base_id):
-        job = group_job(cfg, group, cells, out, base_id, log_path(out, group, cells))
-        jobs[group_tag(Path(job["log"]))] = job
-    return status_rows(jobs, engine if engine.kind != "local" else None, out)

@@ -13,16 +13,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import logging
 import os
+import queue
+import shutil
+import socket
+import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from longctx.errors import LongctxError, choice_error
+from longctx.sweep_cell import run_group
+from longctx.typecheck import check_fields
 
 EXECUTORS = ("local", "slurm", "ray")
 EXTRA = "pip install 'longctx[cluster]'"
+SLURM_COMMANDS = ("sbatch", "squeue", "srun")  # submitit submits with sbatch and checks for srun; we ask squeue
+RAY_CONNECT_TIMEOUT_S = 10.0  # a ray_address that does not answer: ray.init itself retries for minutes
 
 
 @dataclass
@@ -56,7 +67,21 @@ class ExecutorConfig:
         if self.kind == "slurm" and self.gpus_per_cell % 1:
             raise LongctxError(f"executor.gpus_per_cell={self.gpus_per_cell!r}: Slurm allocates whole GPUs; to share "
                                f"one GPU give gpus_per_cell: 1 and cells_per_gpu: N")
+        if self.kind == "ray":
+            self._validate_ray()
         return self
+
+    def _validate_ray(self) -> None:
+        """Ray resources no task could ever get (it would wait forever, 0 cells done) and a malformed address."""
+        if self.gpus_per_cell > 1 and self.gpus_per_cell % 1:
+            raise LongctxError(f"executor.gpus_per_cell={self.gpus_per_cell!r}: Ray shares a GPU only below 1; "
+                               f"above 1 give a whole number")
+        if self.ray_address is not None:
+            ray_endpoint(self.ray_address)
+        elif self.ray_num_cpus is not None and self.ray_num_cpus < self.cpus_per_cell:
+            raise LongctxError(f"executor.ray_num_cpus={self.ray_num_cpus} leaves no room for a cell group of "
+                               f"executor.cpus_per_cell={self.cpus_per_cell}: give ray_num_cpus >= cpus_per_cell "
+                               f"(or leave it out: the machine's CPUs)")
 
 
 def parse_executor(values: Any, kind: str | None = None) -> ExecutorConfig:
@@ -70,7 +95,33 @@ def parse_executor(values: Any, kind: str | None = None) -> ExecutorConfig:
         raise LongctxError(f"unknown key {unknown[0]!r} in executor (valid: {', '.join(sorted(known))})")
     if kind is not None:
         values["kind"] = kind
+    check_fields(values, ExecutorConfig, prefix="executor.")
     return ExecutorConfig(**values).validate()
+
+
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `ray_address` (`HOST:PORT` or `ray://HOST:PORT`); None for `auto` (the cluster
+    this machine belongs to, which `ray.init` finds, or refuses at once)."""
+    if address == "auto":
+        return None
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise LongctxError(f"executor.ray_address must be HOST:PORT, ray://HOST:PORT or auto, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def ray_fit_error(nodes: list[dict[str, float]], cfg: ExecutorConfig) -> str | None:
+    """Why no node (its resources: `{"CPU": n, "GPU": m}`) of a Ray cluster can run one cell
+    group, else None: a task asking more than any node has waits forever."""
+    need = {"CPU": cfg.cpus_per_cell, "GPU": cfg.gpus_per_cell}
+    if any(all(node.get(key, 0) >= value for key, value in need.items()) for node in nodes):
+        return None
+    most = {key: max((node.get(key, 0) for node in nodes), default=0) for key in need}
+    advice = "give gpus_per_cell: 0 to run on CPUs" if cfg.gpus_per_cell and not most["GPU"] else \
+        "give smaller cpus_per_cell / gpus_per_cell"
+    return (f"no node of the Ray cluster can run a cell group of executor.cpus_per_cell={cfg.cpus_per_cell} and "
+            f"gpus_per_cell={cfg.gpus_per_cell:g}: its nodes have at most {most['CPU']:g} CPUs and "
+            f"{most['GPU']:g} GPUs; {advice}")
 
 
 def local_worker_env(slot: int, workers: int, visible_gpus: list[str] | None = None) -> dict[str, str]:
@@ -106,12 +157,6 @@ def run_local_groups(jobs: list[tuple[str, dict[str, Any]]], workers: int, bar: 
     children with `local_worker_env(i, workers)`. `bar` (tqdm) advances as groups finish. On
     Ctrl-C no further group starts; the running children get the terminal's SIGINT and their cells
     are left without rows, for the next run."""
-    import queue
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from longctx.sweep_cell import run_group
-
     slots: queue.Queue[int] = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
@@ -173,8 +218,13 @@ class SlurmEngine:
     outlives_driver = True  # its queue can be asked about jobs a previous driver submitted
 
     def __init__(self, cfg: ExecutorConfig, out: Path) -> None:
+        missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+        if missing:
+            raise LongctxError(f"--executor slurm needs Slurm's {missing[0]!r} command, which is not on PATH: run the "
+                               f"sweep where Slurm jobs are submitted (a login node), or use --executor local or ray")
         require("submitit", "slurm")
-        import submitit
+        _squeue("-o", "%i", "-u", str(os.getuid()))  # Slurm answers, before anything is written or submitted
+        import submitit  # deferred: an optional dependency (the `cluster` extra)
 
         self.folder = out / "slurm"
         self.executor = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster="slurm")
@@ -203,17 +253,24 @@ class SlurmEngine:
 
     def alive(self, job_ids: list[str]) -> dict[str, str]:
         """Of `job_ids`, those Slurm still holds (pending or running): id -> `queued` | `running`."""
-        import subprocess
-
         if not job_ids:
             return {}
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            raise LongctxError(f"squeue failed: {(out.stderr or out.stdout).strip().splitlines()[0:1]}")
-        states = dict(line.split(None, 1) for line in out.stdout.splitlines() if line.strip())
+        states = dict(line.split(None, 1) for line in _squeue("-r", "-o", "%i %T").splitlines() if line.strip())
         wanted = set(job_ids)
         return {i: ("running" if s.strip() in ("RUNNING", "COMPLETING") else "queued")
                 for i, s in states.items() if i in wanted}
+
+
+def _squeue(*args: str) -> str:
+    """squeue's output (no header), or one line saying that Slurm does not answer and squeue's last words."""
+    try:
+        done = subprocess.run(["squeue", "-h", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise LongctxError(f"Slurm does not answer: squeue: {err}") from None
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise LongctxError(f"Slurm does not answer: {lines[-1] if lines else f'squeue exit status {done.returncode}'}")
+    return done.stdout
 
 
 class RayEngine:
@@ -225,17 +282,24 @@ class RayEngine:
     outlives_driver = False
 
     def __init__(self, cfg: ExecutorConfig, out: Path) -> None:
+        """Connect (or start a local cluster), refusing in one line a cluster that does not answer
+        or cannot hold one cell group, before anything is written or submitted."""
         require("ray", "ray")
-        import ray
+        if cfg.ray_address is not None:
+            _check_reachable(cfg.ray_address)
+        import ray  # deferred: an optional dependency (the `cluster` extra)
 
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": cfg.ray_address} if cfg.ray_address else {
                 "num_cpus": cfg.ray_num_cpus, "include_dashboard": False}
-            ray.init(log_to_driver=False, **kwargs)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if cfg.gpus_per_cell and not gpus:
-            raise LongctxError(f"executor.gpus_per_cell={cfg.gpus_per_cell:g} but the Ray cluster has no GPUs; "
-                               f"give gpus_per_cell: 0")
+            try:
+                ray.init(log_to_driver=False, logging_level=logging.ERROR, **kwargs)  # no banner on our stderr
+            except Exception as err:  # no cluster at `auto`, a version mismatch, ...: Ray's own words
+                where = f"connect to the Ray cluster at {cfg.ray_address!r}" if cfg.ray_address else "start Ray"
+                raise LongctxError(f"cannot {where}: {' '.join(str(err).split())[:300]}") from None
+        error = ray_fit_error([node["Resources"] for node in ray.nodes() if node.get("Alive")], cfg)
+        if error:
+            raise LongctxError(error)
         self.options = {"num_cpus": cfg.cpus_per_cell, "num_gpus": cfg.gpus_per_cell, "max_retries": 0}
         self.tasks: dict[str, Any] = {}
 
@@ -258,6 +322,21 @@ class RayEngine:
             return {}
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
         return {ref.hex(): "running" for ref in pending}
+
+
+def _check_reachable(address: str) -> None:
+    """One line, within RAY_CONNECT_TIMEOUT_S, when nothing answers at a Ray address (`ray.init`
+    would retry for minutes)."""
+    endpoint = ray_endpoint(address)
+    if endpoint is None:
+        return
+    try:
+        with socket.create_connection(endpoint, timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise LongctxError(f"cannot reach the Ray cluster at executor.ray_address={address!r}: "
+                           f"{err.strerror or str(err) or type(err).__name__} (is a Ray head running there? leave "
+                           f"ray_address out to start a local cluster)") from None
 
 
 ENGINES = {"slurm": SlurmEngine, "ray": RayEngine}

@@ -8,17 +8,20 @@ and stderr are the cell log (warnings and logging on); before each phase it prin
 (`longctx-sweep-cell: begin train|trained|load|length=L`) by which the driver enforces time limits and
 knows which cell was in flight. A cell that fails is recorded as `error`, or `oom` for
 out-of-memory (CUDA or CPU), and the next cell still runs; a failed training records every cell.
+Ctrl-C ends the child by SIGINT, which the driver reads as cancelled: no row for the cell in flight.
 """
 from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -165,16 +168,27 @@ def _release_memory() -> None:
 
 def main(argv: list[str] | None = None, **stand_ins: Any) -> None:
     """Entry point: logging and warnings on (the log is for diagnosis), then `run` the job file."""
-    import logging
-    import os
-    import warnings
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.simplefilter("default")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    run(json.loads(Path(argv[0]).read_text()), **stand_ins)
+    try:
+        run(json.loads(Path(argv[0]).read_text()), **stand_ins)
+    except KeyboardInterrupt:  # Ctrl-C reached this child too: cancelled, not failed
+        _die_by_sigint()
+
+
+def _die_by_sigint() -> None:
+    """End the process by SIGINT, which the driver reads as cancelled (its cells left for the next
+    run). Python's own exit after an uncaught KeyboardInterrupt is a plain status 1 once a model
+    has been loaded, which the driver would record as the cell's error."""
+    traceback.print_exc()
+    print("interrupted (SIGINT): the cell in flight is left without a row", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    raise SystemExit(130)  # only if SIGINT is blocked here
 
 
 # The driver's side: run a job's child under its time limits, and record what it left undone.

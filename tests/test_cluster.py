@@ -2,13 +2,17 @@
 system's packages (skipped, with the reason, where it cannot start) and a local Ray cluster.
 Each run is interrupted the hard way — an array task `scancel`led and the driver SIGKILLed
 (Slurm), a worker killed mid-cell (Ray) — then finished, and must end with every cell exactly
-once and the same table as a local run."""
+once and the same table as a local run. The children are held at the phase to interrupt until
+the interruption is done (`held_sweep`), so no verdict depends on the machine's speed. An
+executor that cannot run anything (Slurm missing or not answering, a Ray address nothing listens
+on, resources no node has) is one line, exit status 2, nothing written."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import SWEEP_SMOKE
+from held_sweep import held, held_sweep, parent_of, release
 from longctx.errors import LongctxError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,11 +36,26 @@ def _config(path: Path, **executor) -> Path:
     return path
 
 
-def _sweep(config: Path, out: Path, *extra: str, env=None, background: bool = False):
+def _sweep(config: Path, out: Path, *extra: str, env=None):
     cmd = [sys.executable, "-m", "longctx.cli", "sweep", str(config), "--out", str(out), "--quiet", *extra]
-    if background:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or ENV, cwd=ROOT)
     return subprocess.run(cmd, capture_output=True, text=True, env=env or ENV, cwd=ROOT, timeout=600)
+
+
+def _one_line_nothing_written(done: subprocess.CompletedProcess, message: str, out: Path) -> None:
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+@pytest.fixture
+def stop_driver():
+    """Register a background driver; it is killed (with its children) if the test leaves it running."""
+    drivers = []
+    yield drivers.append
+    for driver in drivers:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
 
 
 def _table(out: Path) -> dict[str, tuple]:
@@ -61,11 +81,6 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def _log_says(out: Path, method: str, text: str) -> bool:
-    return any(text in p.read_text(errors="replace") for p in (out / "logs").glob(f"{method}-*.log")) \
-        if (out / "logs").is_dir() else False
 
 
 def _state(out: Path) -> dict:
@@ -165,14 +180,19 @@ def slurm(tmp_path_factory):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_slurm_sweep_survives_scancel_and_a_killed_driver(slurm, local_table, tmp_path):
-    config, out = _config(tmp_path / "sweep.yaml", kind="slurm", gpus_per_cell=0), tmp_path / "out"
-    driver = _sweep(config, out, env=slurm, background=True)
-    _wait_for(lambda: _log_says(out, "lora", "begin train"), 180, "the lora task to start training")
-    lora = next(s["job"] for tag, s in _state(out).items() if tag.startswith("lora-"))
-    subprocess.run(["scancel", lora], env=slurm, check=True)  # an array task killed mid-cell
+def _lora_job(out: Path) -> str | None:
+    return next((s["job"] for tag, s in _state(out).items() if tag.startswith("lora-")), None)
+
+
+def test_slurm_sweep_survives_scancel_and_a_killed_driver(slurm, local_table, tmp_path, stop_driver):
+    config = _config(tmp_path / "sweep.yaml", kind="slurm", gpus_per_cell=0)
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    stop_driver(driver := held_sweep(config, out, hold, {"lora": "train"}, slurm))
+    _wait_for(lambda: held(hold, "lora") and _lora_job(out), 300, "the lora task to start training")
+    subprocess.run(["scancel", _lora_job(out)], env=slurm, check=True)  # an array task killed mid-cell
     driver.send_signal(signal.SIGKILL)  # and the driver with it: nothing may depend on it
     driver.wait()
+    release(hold)
     status = subprocess.run([sys.executable, "-m", "longctx.cli", "sweep", str(config), "--out", str(out),
                              "--status"], capture_output=True, text=True, env=slurm, cwd=ROOT, timeout=120)
     assert status.returncode == 0 and "queued" in status.stdout and "lora" in status.stdout, status.stderr
@@ -195,27 +215,15 @@ def test_slurm_refusing_the_array_is_one_line(slurm, tmp_path):
 
 # ---- Ray --------------------------------------------------------------------------------------
 
-def _worker_of(method: str) -> int | None:
-    """PID of the Ray worker running `method`'s group: the parent of its sweep_cell child."""
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if "longctx.sweep_cell" in cmd and f"/{method}-" in cmd:
-                status = (proc / "status").read_text()
-                return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-        except (OSError, ValueError, StopIteration):
-            continue
-    return None
-
-
-def test_ray_sweep_survives_a_worker_killed_mid_cell(local_table, tmp_path):
+def test_ray_sweep_survives_a_worker_killed_mid_cell(local_table, tmp_path, stop_driver):
     pytest.importorskip("ray", reason="the Ray executor needs `pip install longctx[cluster]`")
-    config, out = _config(tmp_path / "sweep.yaml", kind="ray", ray_num_cpus=2, gpus_per_cell=0), tmp_path / "out"
-    driver = _sweep(config, out, background=True)
-    _wait_for(lambda: _log_says(out, "lora", "begin length=256") and _worker_of("lora"), 180,
-              "the lora task to evaluate its first cell")
-    os.kill(_worker_of("lora"), signal.SIGKILL)
-    assert driver.wait(timeout=600) == 0
+    config = _config(tmp_path / "sweep.yaml", kind="ray", ray_num_cpus=2, gpus_per_cell=0)
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    stop_driver(driver := held_sweep(config, out, hold, {"lora": "length=256"}, ENV))
+    _wait_for(lambda: held(hold, "lora"), 300, "the lora task to evaluate its first cell")
+    os.kill(parent_of(held(hold, "lora")), signal.SIGKILL)  # the Ray worker running that cell
+    release(hold)
+    assert driver.wait(timeout=600) == 0, (hold / "driver.stderr").read_text()[-2000:]
     assert _table(out) == local_table
     assert {tag.split("-")[0]: s["attempts"] for tag, s in _state(out).items()} == {"base": 1, "lora": 2}
 
@@ -243,41 +251,94 @@ def test_missing_extra_and_bad_executor_settings_are_one_line(tmp_path, monkeypa
     assert bad.returncode == 2 and "pbs" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_impossible_executor_resources_are_refused_before_anything_runs(tmp_path):
+    """Resources no Ray task could ever get (it would wait forever at 0 cells): one line, nothing written."""
+    from longctx.executors import ExecutorConfig, parse_executor, ray_fit_error
+
+    for values, message in [
+        ({"ray_num_cpus": 0}, "executor.ray_num_cpus=0 leaves no room for a cell group of executor.cpus_per_cell=1"),
+        ({"ray_num_cpus": 2, "cpus_per_cell": 3}, "executor.ray_num_cpus=2 leaves no room for a cell group of "
+                                                  "executor.cpus_per_cell=3: give ray_num_cpus >= cpus_per_cell"),
+        ({"gpus_per_cell": 1.5}, "executor.gpus_per_cell=1.5: Ray shares a GPU only below 1"),
+        ({"ray_address": "head-node"}, "executor.ray_address must be HOST:PORT, ray://HOST:PORT or auto, got "
+                                       "'head-node'"),
+        ({"ray_num_cpus": "2"}, "executor.ray_num_cpus must be an integer or null, got '2'"),
+    ]:
+        with pytest.raises(LongctxError) as err:
+            parse_executor({"kind": "ray", **values})
+        assert message in str(err.value) and "\n" not in str(err.value)
+    parse_executor({"kind": "local", "ray_num_cpus": 0})  # not a Ray sweep: nothing to refuse
+    cfg = ExecutorConfig(kind="ray", cpus_per_cell=4, gpus_per_cell=1)
+    assert ray_fit_error([{"CPU": 2.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], cfg) is None  # one node fits
+    assert ray_fit_error([{"CPU": 8.0}, {"CPU": 2.0, "GPU": 1.0}], cfg) == (
+        "no node of the Ray cluster can run a cell group of executor.cpus_per_cell=4 and gpus_per_cell=1: its nodes "
+        "have at most 8 CPUs and 1 GPUs; give smaller cpus_per_cell / gpus_per_cell")
+    assert ray_fit_error([{"CPU": 8.0}], cfg).endswith("give gpus_per_cell: 0 to run on CPUs")
+    out = tmp_path / "out"
+    done = _sweep(_config(tmp_path / "s.yaml", kind="ray", ray_num_cpus=1, cpus_per_cell=2), out)
+    _one_line_nothing_written(done, "executor.ray_num_cpus=1 leaves no room for a cell group", out)
+
+
+def test_a_local_ray_cluster_too_small_for_a_cell_group_is_refused(tmp_path):
+    pytest.importorskip("ray", reason="the Ray executor needs `pip install longctx[cluster]`")
+    out = tmp_path / "out"
+    done = _sweep(_config(tmp_path / "s.yaml", kind="ray", gpus_per_cell=0, cpus_per_cell=4096), out)
+    _one_line_nothing_written(done, "no node of the Ray cluster can run a cell group of executor.cpus_per_cell=4096",
+                              out)
+
+
+def test_an_unreachable_ray_address_is_one_line_and_quick(tmp_path):
+    pytest.importorskip("ray", reason="the Ray executor needs `pip install longctx[cluster]`")
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    done = _sweep(_config(tmp_path / "s.yaml", kind="ray", gpus_per_cell=0, ray_address=f"127.0.0.1:{port}"), out)
+    _one_line_nothing_written(done, f"cannot reach the Ray cluster at executor.ray_address='127.0.0.1:{port}': "
+                                    f"Connection refused", out)
+
+
+def test_slurm_missing_or_not_answering_is_one_line(tmp_path):
+    """No `sbatch` on PATH; then Slurm's commands there but the controller not answering."""
+    path = tmp_path / "bin"
+    path.mkdir()
+    config, out = _config(tmp_path / "s.yaml", kind="slurm", gpus_per_cell=0), tmp_path / "out"
+    done = _sweep(config, out, env={**ENV, "PATH": str(path)})
+    _one_line_nothing_written(done, "--executor slurm needs Slurm's 'sbatch' command, which is not on PATH", out)
+    for command in ("sbatch", "srun", "squeue"):
+        (path / command).write_text("#!/bin/sh\necho 'squeue: error: Unable to contact slurm controller "
+                                    "(connect failure)' >&2\nexit 1\n")
+        (path / command).chmod(0o755)
+    done = _sweep(config, out, env={**ENV, "PATH": f"{path}:{os.environ['PATH']}"})
+    _one_line_nothing_written(done, "Slurm does not answer: squeue: error: Unable to contact slurm controller", out)
+
+
 # ---- local, several groups at once -------------------------------------------------------------
 
-def _span(log: Path) -> tuple[float, float]:
-    """(start, end) of a group's log: its first child's stamp ("==== 2026-11-26T19:40:01 longctx
-    sweep: ..."), to the second, and its last write."""
-    stamp = log.read_text().split("\n", 1)[0].split()[1]
-    return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")), log.stat().st_mtime
-
-
-def test_local_workers_run_groups_side_by_side_with_the_same_table(local_table, tmp_path):
-    """`executor: {workers: 2}`: the two groups run at once (each child with one of the two cores'
-    threads), and the table is the one-at-a-time run's."""
-    config, out = _config(tmp_path / "sweep.yaml", kind="local", workers=2), tmp_path / "out"
-    done = _sweep(config, out)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_local_workers_run_groups_side_by_side_with_the_same_table(local_table, tmp_path, stop_driver):
+    """`executor: {workers: 2}`: the two groups run at once — both children are there together,
+    base loading and lora training, each held until the other arrives (one group at a time, the
+    second would never come) — and the table is the one-at-a-time run's."""
+    config, out, hold = _config(tmp_path / "sweep.yaml", kind="local", workers=2), tmp_path / "out", tmp_path / "h"
+    stop_driver(driver := held_sweep(config, out, hold, {"base": "load", "lora": "train"}, ENV))
+    _wait_for(lambda: held(hold, "base") and held(hold, "lora"), 300, "both groups running at once")
+    release(hold)
+    assert driver.wait(timeout=600) == 0, (hold / "driver.stderr").read_text()[-2000:]
     assert _table(out) == local_table
-    spans = {log.name.split("-")[0]: _span(log) for log in (out / "logs").glob("*.log")}
-    assert set(spans) == {"base", "lora"}
-    (base_start, base_end), (lora_start, lora_end) = spans["base"], spans["lora"]
-    assert lora_start < base_end - 2 and base_start < lora_end - 2, spans  # overlapping by seconds
 
 
-def test_ctrl_c_with_local_workers_leaves_the_running_cells_for_the_next_run(local_table, tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group) while two groups train and evaluate: exit
-    130, no cell recorded as failed, and the next run finishes the table."""
-    config, out = _config(tmp_path / "sweep.yaml", kind="local", workers=2), tmp_path / "out"
-    cmd = [sys.executable, "-m", "longctx.cli", "sweep", str(config), "--out", str(out), "--quiet"]
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, cwd=ROOT,
-                              start_new_session=True)
-    _wait_for(lambda: _log_says(out, "lora", "begin train"), 180, "the lora group to start training")
+def test_ctrl_c_with_local_workers_leaves_the_running_cells_for_the_next_run(local_table, tmp_path, stop_driver):
+    """Ctrl-C (SIGINT to the terminal's process group) while one group trains and the other
+    evaluates — both children held there until the interrupt is sent, so the sweep cannot finish
+    first —: exit 130, no cell recorded, and the next run finishes the table."""
+    config, out, hold = _config(tmp_path / "sweep.yaml", kind="local", workers=2), tmp_path / "out", tmp_path / "h"
+    stop_driver(driver := held_sweep(config, out, hold, {"base": "length=256", "lora": "train"}, ENV))
+    _wait_for(lambda: held(hold, "base") and held(hold, "lora"), 300, "the lora group training, base evaluating")
     os.killpg(driver.pid, signal.SIGINT)
-    assert driver.wait(timeout=120) == 130, driver.stderr.read()[-2000:]
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] \
-        if (out / "results.jsonl").exists() else []
-    assert all(r["status"] == "ok" for r in rows), rows
+    release(hold)
+    assert driver.wait(timeout=300) == 130, (hold / "driver.stderr").read_text()[-2000:]
+    rows = (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").exists() else []
+    assert rows == []  # the cells in flight are left for the next run, not recorded as failed
     assert _sweep(config, out).returncode == 0
     assert _table(out) == local_table
 

@@ -1,6 +1,7 @@
 """Diagnosable sweeps (issue 11 part 5): each cell's full log kept under the results directory and
 named in its row; a per-cell time limit recorded as `timeout`; out-of-memory in training or
-evaluation recorded as `oom` for that cell only; the sweep goes on with the other cells.
+evaluation recorded as `oom` for that cell only; the sweep goes on with the other cells, and
+its exit status says whether any cell is ok (a one-line summary when some are not).
 
 Uses the stand-in child of test_sweep_reruns (the real driver, a fast child); one test runs the
 real child under a time limit it cannot meet.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,14 +40,15 @@ FAILURES = [  # where it fails and how, the status of each failed cell, a word i
 @pytest.mark.parametrize("fail, failed, word", FAILURES, ids=[next(iter(f.items()))[0] + ":" + next(iter(f.values()))
                                                              for f, *_ in FAILURES])
 def test_a_failing_cell_is_recorded_with_its_status_and_the_others_run(fake, fail, failed, word):
-    started = time.monotonic()
+    """The limits of 3 s bind only the phase that blocks (`fake`): "sleep" blocks for STUCK_S, so a
+    `timeout` row shows it was killed at its limit, not waited for; every other verdict is
+    reached with no time limit at all, whatever the machine's speed."""
     fake.run(fail=fail, cell_timeout_s=3, train_timeout_s=3, **ONE)
     rows = fake.rows()
     assert set(rows) == {B256, B320, L256, L320}  # every cell recorded once
     assert {k: r["status"] for k, r in rows.items() if r["status"] != "ok"} == failed
     for key in failed:
         assert word in rows[key]["message"] and "\n" not in rows[key]["message"]
-    assert time.monotonic() - started < 30  # a stuck cell is killed at its limit, not waited for
     for row in rows.values():  # the full log, tracebacks included, is where the row says
         log = Path(row["log"])
         assert log.is_file() and log.parent == fake.out / "logs"
@@ -76,15 +77,32 @@ def test_a_rerun_appends_to_the_log_of_the_same_cells(fake):
     assert log.read_text().count("==== ") == 2  # both attempts, each headed
 
 
+def test_the_exit_status_says_whether_any_cell_is_ok(fake, capsys):
+    """No cell ok: exit 1 and one line counting the statuses; some failed: exit 0, the same line."""
+    results = fake.out / "results.jsonl"
+    assert fake.cli(fail={"load": "valueerror"}) == 1  # every child fails to load: 6 error rows
+    assert capsys.readouterr().err.splitlines() == [
+        f"longctx: sweep finished with 0 of 6 cells ok (6 error); see {results}"]
+    fail = {"lora/128/320": "valueerror", "base/None/256": "memoryerror"}
+    assert fake.cli("--retry-failed", fail=fail) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"longctx: sweep finished with 4 of 6 cells ok (1 oom, 1 error); see {results}"]
+    assert fake.cli("--retry-failed") == 0 and capsys.readouterr().err == ""  # every cell ok: nothing to say
+    assert all(r["status"] == "ok" for r in fake.rows().values())
+
+
 def test_the_real_child_is_killed_at_its_time_limit(tmp_path):
-    """The real `longctx.sweep_cell` cannot import torch and load a model in 0.2 s: recorded, exit 0."""
+    """The real `longctx.sweep_cell` cannot import torch and load a model in 0.2 s: recorded; no cell
+    ok, so exit status 1 with a one-line summary."""
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "methods": ["base"], "unchunked_methods": [], "cell_timeout_s": 0.2,
                                       "out": str(tmp_path / "out")}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([sys.executable, "-m", "longctx.cli", "sweep", str(config), "--quiet"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 1, run.stderr[-2000:]
+    summary = f"longctx: sweep finished with 0 of 2 cells ok (2 timeout); see {tmp_path / 'out' / 'results.jsonl'}"
+    assert run.stderr.strip().splitlines() == [summary] and "results:" in run.stdout
     from longctx.results import read_rows
 
     rows = read_rows(tmp_path / "out" / "results.jsonl")
