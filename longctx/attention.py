@@ -84,7 +84,7 @@ def _padding_reaches_faster_kernel(query: Tensor, key: Tensor) -> bool:
     kernel than one call on the exact shapes? The last chunk of a log-likelihood request (n - 1
     tokens: C >= ROWS, not a multiple of it, over whole chunks of cache) would otherwise go in one
     call to the next kernel that aligns causal bottom-right (PyTorch's flash on the H100) instead of
-    cuDNN in two: 16 calls of 11 ms in the profile of a 64K request, +171 ms (2026-11-26)."""
+    cuDNN in two, which costs far more than the padding (profile: docs/history/2026-11-26-gpu-looks.md)."""
     if _row_padding(query, None, least=ROWS) == 0 or (key.shape[2] - query.shape[2]) % ROWS:
         return False  # nothing to pad (CPU, whole chunks, decoding), or a past cuDNN would not take
     fastest = choose_kernel(query.device, query.dtype, query.shape[-1])
