@@ -1,5 +1,5 @@
 """Installs `longctx_lmeval.pth` next to the package (wheels and editable installs alike), so
-the stock `lm_eval` command knows `--model ssmlora` (see longctx/lmeval_plugin.py). Everything
+the stock `lm_eval` command knows `--model ssmlora` (see longctx/lmeval/plugin.py). Everything
 else about the package is in pyproject.toml."""
 import shutil
 from pathlib import Path

@@ -12,9 +12,9 @@ def bench_llama(layers: int = 4, hidden: int = 256, vocab: int = 32000, heads: i
                 kv_heads: int | None = None):
     """A randomly initialised Llama of benchmark size (fp32, eval mode); `attn` as in load_base;
     `kv_heads` < `heads` for grouped-query attention."""
-    from longctx.models import choose_attn_implementation
-
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longctx.engine.bases import choose_attn_implementation
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,

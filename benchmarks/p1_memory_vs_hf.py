@@ -27,7 +27,7 @@ CONTINUATION = 8
 def save_model(directory: Path, layers: int, hidden: int) -> None:
     from transformers import AutoTokenizer
 
-    from longctx.models import default_base_path
+    from longctx.engine.bases import default_base_path
 
     bench_llama(layers=layers, hidden=hidden, attn="sdpa").save_pretrained(directory)
     AutoTokenizer.from_pretrained(default_base_path()).save_pretrained(directory)
@@ -38,14 +38,14 @@ def child(side: str, directory: str, length: int, chunk_size: int, device: str) 
 
     import torch
 
-    from longctx.memory import PeakMemory
+    from longctx.engine.measure import PeakMemory
 
     if side == "hf":
         from lm_eval.models.huggingface import HFLM
 
         lm = HFLM(pretrained=directory, device=device, batch_size=1, dtype="float32")
     else:
-        from longctx.lmeval_model import SsmloraLM
+        from longctx.lmeval.model import SsmloraLM
 
         lm = SsmloraLM(pretrained=directory, method="ssmlora", chunk_size=chunk_size, device=device)
     ids = torch.randint(10, 4000, (length,), generator=torch.Generator().manual_seed(0)).tolist()  # in every vocab
@@ -74,7 +74,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.base:
-            from longctx.models import resolve_base
+            from longctx.engine.bases import resolve_base
 
             tmp = resolve_base(args.base)  # hf loads the same directory (a GGUF base: its dequantised cache)
         else:

@@ -20,8 +20,8 @@ def child(length: int, chunk_size: int, method: str, layers: int, hidden: int) -
     from transformers import MambaConfig, MambaForCausalLM
 
     from longctx.adapters import wrap
-    from longctx.memory import PeakMemory
-    from longctx.runner import chunked_forward
+    from longctx.engine.measure import PeakMemory
+    from longctx.engine.runner import chunked_forward
 
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(vocab_size=32000, hidden_size=hidden, num_hidden_layers=layers,

@@ -22,8 +22,8 @@ TARGET = 1.1
 
 def child(length: int, chunk_size: int, method: str, device: str, layers: int, hidden: int, attn: str) -> dict:
     from longctx.adapters import wrap
-    from longctx.memory import PeakMemory
-    from longctx.runner import chunked_forward
+    from longctx.engine.measure import PeakMemory
+    from longctx.engine.runner import chunked_forward
 
     model = bench_llama(layers=layers, hidden=hidden, device=device, attn=attn)
     adapted = wrap(model, method)

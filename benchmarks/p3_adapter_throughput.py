@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, bench_llama, operations, synced  # noqa: E402
+from common import bench_llama, best_time, operations, synced  # noqa: E402
 
 TARGETS = {"ssmlora": 0.85, "ssmlora-scan": 0.80}
 
 
 def main() -> None:
     from longctx.adapters import wrap
-    from longctx.models import load_base
-    from longctx.runner import chunked_forward
+    from longctx.engine.bases import load_base
+    from longctx.engine.runner import chunked_forward
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=4096)

@@ -1,5 +1,5 @@
 """P6: one training step (forward + backward) of a Mamba on CPU through transformers' per-token
-reference scan vs the mambapy parallel scan that `longctx.mamba.use_parallel_scan` selects.
+reference scan vs the mambapy parallel scan that `longctx.engine.mamba.use_parallel_scan` selects.
 
 The reference loop indexes one time step per iteration, and each index's backward writes a full
 (B, D, T, N) zero-padded gradient, so a step costs O(T²); the parallel scan is O(T log T).
@@ -17,7 +17,7 @@ def step_seconds(parallel: bool, batch: int, length: int, layers: int, hidden: i
     """Best wall time of one optimiser step of the embedded Mamba's shape (random weights)."""
     from transformers import MambaConfig, MambaForCausalLM
 
-    from longctx.mamba import use_parallel_scan
+    from longctx.engine.mamba import use_parallel_scan
 
     torch.manual_seed(0)
     model = MambaForCausalLM(MambaConfig(vocab_size=4096, hidden_size=hidden, num_hidden_layers=layers,

@@ -29,8 +29,8 @@ ANSWER_TOKENS = 8
 def child(length: int, chunk_size: int | None, method: str, layers: int, hidden: int, device: str,
           dtype: str) -> dict:
     from longctx.adapters import wrap
-    from longctx.chunked_training import chunked_training_loss
-    from longctx.memory import PeakMemory
+    from longctx.engine.measure import PeakMemory
+    from longctx.training.chunked import chunked_training_loss
 
     model = bench_llama(layers=layers, hidden=hidden, vocab=4096, heads=8, kv_heads=2, attn="longctx_sdpa",
                         max_positions=max(65536, length), device=device).to(getattr(torch, dtype))

@@ -8,15 +8,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "default_base_path": "longctx.models",
-    "load_base": "longctx.models",
+    "default_base_path": "longctx.engine.bases",
+    "load_base": "longctx.engine.bases",
     "wrap": "longctx.adapters",
     "load_adapter": "longctx.adapters",
     "ADAPTERS": "longctx.adapters",
-    "chunked_forward": "longctx.runner",
-    "score_continuation": "longctx.runner",
-    "greedy_generate": "longctx.runner",
-    "LongctxError": "longctx.errors",
+    "chunked_forward": "longctx.engine.runner",
+    "score_continuation": "longctx.engine.runner",
+    "greedy_generate": "longctx.engine.runner",
+    "LongctxError": "longctx.core.errors",
 }
 
 

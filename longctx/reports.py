@@ -86,10 +86,9 @@ def forward_rows(base: str, methods: list[str], length: int, chunk_size: Any, ad
                  dtype: str = "auto") -> list[dict[str, Any]]:
     """Chunked scoring of a passkey probe per method, with timing, peak memory and the
     largest log-prob difference from the unchunked run."""
-    from longctx.errors import choice_error, positive_int
-    from longctx.models import check_length, load_base
-
-    from longctx.runner import CARRY_CHOICES
+    from longctx.core.errors import choice_error, positive_int
+    from longctx.engine.bases import check_length, load_base
+    from longctx.engine.runner import CARRY_CHOICES
 
     if init not in ("zero", "random"):
         raise choice_error("init", init, ("zero", "random"))
@@ -126,8 +125,8 @@ def _adapted(model: nn.Module, method: str | None, adapter: str | None, init: st
 
 def _probe_row(adapted: Any, tok: Any, context: list[int], answer: list[int], size: int,
                ssm_carry: str, compare: bool) -> dict[str, Any]:
-    from longctx.memory import PeakMemory
-    from longctx.runner import greedy_generate, score_continuation
+    from longctx.engine.measure import PeakMemory
+    from longctx.engine.runner import greedy_generate, score_continuation
 
     device = next(adapted.model.parameters()).device
     with PeakMemory(device) as mem:

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # executor's workers do, and so do the processes the tests start (they inherit the environment):
 # two workers of two threads each on two cores made compute-bound tests up to 17x slower
 # (measured: 10.5 s -> 183 s).
-from longctx.executors import local_worker_env  # noqa: E402  (no side effects; torch not imported)
+from longctx.sweep.executors import local_worker_env  # noqa: E402  (no side effects; torch not imported)
 
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 os.environ.update(local_worker_env(0, _WORKERS, visible_gpus=[]))
@@ -106,7 +106,7 @@ def tokenizers(char_tokenizer_dir):
     """The two tokenizers every length property is checked with: embedded BPE and characters."""
     from transformers import AutoTokenizer
 
-    from longctx.models import default_base_path
+    from longctx.engine.bases import default_base_path
 
     return {"bpe": AutoTokenizer.from_pretrained(default_base_path()),
             "char": AutoTokenizer.from_pretrained(char_tokenizer_dir)}

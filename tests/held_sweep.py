@@ -51,8 +51,9 @@ def parent_of(pid: int) -> int:
 
 
 def _driver(argv: list[str]) -> int:
-    from longctx import cluster, sweep_cell
     from longctx.cli import main
+    from longctx.sweep import cell as sweep_cell
+    from longctx.sweep import cluster
 
     child = [sys.executable, str(Path(__file__).resolve()), "child"]
     sweep_cell.CHILD = child
@@ -67,7 +68,7 @@ def _driver(argv: list[str]) -> int:
 
 
 def _child(argv: list[str]) -> None:
-    from longctx import sweep_cell
+    from longctx.sweep import cell as sweep_cell
 
     spec = json.loads(os.environ[HOLD])
     method, hold = json.loads(Path(argv[0]).read_text())["method"], Path(spec["dir"])

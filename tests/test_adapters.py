@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import METHODS, OWN_PARAMS, perturb, random_ids, tiny_llama
+
 from longctx.adapters import load_adapter, saved_metadata, wrap
-from longctx.errors import LongctxError
-from longctx.runner import chunked_forward
+from longctx.core.errors import LongctxError
+from longctx.engine.runner import chunked_forward
 
 
 def logits(adapted_or_model, ids, mask=None):

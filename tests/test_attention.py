@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_llama
-from longctx.attention import NAME, register
-from longctx.runner import chunked_forward
+
+from longctx.engine.attention import NAME, register
+from longctx.engine.runner import chunked_forward
 
 
 def with_attention(model, name):
@@ -43,8 +43,8 @@ def test_gradients_match_sdpa():
 
 # ---- the merged two-call path against plain attention: GQA, dtypes, kernels ------------------------
 
-from longctx import attention as attn_mod  # noqa: E402
-from longctx import kernels  # noqa: E402
+from longctx.engine import attention as attn_mod  # noqa: E402
+from longctx.engine import kernels  # noqa: E402
 
 
 def reference_bottom_right(query, key, value):

@@ -1,4 +1,4 @@
-"""Chunked training with carried state (`longctx.chunked_training`, `longctx train --chunk-size`).
+"""Chunked training with carried state (`longctx.training.chunked`, `longctx train --chunk-size`).
 
 Invariants, table-driven over methods and both families: the chunked loss of every method exact
 under chunking equals the whole-sequence loss (float32 and bf16); the gradient is the one of the
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from longctx.adapters import wrap
-from longctx.chunked_training import chunked_training_loss, next_token_targets
+from longctx.training.chunked import chunked_training_loss, next_token_targets
 from tests.conftest import VOCAB, perturb, tiny_llama
 
 EXACT = [("llama", m) for m in ("dense", "lora", "lora-xs", "ssmlora-scan")] + \
@@ -32,7 +32,7 @@ def tiny_mamba(seed: int = 0):
 
 
 def _adapted(family: str, method: str, dtype: torch.dtype = torch.float32):
-    from longctx.attention import register
+    from longctx.engine.attention import register
 
     base = tiny_llama() if family == "llama" else tiny_mamba()
     if family == "llama":
@@ -85,7 +85,7 @@ def test_chunked_loss_equals_whole_sequence_loss(family, method, dtype, tol):
 def test_gradient_is_the_last_chunks_given_the_carried_prefix(family, method):
     """Truncation at chunk boundaries: the gradient equals that of the scored chunk alone, run as a
     plain forward after the evaluation path has prefilled the (detached) cache and state."""
-    from longctx.runner import chunked_forward, forward_chunk
+    from longctx.engine.runner import chunked_forward, forward_chunk
 
     adapted = _adapted(family, method)
     ids, _, labels = _batch(lengths=(64, 64))
@@ -123,7 +123,7 @@ def test_ssmlora_transition_matrix_trains_only_in_chunks(family):
 def test_no_repeated_cache_in_the_differentiable_attention(monkeypatch, native):
     """Chunked training attends over the cache without repeating its K/V for grouped-query heads,
     forward and backward: at most a chunk's own K/V, and nothing where the kernel groups heads."""
-    import longctx.kernels as kernels
+    import longctx.engine.kernels as kernels
 
     monkeypatch.setattr(kernels, "groups_natively", lambda name, device, dtype, head_dim: native)
     adapted = _adapted("llama", "lora")
@@ -146,7 +146,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_chunked_training_trains_ssmlora_C_and_whole_sequences_do_not(tmp_path):
     """The issue's reproducer, smaller (`longctx train --method ssmlora` is this TrainConfig): whole
     sequences leave every C at 0; `chunk_size` moves every C. Both logs record the chunk size."""
-    from longctx.train import TrainConfig, train_adapter
+    from longctx.training.train import TrainConfig, train_adapter
 
     for name, chunk in (("whole", None), ("chunked", 32)):
         train_adapter(TrainConfig(method="ssmlora", task="passkey", train_length=96, out=str(tmp_path / name),
@@ -164,7 +164,7 @@ def test_chunked_training_trains_ssmlora_C_and_whole_sequences_do_not(tmp_path):
 def test_chunked_training_resumes_mid_run_to_the_same_weights(tmp_path, monkeypatch):
     """A chunked run killed after its step-2 checkpoint and run again ends where an uninterrupted
     run ends."""
-    import longctx.train as train
+    import longctx.training.train as train
 
     def config(out: Path) -> train.TrainConfig:
         return train.TrainConfig(method="ssmlora-scan", task="passkey", train_length=96, out=str(out), steps=4,

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import EXACT_UNDER_CHUNKING, perturb, random_ids, tiny_llama
+
 from longctx.adapters import wrap
-from longctx.errors import LongctxError
-from longctx.runner import chunked_forward, greedy_generate, score_continuation
+from longctx.core.errors import LongctxError
+from longctx.engine.runner import chunked_forward, greedy_generate, score_continuation
 
 LENGTH = 100
 CHUNK_SIZES = [1, 7, 32, 45, 99]  # several that do not divide the length

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import tiny_llama
+
 from longctx.adapters import wrap
 
 

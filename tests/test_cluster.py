@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import SWEEP_SMOKE
 from held_sweep import held, held_sweep, parent_of, release
-from longctx.errors import LongctxError
+
+from longctx.core.errors import LongctxError
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = SWEEP_SMOKE
@@ -231,7 +231,7 @@ def test_ray_sweep_survives_a_worker_killed_mid_cell(local_table, tmp_path, stop
 def test_missing_extra_and_bad_executor_settings_are_one_line(tmp_path, monkeypatch):
     import importlib.util
 
-    from longctx.executors import parse_executor, require
+    from longctx.sweep.executors import parse_executor, require
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "submitit" else real(name, *a))
@@ -253,7 +253,7 @@ def test_missing_extra_and_bad_executor_settings_are_one_line(tmp_path, monkeypa
 
 def test_impossible_executor_resources_are_refused_before_anything_runs(tmp_path):
     """Resources no Ray task could ever get (it would wait forever at 0 cells): one line, nothing written."""
-    from longctx.executors import ExecutorConfig, parse_executor, ray_fit_error
+    from longctx.sweep.executors import ExecutorConfig, parse_executor, ray_fit_error
 
     for values, message in [
         ({"ray_num_cpus": 0}, "executor.ray_num_cpus=0 leaves no room for a cell group of executor.cpus_per_cell=1"),
@@ -350,7 +350,7 @@ def test_ctrl_c_with_local_workers_leaves_the_running_cells_for_the_next_run(loc
     (2, 4, ["3", "5"], {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "3"}),  # GPUs shared in turn
 ])
 def test_local_worker_env_shares_cores_and_gpus(monkeypatch, slot, workers, gpus, expected):
-    from longctx.executors import local_worker_env
+    from longctx.sweep.executors import local_worker_env
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)

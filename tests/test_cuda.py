@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import EXACT_UNDER_CHUNKING, perturb, random_ids, tiny_llama
+
 from longctx.adapters import wrap
-from longctx.attention import register
-from longctx.memory import PeakMemory
-from longctx.runner import chunked_forward, greedy_generate
+from longctx.engine.attention import register
+from longctx.engine.measure import PeakMemory
+from longctx.engine.runner import chunked_forward, greedy_generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -55,8 +55,9 @@ def test_cuda_peak_memory_is_per_region():
 # ---- bf16 / fp16, the fused kernels with log-sum-exp, grouped-query attention on the GPU -------------
 
 from conftest import METHODS  # noqa: E402
-from longctx import kernels  # noqa: E402
-from longctx.attention import merged_attention  # noqa: E402
+
+from longctx.engine import kernels  # noqa: E402
+from longctx.engine.attention import merged_attention  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -164,7 +165,8 @@ def test_gqa_attention_allocates_no_repeated_cache():
 
 def test_bf16_model_type_on_cuda(tmp_path):
     from conftest import save_tiny_base
-    from longctx.lmeval_model import SsmloraLM
+
+    from longctx.lmeval.model import SsmloraLM
 
     path = str(save_tiny_base(tmp_path / "base", max_positions=2048))
     ids = random_ids(1, 600, seed=2)[0].tolist()
@@ -193,8 +195,8 @@ def _grouped_chunk(past: int, chunk: int, seed: int):
 def test_chunked_training_attention_backward_on_cuda(monkeypatch, native):
     """The blockwise backward (`_MergedAttention`) is chosen on the GPU and gives float64 autograd's
     gradients of bottom-right causal attention, grouped K/V as they are or folded."""
-    from longctx import kernels
-    from longctx.attention import chunked_attention
+    from longctx.engine import kernels
+    from longctx.engine.attention import chunked_attention
 
     grouped = kernels.grouped_capable
     monkeypatch.setattr(kernels, "groups_natively", lambda n, dev, dt, hd: native and grouped(n, dev, dt, hd))
@@ -217,14 +219,14 @@ def test_chunked_training_attention_backward_on_cuda(monkeypatch, native):
 def test_chunked_training_attention_keeps_no_mask_on_cuda(monkeypatch):
     """Forward and backward of one chunk over a 32K cache: the blockwise backward's peak is far
     below the explicit-mask path's (which keeps a folded C × N mask for the backward)."""
-    from longctx import kernels
-    from longctx.attention import chunked_attention
+    from longctx.engine import kernels
+    from longctx.engine.attention import chunked_attention
 
     peaks = {}
     for path in ("blockwise", "masked"):
         if path == "masked":
             monkeypatch.setattr(kernels, "backward_kernel", lambda device, dtype, head_dim: None)
-            monkeypatch.setattr("longctx.attention.backward_kernel", lambda device, dtype, head_dim: None)
+            monkeypatch.setattr("longctx.engine.attention.backward_kernel", lambda device, dtype, head_dim: None)
         q, k, v = _grouped_chunk(32768 - 1024, 1024, seed=5)
         with PeakMemory("cuda") as peak:
             out, _ = chunked_attention(torch.nn.Module(), q, k, v, None)
@@ -243,7 +245,7 @@ SPLIT_TEXT = "The grass is green. The sky is blue. " * 12
 
 
 def _split_lm(**kwargs):
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     return SsmloraLM(pretrained="longctx-tiny", attn_implementation="longctx_sdpa", **kwargs)
 
@@ -256,7 +258,7 @@ def test_gpu_cpu_split_scores_as_the_unsplit_run(dtype, tolerance, chunk_size, t
     layer's KV cache on that layer's device."""
     from lm_eval.api.instance import Instance
 
-    from longctx.models import load_base
+    from longctx.engine.bases import load_base
 
     adapted = wrap(load_base("longctx-tiny")[0], "ssmlora-scan")
     perturb(adapted, scale=0.2)
@@ -275,7 +277,7 @@ def test_gpu_cpu_split_scores_as_the_unsplit_run(dtype, tolerance, chunk_size, t
 
 
 def test_a_device_map_splitting_a_tied_weight_is_refused():
-    from longctx.errors import LongctxError
+    from longctx.core.errors import LongctxError
 
     with pytest.raises(LongctxError, match="splits one tied weight over devices"):
         _split_lm(parallelize=True, device_map={**SPLIT, "lm_head": "cpu"})
@@ -284,8 +286,8 @@ def test_a_device_map_splitting_a_tied_weight_is_refused():
 def test_request_clock_stops_after_the_gpu_has_finished(monkeypatch):
     """GPU work queued in a request is finished before its clock stops: one synchronisation, and the
     host's interval contains the device's (CUDA events), whatever the speed of either."""
-    from longctx import lmeval_stats
-    from longctx.lmeval_stats import RequestLog
+    from longctx.lmeval import stats as lmeval_stats
+    from longctx.lmeval.stats import RequestLog
 
     calls, real = [], lmeval_stats.synchronize
     monkeypatch.setattr(lmeval_stats, "synchronize", lambda device: calls.append(device) or real(device))
@@ -302,7 +304,7 @@ def test_request_clock_stops_after_the_gpu_has_finished(monkeypatch):
 def test_model_type_on_cuda_synchronises_once_per_request(monkeypatch):
     from lm_eval.api.instance import Instance
 
-    from longctx import lmeval_stats
+    from longctx.lmeval import stats as lmeval_stats
 
     lm = _split_lm(method="base", chunk_size=32, device="cuda")
     calls, real = [], lmeval_stats.synchronize

@@ -7,8 +7,8 @@ import io
 
 import pytest
 import torch
-
 from conftest import perturb, random_ids, tiny_llama
+
 from longctx.adapters import wrap
 from longctx.adapters.derived import DerivedCache
 

@@ -15,9 +15,9 @@ import sys
 import pytest
 from test_tasks import check_example
 
-from longctx import fetch
-from longctx.errors import LongctxError
-from longctx.results import COLUMNS, append_row, read_rows
+from longctx.core import fetch
+from longctx.core.errors import LongctxError
+from longctx.sweep.results import COLUMNS, append_row, read_rows
 from longctx.tasks import TASKS, common, counting, generate
 from longctx.tasks.common import HAYSTACKS, haystack_extra, pool_words
 
@@ -85,7 +85,7 @@ def test_paul_graham_examples_are_deterministic(essays, tokenizers):
     assert first == again
     other = generate("niah_single", tokenizers["bpe"], 2048, n=2, haystack="essay")
     assert [e["input"] for e in first] != [e.input for e in other]
-    script = ("import json; from transformers import AutoTokenizer; from longctx.models import default_base_path;"
+    script = ("import json; from transformers import AutoTokenizer; from longctx.engine.bases import default_base_path;"
               "from longctx.tasks import generate; tok = AutoTokenizer.from_pretrained(default_base_path());"
               "out = generate('niah_single', tok, 2048, n=2, haystack='paul-graham');"
               "print(json.dumps([e.to_dict() for e in out]))")
@@ -144,7 +144,7 @@ def test_unfetched_paul_graham_says_how_to_fetch_it(tmp_path, monkeypatch, token
 
 
 def test_importing_the_tasks_reads_no_essays(tmp_path):
-    script = ("import longctx.tasks, longctx.tasks.lmeval, longctx.sweep_cell; from longctx.tasks.common import "
+    script = ("import longctx.tasks, longctx.lmeval.tasks.glue, longctx.sweep.cell; from longctx.tasks.common import "
               "_essays_in; assert _essays_in.cache_info().currsize == 0; print('ok')")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "LONGCTX_CACHE": str(tmp_path / "empty")})
@@ -156,8 +156,8 @@ def test_importing_the_tasks_reads_no_essays(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_lm():
     """The `ssmlora` lm-eval model of the embedded base (method `base`), and the base's path."""
-    from longctx.lmeval_model import SsmloraLM
-    from longctx.models import default_base_path
+    from longctx.engine.bases import default_base_path
+    from longctx.lmeval.model import SsmloraLM
 
     base = str(default_base_path())
     return SsmloraLM(pretrained=base, method="base"), base
@@ -176,8 +176,8 @@ def test_results_rows_carry_the_haystack_columns(tmp_path):
                                                              ("cwe", None, 256, False)])
 def test_evaluate_length_reports_the_haystack_per_length(task, haystack, length, repeated, essays, tiny_lm,
                                                          tmp_path):
-    from longctx.resources import task_dir
-    from longctx.sweep_cell import evaluate_length
+    from longctx.core.resources import task_dir
+    from longctx.sweep.cell import evaluate_length
 
     lm, base = tiny_lm
     job = {"config": {"base": base, "num_samples": 2, "haystack": haystack}, "task": task, "seed": 0,

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import perturb, random_ids, tiny_llama
-from longctx import attention, runner
+
 from longctx.adapters import wrap
-from longctx.runner import chunked_forward, greedy_generate
+from longctx.engine import attention, runner
+from longctx.engine.runner import chunked_forward, greedy_generate
 
 METHODS = ["base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"]
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]

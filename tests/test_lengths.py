@@ -13,15 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_base
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import save_tiny_base
+from longctx.core.resources import task_dir
 from longctx.tasks import TASKS, generate
 from longctx.tasks.common import tolerance
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_DIR = str(ROOT / "longctx" / "lmeval_tasks")
+TASK_DIR = str(task_dir())
 LIMIT = 512  # max_position_embeddings of the tiny base below
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -81,7 +82,7 @@ def _evaluate(lm, tokenizer: str, lengths, tasks=("longctx_passkey", "longctx_pa
 def test_length_equal_to_the_position_limit_runs_in_both_forms(add_bos_token, base512):
     """L = max_position_embeddings: every request (prompt + answer, prompt + max_gen_toks, with a
     BOS where the tokenizer adds one) fits, runs, and has exactly the size the task measured."""
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     lm = SsmloraLM(pretrained=base512, method="base", add_bos_token=add_bos_token)
     extra = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
@@ -100,8 +101,8 @@ def test_length_equal_to_the_position_limit_runs_in_both_forms(add_bos_token, ba
 
 
 def test_longctx_tiny_runs_at_its_limit_of_4096_in_both_forms():
-    from longctx.lmeval_model import SsmloraLM
-    from longctx.models import default_base_path
+    from longctx.engine.bases import default_base_path
+    from longctx.lmeval.model import SsmloraLM
 
     base = str(default_base_path())
     lm = SsmloraLM(pretrained=base, method="base", chunk_size=1024)
@@ -117,7 +118,7 @@ def test_a_run_mixing_an_allowed_and_an_over_limit_length_evaluates_the_allowed_
     `status: refused` in per_length, one warning line; the allowed length is evaluated."""
     from lm_eval.utils import make_table
 
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     lm = SsmloraLM(pretrained=base512, method="base")
     with caplog.at_level(logging.WARNING, logger="lm_eval.models.ssmlora"):
@@ -138,7 +139,7 @@ def test_a_run_mixing_an_allowed_and_an_over_limit_length_evaluates_the_allowed_
 
 
 def test_truncation_runs_an_over_limit_length_instead(base512):
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     lm = SsmloraLM(pretrained=base512, method="base", truncation="left")
     results = _evaluate(lm, base512, [2 * LIMIT], tasks=("longctx_passkey",))
@@ -151,8 +152,8 @@ def test_a_generation_budget_beyond_the_one_sized_for_is_refused_at_the_limit(ba
     """--gen_kwargs max_gen_toks larger than the task's 64: at L = limit the request no longer fits."""
     from lm_eval.api.instance import Instance
 
-    from longctx.lmeval_model import SsmloraLM
-    from longctx.tasks.lmeval import REFUSED_GENERATION
+    from longctx.lmeval.model import SsmloraLM
+    from longctx.lmeval.tasks.glue import REFUSED_GENERATION
 
     (obj,) = _manager(base512, [LIMIT], n=1).load(["longctx_passkey_gen"])["tasks"].values()
     doc = next(iter(obj.test_docs()))

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from longctx.errors import LongctxError
-from longctx.models import default_base_path
+from longctx.core.errors import LongctxError
+from longctx.core.resources import task_dir
+from longctx.engine.bases import default_base_path
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_DIR = str(ROOT / "longctx" / "lmeval_tasks")
+TASK_DIR = str(task_dir())
 LM_EVAL = str(Path(sys.executable).parent / "lm_eval")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -46,7 +47,7 @@ def test_ssmlora_is_in_lm_evals_registry_from_a_fresh_interpreter():
 
 
 def test_importing_longctx_does_not_import_lm_eval():
-    code = "import sys, longctx, longctx.lmeval_plugin; print('lm_eval' in sys.modules)"
+    code = "import sys, longctx, longctx.lmeval.plugin; print('lm_eval' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
     assert out.stdout.strip() == "False"
 
@@ -73,7 +74,7 @@ def _instances(task: str, base_path: str, lengths=(256,), n=2):
 
 
 def _ssmlora(base_path, **kwargs):
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     return SsmloraLM(pretrained=base_path, **kwargs)
 
@@ -233,7 +234,7 @@ def test_stock_lm_eval_command_prints_per_length_rows_and_writes_records(tmp_pat
 @pytest.mark.slow
 def test_stock_lm_eval_with_an_adapter_directory(tmp_path, base_path):
     from longctx.adapters import wrap
-    from longctx.models import load_base
+    from longctx.engine.bases import load_base
 
     model, _ = load_base(base_path)
     wrap(model, "ssmlora").save(tmp_path / "adapter")
@@ -258,7 +259,7 @@ def test_stock_lm_eval_bad_input_is_one_line_exit_2(args, message, tmp_path):
 
 
 def test_loglikelihood_metrics_name_the_length_the_depth_bin_and_the_answer_nll():
-    from longctx.tasks.lmeval import process_generation, process_loglikelihood
+    from longctx.lmeval.tasks.glue import process_generation, process_loglikelihood
 
     doc = {"task": "passkey", "max_length": 1024, "depth": 0.45, "target_tokens": 6, "outputs": ["12345"]}
     assert process_loglikelihood(doc, [(-3.0, True)]) == {"acc": 1.0, "1024": 1.0, "depth_40-60": 1.0,
@@ -285,7 +286,7 @@ def test_longctx_eval_forwards_to_lm_eval_with_our_tasks(tmp_path):
 def test_token_tensor_equals_torch_tensor_of_the_list(ids):
     import torch
 
-    from longctx.lmeval_model import token_tensor
+    from longctx.lmeval.model import token_tensor
 
     out = token_tensor(ids, "cpu")
     assert out.dtype == torch.int64 and out.shape == (1, len(ids))
@@ -300,7 +301,8 @@ def test_a_requests_clock_stops_after_one_device_synchronisation(base_path, monk
     import torch
     from lm_eval.api.instance import Instance
 
-    from longctx import lmeval_stats, memory
+    from longctx.engine import measure as memory
+    from longctx.lmeval import stats as lmeval_stats
 
     lm = _ssmlora(base_path, method="base", chunk_size=16)
     events, ticks = [], iter(range(100))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import perturb, save_tiny_base
-from longctx.errors import LongctxError
+
+from longctx.core.errors import LongctxError
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "The grass is green. The sky is blue. " * 6
@@ -27,7 +27,7 @@ def _requests(context: str = TEXT + "The pass key is", continuation: str = " 123
 
 
 def _ssmlora(**kwargs):
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     return SsmloraLM(**{"pretrained": "longctx-tiny", "method": "base", "device": "cpu", **kwargs})
 
@@ -52,7 +52,7 @@ def _hf_parameters() -> list[str]:
 
 
 def test_docs_table_lists_every_argument_of_hf_and_of_ssmlora():
-    from longctx.lmeval_args import VALID_ARGS
+    from longctx.lmeval.args import VALID_ARGS
 
     text = (ROOT / "docs" / "lmeval-model-args.md").read_text()
     listed = set(re.findall(r"^\| `(\w+)` \|", text, flags=re.MULTILINE))
@@ -63,8 +63,8 @@ def test_docs_table_lists_every_argument_of_hf_and_of_ssmlora():
 def test_every_hf_argument_is_a_key_of_ssmlora_and_of_the_task_metadata():
     """Every `hf` key is ssmlora's (no "unknown key"), and reaches the tasks' metadata unrefused
     (lm-eval merges model_args into every task's metadata)."""
-    from longctx.lmeval_args import VALID_ARGS
-    from longctx.tasks.lmeval import MODEL_KEYS, TASK_KEYS
+    from longctx.lmeval.args import VALID_ARGS
+    from longctx.lmeval.tasks.glue import MODEL_KEYS, TASK_KEYS
 
     assert set(_hf_parameters()) | {"device_map"} <= set(VALID_ARGS)
     assert set(VALID_ARGS) <= MODEL_KEYS | TASK_KEYS
@@ -90,7 +90,7 @@ def test_device_map_with_every_module_on_cpu_scores_as_the_unsplit_run(chunk_siz
 
 def test_device_map_split_carries_a_stateful_adapter_as_the_unsplit_run(tmp_path):
     from longctx.adapters import wrap
-    from longctx.models import load_base
+    from longctx.engine.bases import load_base
 
     adapted = wrap(load_base("longctx-tiny")[0], "ssmlora-scan")
     perturb(adapted, scale=0.2)
@@ -156,7 +156,7 @@ def test_use_fast_tokenizer_gives_hfs_tokenizer(tiny_base_dir):
 
 def test_peft_is_the_adapter_directory(tmp_path):
     from longctx.adapters import wrap
-    from longctx.models import load_base
+    from longctx.engine.bases import load_base
 
     adapted = wrap(load_base("longctx-tiny")[0], "lora")
     perturb(adapted, scale=0.2)
@@ -178,11 +178,11 @@ def test_think_end_token_keeps_the_text_after_the_thinking_as_hf_does(monkeypatc
     """The model's output is fixed here (the tiny base does not think); what is kept of it is hf's."""
     from lm_eval.api.instance import Instance
 
-    import longctx.lmeval_model
+    import longctx.lmeval.model
 
     lm = _ssmlora(think_end_token="</think>")
     said = torch.tensor([lm.tok_encode("hmm, twelve</think> The key is 12.\nmore")])
-    monkeypatch.setattr(longctx.lmeval_model, "greedy_generate", lambda *args, **kwargs: said)
+    monkeypatch.setattr(longctx.lmeval.model, "greedy_generate", lambda *args, **kwargs: said)
     request = Instance("generate_until", {}, ("The pass key is", {"until": ["\n"], "max_gen_toks": 30}), 0)
     assert lm.generate_until([request]) == ["The key is 12."]
 

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import save_tiny_base
-from longctx.errors import LongctxError
+
+from longctx.core.errors import LongctxError
 
 PYTHON = sys.executable
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -79,7 +79,7 @@ def test_accelerate_launch_splits_requests_over_two_processes_with_the_one_proce
 
 
 def test_padding_requests_run_once():
-    from longctx.lmeval_parallel import unique_requests
+    from longctx.lmeval.parallel import unique_requests
 
     a, b = object(), object()
     unique, where = unique_requests([a, b, b, b])  # lm-eval pads a short shard with its last request
@@ -87,8 +87,8 @@ def test_padding_requests_run_once():
 
 
 def test_rank_zero_gathers_every_process_records():
-    from longctx.lmeval_parallel import adopt, sync_log
-    from longctx.lmeval_stats import RequestLog, RequestRecord
+    from longctx.lmeval.parallel import adopt, sync_log
+    from longctx.lmeval.stats import RequestLog, RequestRecord
 
     lm = SimpleNamespace(log=RequestLog(torch.device("cpu")), position_limit=512, device="cpu")
     adopt(lm, SimpleNamespace(process_index=0, num_processes=2, device=torch.device("cpu")))
@@ -112,7 +112,7 @@ def test_rank_zero_gathers_every_process_records():
                              "method, chunk_size"),
 ])
 def test_arguments_that_cannot_take_effect_are_refused_in_one_line(kwargs, message, base512):
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     with pytest.raises(LongctxError) as err:
         SsmloraLM(pretrained=base512, method="base", **kwargs)
@@ -120,22 +120,22 @@ def test_arguments_that_cannot_take_effect_are_refused_in_one_line(kwargs, messa
 
 
 def test_batch_size_one_is_accepted(base512):
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     assert SsmloraLM(pretrained=base512, method="base", batch_size="1", max_batch_size=1).batch_size == 1
 
 
 def test_trust_remote_code_reaches_the_loader(base512, monkeypatch):
-    import longctx.models
-    from longctx.lmeval_model import SsmloraLM
+    import longctx.engine.bases
+    from longctx.lmeval.model import SsmloraLM
 
-    seen, original = [], longctx.models.load_base
+    seen, original = [], longctx.engine.bases.load_base
 
     def load_base(*args, **kwargs):
         seen.append(kwargs.get("trust_remote_code"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(longctx.models, "load_base", load_base)
+    monkeypatch.setattr(longctx.engine.bases, "load_base", load_base)
     lm = SsmloraLM(pretrained=base512, method="base", trust_remote_code="true")
     assert seen == [True] and lm.description["trust_remote_code"] is True
 
@@ -145,7 +145,7 @@ def test_add_bos_token_is_honoured_as_lm_evals_hf_model_does(base512):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     text = "The grass is green. The sky is blue. The pass key is"
     requests = [Instance("loglikelihood", {}, (text, " 12345."), 0)]

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import perturb, random_ids, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 
-from conftest import perturb, random_ids, tiny_llama
 from longctx.adapters import load_adapter, saved_metadata, wrap
-from longctx.errors import LongctxError
+from longctx.core.errors import LongctxError
 
 
 def peft_lora(model):

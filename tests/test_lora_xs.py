@@ -3,8 +3,8 @@ the sign of each singular pair), with exactly r² trainable parameters per adapt
 from __future__ import annotations
 
 import torch
-
 from conftest import perturb, tiny_llama
+
 from longctx.adapters import wrap
 from longctx.adapters.lora_xs import svd_factors
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import VOCAB, random_ids
-from longctx.runner import chunked_forward, greedy_generate
+
+from longctx.core.resources import task_dir
+from longctx.engine.runner import chunked_forward, greedy_generate
 
 
 def tiny_mamba(seed: int = 0):
@@ -28,7 +29,7 @@ def test_transformers_alone_forgets_the_ssm_state_between_chunks():
     with torch.no_grad():
         whole = model(ids).logits[:, 32:]
         first = model(ids[:, :32], use_cache=True)
-        from longctx.mamba import cache_keyword
+        from longctx.engine.mamba import cache_keyword
 
         cache = first.cache if hasattr(first, "cache") else first.cache_params
         second = model(ids[:, 32:], use_cache=True, **{cache_keyword(): cache}).logits
@@ -62,7 +63,7 @@ def test_parallel_scan_equals_the_reference_loop_in_training():
     """`use_parallel_scan` (transformers' mambapy path, what longctx trains Mamba with on CPU)
     gives the reference loop's loss and gradients."""
     pytest.importorskip("mambapy")
-    from longctx.mamba import use_parallel_scan
+    from longctx.engine.mamba import use_parallel_scan
 
     ids = random_ids(2, 77)  # not a power of two: pscan pads
     results = []
@@ -82,7 +83,7 @@ def test_parallel_scan_equals_the_reference_loop_in_training():
 
 @pytest.mark.parametrize("chunk_size", [64, 100])
 def test_embedded_mamba_base_chunked_equals_unchunked(chunk_size):
-    from longctx.models import load_base
+    from longctx.engine.bases import load_base
 
     model, tok = load_base("longctx-tiny-mamba")
     assert all(m.use_mambapy for m in model.modules() if hasattr(m, "use_mambapy"))
@@ -97,7 +98,7 @@ def test_embedded_mamba_base_chunked_equals_unchunked(chunk_size):
 
 
 def test_mamba_has_no_position_limit():
-    from longctx.models import check_length, position_limit
+    from longctx.engine.bases import check_length, position_limit
 
     model = tiny_mamba()
     assert position_limit(model) is None
@@ -109,6 +110,7 @@ def test_mamba_has_no_position_limit():
                                              ("lora-xs", ("in_proj", "x_proj", "out_proj"))])
 def test_adapters_on_mamba_projections_chunk_exactly(method, targets):
     from conftest import perturb
+
     from longctx.adapters import wrap
 
     adapted = wrap(tiny_mamba(), method, insertion=targets)
@@ -127,9 +129,9 @@ def test_adapters_on_mamba_projections_chunk_exactly(method, targets):
 def test_training_forward_honours_adapters_and_never_takes_the_fused_kernel(method, monkeypatch):
     """The fused training kernel reads x_proj/out_proj weights directly (bypassing adapters); an
     adapted Mamba must train through the unfused path, equal to its eval-mode forward."""
+    from conftest import perturb
     from transformers.models.mamba import modeling_mamba
 
-    from conftest import perturb
     from longctx.adapters import wrap
 
     def fused(*args, **kwargs):
@@ -157,7 +159,7 @@ def test_training_forward_honours_adapters_and_never_takes_the_fused_kernel(meth
 ])
 def test_an_invalid_mamba_target_fails_loudly(method, targets, message):
     from longctx.adapters import wrap
-    from longctx.errors import LongctxError
+    from longctx.core.errors import LongctxError
 
     with pytest.raises(LongctxError, match=message):
         wrap(tiny_mamba(), method, insertion=targets)
@@ -177,7 +179,7 @@ def mamba_dir(tmp_path_factory):
 def test_ssmlora_model_type_on_mamba_has_no_2048_fallback_and_chunks(mamba_dir):
     from lm_eval.api.instance import Instance
 
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     context = "The grass is green. " * 600
     requests = [Instance("loglikelihood", {"max_length": 3000}, (context, " The sky"), 0)]
@@ -204,7 +206,7 @@ def test_stock_lm_eval_runs_sdlora_on_the_embedded_mamba_base_chunked(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "ssmlora", "--model_args",
                           "pretrained=longctx-tiny-mamba,method=sdlora,chunk_size=128", "--tasks", "longctx_passkey",
-                          "--include_path", str(root / "longctx" / "lmeval_tasks"), "--metadata", '{"max_seq_lengths":[300,600]}',
+                          "--include_path", str(task_dir()), "--metadata", '{"max_seq_lengths":[300,600]}',
                           "--limit", "2", "--output_path", str(tmp_path / "out")],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longctx import memory
-from longctx.memory import PeakMemory, current_rss_bytes
+from longctx.engine import measure as memory
+from longctx.engine.measure import PeakMemory, current_rss_bytes
 
 MiB = 2**20
 

@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
-from conftest import tiny_llama
-from longctx.errors import LongctxError
-from longctx.models import (check_length, choose_attn_implementation, default_base_path, fingerprint,
-                            load_base, meta_model, model_family, position_limit)
+from longctx.core.errors import LongctxError
+from longctx.engine.bases import (
+    check_length,
+    choose_attn_implementation,
+    default_base_path,
+    fingerprint,
+    load_base,
+    meta_model,
+    model_family,
+    position_limit,
+)
 
 
 def test_auto_attention_is_sdpa_without_cuda_and_bad_choice_is_named():
@@ -62,7 +70,7 @@ def test_local_directory_loads_through_the_same_path(tiny_base_dir):
 
 
 def test_cuda_asked_for_without_one_is_an_error_not_a_cpu_fall_back():
-    from longctx.models import resolve_device
+    from longctx.engine.bases import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,7 +85,8 @@ def test_cuda_asked_for_without_one_is_an_error_not_a_cpu_fall_back():
 
 def test_dtype_auto_keeps_the_checkpoint_dtype_and_names_bad_ones(tmp_path):
     from conftest import save_tiny_base
-    from longctx.models import parse_dtype
+
+    from longctx.engine.bases import parse_dtype
 
     with pytest.raises(LongctxError, match="unknown dtype 'float8'; valid choices: auto, float32"):
         parse_dtype("float8")
@@ -106,8 +115,8 @@ def test_a_bf16_checkpoint_loads_without_a_float32_copy_in_host_memory(tmp_path)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
     from conftest import save_char_tokenizer
     save_char_tokenizer(tmp_path / "m")
-    probe = ("import torch, transformers, longctx.models as m\n"
-             "from longctx.memory import PeakMemory\n"
+    probe = ("import torch, transformers, longctx.engine.bases as m\n"
+             "from longctx.engine.measure import PeakMemory\n"
              "with PeakMemory('cpu') as pm: model, _ = m.load_base(%r)\n"
              "assert next(model.parameters()).dtype == torch.bfloat16\n"
              "print(pm.delta_bytes)" % str(tmp_path / "m"))

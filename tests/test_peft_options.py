@@ -11,12 +11,12 @@ import json
 
 import pytest
 import torch
+from conftest import random_ids, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from conftest import random_ids, tiny_llama
 from longctx.adapters import load_adapter
-from longctx.errors import LongctxError
-from longctx.runner import chunked_forward
+from longctx.core.errors import LongctxError
+from longctx.engine.runner import chunked_forward
 
 TOLERANCE = 1e-4  # max abs logit difference, float32
 N_TOKENS, CHUNK = 24, 7
@@ -131,8 +131,8 @@ def test_lm_eval_model_with_a_peft_adapter_equals_hf_with_peft(tmp_path):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from longctx.lmeval_model import SsmloraLM
-    from longctx.models import default_base_path, load_base
+    from longctx.engine.bases import default_base_path, load_base
+    from longctx.lmeval.model import SsmloraLM
 
     save_peft_adapter(load_base("longctx-tiny")[0], {"use_rslora": True, "rank_pattern": {"v_proj": 4}},
                       tmp_path / "peft")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from longctx.errors import LongctxError
+from longctx.core.errors import LongctxError
 from longctx.plots import effective_length, length_label, plot_all, wilson
-from longctx.results import append_row, load_table
+from longctx.sweep.results import append_row, load_table
 
 ROOT = Path(__file__).resolve().parent.parent
 ACC = {  # (method, task) -> accuracy at 256, 512, 1024, 2048
@@ -83,7 +83,7 @@ def test_plot_errors_are_one_line(tmp_path):
 
 
 def test_results_csv_loads_like_the_jsonl(results):
-    from longctx.results import write_csv
+    from longctx.sweep.results import write_csv
 
     write_csv(results / "results.jsonl", results / "results.csv")
     (results / "results.jsonl").unlink()

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from longctx.errors import LongctxError
-from longctx.models import EMBEDDED_BASES, default_base_path
-from longctx.pretrain import _recipe, pretrain
-from longctx.pretrain_probes import evaluate_capability
-from longctx.pretrain_data import copy_blocks, mqar_blocks
+from longctx.core.errors import LongctxError
+from longctx.engine.bases import EMBEDDED_BASES, default_base_path
+from longctx.pretrain.build import _recipe, pretrain
+from longctx.pretrain.data import copy_blocks, mqar_blocks
+from longctx.pretrain.probes import evaluate_capability
 
 
 @pytest.fixture(scope="module", params=sorted(EMBEDDED_BASES))
@@ -167,9 +167,10 @@ def test_table_blocks_label_exactly_the_answers_of_the_recall_probe_format():
     import random
     import re
 
-    from longctx.models import default_base_path
-    from longctx.pretrain_data import table_blocks
     from transformers import AutoTokenizer
+
+    from longctx.engine.bases import default_base_path
+    from longctx.pretrain.data import table_blocks
 
     tok = AutoTokenizer.from_pretrained(default_base_path("longctx-tiny-mamba"))
     words = ["about", "zen", "value", "table", "python", "module", "class", "lambda"] * 8
@@ -190,7 +191,7 @@ def test_table_blocks_label_exactly_the_answers_of_the_recall_probe_format():
     again, _ = table_blocks(6, 160, 32, words, tok, random.Random(0))
     assert torch.equal(ids, again)
     # the rows follow the probe's own format: its prompt + answer is a table and one query of a row
-    from longctx.pretrain_probes import _recall_probe
+    from longctx.pretrain.probes import _recall_probe
     prompt, answer = _recall_probe(random.Random(0), words, 8)
     row_shape = r"Table: (\w+ = \d{4}; )*\w+ = \d{4}\. The value of \w+ is \d{4}\."
     assert re.fullmatch(row_shape, prompt + answer + ".")
@@ -213,7 +214,7 @@ def _table_size(row: dict) -> int:
 
 
 def test_recall_curriculum_grows_the_number_of_pairs():
-    from longctx.pretrain_data import RecallCurriculum, curriculum_levels
+    from longctx.pretrain.data import RecallCurriculum, curriculum_levels
 
     assert curriculum_levels(32) == [4, 8, 16, 32] and curriculum_levels(24) == [4, 8, 16, 24]
     rows = list(RecallCurriculum(64 * 8, 80, 32, (3, 4096), seed=0))
@@ -228,8 +229,8 @@ def test_recall_curriculum_grows_the_number_of_pairs():
 def test_adaptive_curriculum_moves_on_only_when_held_out_recall_is_good_enough():
     from types import SimpleNamespace
 
-    from longctx.pretrain import ADVANCE_CHECK_STEPS, _advance_callback
-    from longctx.pretrain_data import RecallCurriculum
+    from longctx.pretrain.build import ADVANCE_CHECK_STEPS, _advance_callback
+    from longctx.pretrain.data import RecallCurriculum
 
     curriculum = RecallCurriculum(64 * 6, 80, 16, (3, 4096), seed=0, adaptive=True)  # levels 4, 8, 16
     rows = iter(curriculum)
@@ -320,7 +321,7 @@ def test_pretrain_replaces_its_own_output_and_nothing_else(tmp_path):
 
 
 def test_an_output_from_before_manifests_listed_their_files_is_recognised(tmp_path):
-    from longctx.pretrain import check_out_dir
+    from longctx.pretrain.build import check_out_dir
 
     committed = default_base_path("longctx-tiny")
     old = Path(shutil.copytree(committed, tmp_path / "old"))

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from longctx import fetch, gguf_bases
-from longctx.errors import LongctxError
-from longctx.lmeval_fidelity import task_requests
-from longctx.models import load_base, parse_rope_scaling, position_limit, resolve_base
+from longctx.core import fetch
+from longctx.core.errors import LongctxError
+from longctx.engine import gguf as gguf_bases
+from longctx.engine.bases import load_base, parse_rope_scaling, position_limit, resolve_base
+from longctx.lmeval.fidelity import task_requests
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -73,7 +74,7 @@ def test_bad_rope_scaling_is_one_line(value, message):
 
 
 def test_rope_scaling_is_part_of_the_cell_identity():
-    from longctx.sweep import parse_config, plan
+    from longctx.sweep.run import parse_config, plan
 
     values = {"methods": ["base"], "tasks": ["passkey"], "lengths": [256], "chunk_size": 64}
     plain = plan(parse_config(values), "id")[0][1][0]
@@ -107,7 +108,7 @@ def gguf_file(smollm2) -> Path:
 
 @pytest.mark.slow
 def test_gguf_base_by_name_by_path_and_by_hf_convention_is_one_cached_base(smollm2, gguf_file, monkeypatch):
-    from longctx.sweep import base_identity
+    from longctx.sweep.run import base_identity
 
     monkeypatch.setattr(gguf_bases, "convert", lambda *a: pytest.fail("converted again"))  # cached: no conversion
     assert resolve_base("smollm2-135m") == resolve_base(str(gguf_file)) == str(smollm2)
@@ -132,7 +133,7 @@ def hf_lm(gguf_file):
 
 @pytest.fixture(scope="module")
 def ours(smollm2):
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     return {"unchunked": SsmloraLM(pretrained="smollm2-135m", method="base"),
             "chunk700": SsmloraLM(pretrained="smollm2-135m", method="base", chunk_size=700)}
@@ -188,7 +189,7 @@ def test_base_loglikelihoods_equal_lm_evals_hf_within_1e_4(smollm2, hf_lm, ours)
 def test_bfloat16_agrees_with_float32_on_the_real_base(smollm2, ours):
     """bf16 keeps the greedy verdict; the answer's log-likelihood moves by a few hundredths of a nat
     (measured: docs/results.md)."""
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     requests = _requests("longctx_passkey", smollm2)
     full = ours["chunk700"].loglikelihood(requests)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longctx import fetch, gguf_bases
-from longctx.models import load_base, position_limit
+from longctx.core import fetch
+from longctx.engine import gguf as gguf_bases
+from longctx.engine.bases import load_base, position_limit
 
 LLAMA_METHODS = ["dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"]
 
@@ -23,7 +24,7 @@ def smollm2():
 @pytest.mark.parametrize("method", LLAMA_METHODS)
 def test_every_llama_method_wraps_trains_and_round_trips_on_the_real_base(method, smollm2, tmp_path):
     from longctx.adapters import load_adapter
-    from longctx.train import TrainConfig, train_adapter
+    from longctx.training.train import TrainConfig, train_adapter
 
     out = train_adapter(TrainConfig(method=method, task="passkey", train_length=128, out=str(tmp_path / "run"),
                                     base="smollm2-135m", steps=1, batch_size=1, n_validation=1, eval_every=1,
@@ -71,7 +72,7 @@ def test_a_peft_lora_saved_on_the_real_base_loads_equal_to_hf_plus_peft(smollm2,
 def test_yarn_scaling_equals_transformers_own_and_chunks_exactly(smollm2):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longctx.runner import chunked_forward
+    from longctx.engine.runner import chunked_forward
 
     ours, _ = load_base("smollm2-135m", rope_scaling="yarn:4")
     assert position_limit(ours) == 32768

@@ -13,16 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import perturb, random_ids, tiny_llama
+from safetensors.torch import load_file
+from test_mamba import tiny_mamba
+
 from longctx.adapters import load_adapter, load_recipe, wrap
 from longctx.adapters.base import METHOD_FIELDS
 from longctx.adapters.sdlora import n_trained
-from longctx.errors import LongctxError
-from longctx.sweep import adapter_key, parse_config
-from longctx.train import TrainConfig, train_adapter
-from test_mamba import tiny_mamba
+from longctx.core.errors import LongctxError
+from longctx.core.resources import recipe_dir
+from longctx.sweep.run import adapter_key, parse_config
+from longctx.training.train import TrainConfig, train_adapter
 
 # (method, field, the value adapters were made with before it was a field, another valid value)
 KNOBS = [("sdlora", "channel_freeze", 0.99, 0.9), ("sdlora", "state_freeze", 0.75, 0.5),
@@ -41,7 +42,7 @@ def test_the_methods_yaml_states_the_value_adapters_were_made_with(method, name,
     recipe = load_recipe(method)
     assert getattr(recipe, name) == legacy == METHOD_FIELDS[name].legacy
     assert recipe.to_dict()[name] == legacy  # saved with the adapter and hashed into its keys
-    assert name in yaml.safe_load((ROOT / "longctx" / "recipes" / f"{method}.yaml").read_text())
+    assert name in yaml.safe_load((recipe_dir() / f"{method}.yaml").read_text())
     for unrelated in ("lora", "ssmlora", "dense"):  # other methods neither carry nor accept it
         assert name not in load_recipe(unrelated).to_dict()
 
@@ -57,7 +58,7 @@ def _recipes_with(tmp_path: Path, method: str, name: str, value) -> Path:
     """A copy of the recipe folder with `name: value` in `method`'s YAML."""
     folder = tmp_path / "recipes"
     folder.mkdir(exist_ok=True)
-    for path in (ROOT / "longctx" / "recipes").glob("*.yaml"):
+    for path in (recipe_dir()).glob("*.yaml"):
         (folder / path.name).write_text(path.read_text())
     values = yaml.safe_load((folder / f"{method}.yaml").read_text())
     (folder / f"{method}.yaml").write_text(yaml.safe_dump({**values, name: value}))
@@ -67,13 +68,13 @@ def _recipes_with(tmp_path: Path, method: str, name: str, value) -> Path:
 @pytest.mark.parametrize("method, name, legacy, other", KNOBS, ids=IDS)
 def test_the_sweep_retrains_when_a_knob_changes_and_reuses_when_it_does_not(method, name, legacy, other,
                                                                             tmp_path, monkeypatch):
-    import longctx.resources
+    import longctx.core.resources
 
     original = _key(method)
     assert _key(method, {name: other}) != original  # overridden in the sweep: a new adapter directory
-    monkeypatch.setattr(longctx.resources, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, legacy))
+    monkeypatch.setattr(longctx.core.resources, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, legacy))
     assert _key(method) == original  # the same recipe: the same key, the adapter is reused
-    monkeypatch.setattr(longctx.resources, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, other))
+    monkeypatch.setattr(longctx.core.resources, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, other))
     assert _key(method) != original  # the recipe's own value edited: retrained too
 
 

@@ -19,9 +19,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb, random_ids, tiny_llama
 from torch import nn
 
-from conftest import perturb, random_ids, tiny_llama
 from longctx.adapters import wrap
 from longctx.adapters.lora_xs import LoraXSLinear
 

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_ids
-from longctx.adapters import wrap
 from test_mamba import tiny_mamba
+
+from longctx.adapters import wrap
 
 
 def _adapter_tensors(adapted):
@@ -107,7 +107,7 @@ def test_adapted_logits_equal_the_plain_reference_forward(overrides):
 
 
 def test_chunked_adapted_forward_matches_the_reference():
-    from longctx.runner import chunked_forward
+    from longctx.engine.runner import chunked_forward
 
     base, adapted = _selected_adapter()
     ids = random_ids(1, 40)
@@ -170,7 +170,7 @@ def test_after_selection_only_the_selected_entries_move():
 
 
 def test_warm_up_updates_are_discarded_at_selection():
-    from longctx.adapters.sdlora import _lora_pair, _lora_layers, _mixers
+    from longctx.adapters.sdlora import _lora_layers, _lora_pair, _mixers
 
     adapted = wrap(tiny_mamba(), "sdlora")
     initial = [tuple(p.detach().clone() for p in _lora_pair(m)) for m in _lora_layers(adapted.model).values()]

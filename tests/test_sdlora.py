@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import perturb, random_ids
-from longctx.adapters import load_adapter, wrap
-from longctx.errors import LongctxError
 from test_mamba import tiny_mamba
+
+from longctx.adapters import load_adapter, wrap
+from longctx.core.errors import LongctxError
 
 
 def test_fresh_adapter_equals_base_and_only_its_parameters_train():
@@ -129,7 +129,7 @@ def test_params_reports_what_trains_after_selection(mamba_base, capsys):
 def test_train_runs_the_warm_up_selects_and_logs_it(tmp_path, mamba_base, capsys):
     import json
 
-    from longctx.train import TrainConfig, train_adapter
+    from longctx.training.train import TrainConfig, train_adapter
 
     cfg = TrainConfig(method="sdlora", task="passkey", train_length=256, out=str(tmp_path / "run"),
                       base=str(mamba_base), steps=3, batch_size=2, n_validation=1, eval_every=3)

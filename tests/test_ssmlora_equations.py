@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import random_ids, tiny_llama
+
 from longctx.adapters import wrap
-from longctx.runner import chunked_forward
+from longctx.engine.runner import chunked_forward
 
 
 def ssmlora_branch(x, A, B, C, D, h, alpha):
@@ -120,7 +120,7 @@ def test_chunk_carry_matters_and_reset_turns_it_off():
 
 
 def test_parameter_ratio_on_llama_2_7b_shapes():
-    from longctx.models import meta_model
+    from longctx.engine.bases import meta_model
 
     lora = wrap(meta_model("llama-2-7b"), "lora").trainable_parameters()
     ssm = wrap(meta_model("llama-2-7b"), "ssmlora").trainable_parameters()

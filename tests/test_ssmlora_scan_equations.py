@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_ids, tiny_llama
+
 from longctx.adapters import wrap
 from longctx.adapters.scan import linear_scan_ref
-from longctx.runner import chunked_forward
+from longctx.engine.runner import chunked_forward
 
-ALPHA, RANK = 16.0, 8  # the recipe's (longctx/recipes/ssmlora-scan.yaml)
+ALPHA, RANK = 16.0, 8  # the recipe's (longctx/adapters/recipes/ssmlora-scan.yaml)
 PADDING = 13  # left padding of the second sequence
 
 

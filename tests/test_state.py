@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import perturb, random_ids, tiny_llama
+
 from longctx.adapters import SequenceState, wrap
 
 
@@ -71,7 +71,7 @@ def test_scan_plans_are_built_once_per_layer_and_chunk_length_across_sequences()
     last chunk is a second length); the next sequence reuses them; a forward that records
     gradients keeps none; an optimiser step rebuilds them. (That chunked runs equal unchunked
     ones, plans kept, is test_chunking's; that they follow the equations, test_ssmlora_scan_equations'.)"""
-    from longctx.runner import chunked_forward
+    from longctx.engine.runner import chunked_forward
 
     adapted = wrap(tiny_llama(), "ssmlora-scan")
     perturb(adapted)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import SWEEP_SMOKE
-from longctx.errors import LongctxError
-from longctx.results import COLUMNS, cell_key, read_rows
+
+from longctx.core.errors import LongctxError
+from longctx.sweep.results import COLUMNS, cell_key, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 LONGCTX = [sys.executable, "-m", "longctx.cli"]
@@ -34,9 +34,9 @@ def _longctx(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_training_loss_covers_answer_tokens_only():
     from transformers import AutoTokenizer
 
-    from longctx.models import default_base_path
+    from longctx.engine.bases import default_base_path
     from longctx.tasks import generate
-    from longctx.train import encode_examples, pad_batch
+    from longctx.training.train import encode_examples, pad_batch
 
     tok = AutoTokenizer.from_pretrained(default_base_path())
     (example,) = generate("passkey", tok, 256, 1, split="train")
@@ -50,7 +50,7 @@ def test_training_loss_covers_answer_tokens_only():
 
 @pytest.mark.slow
 def test_train_writes_adapter_and_log_and_resumes_from_its_checkpoint(tmp_path):
-    from longctx.train import TrainConfig, train_adapter
+    from longctx.training.train import TrainConfig, train_adapter
 
     cfg = TrainConfig(method="lora", task="passkey", train_length=128, out=str(tmp_path / "run"), steps=4,
                       batch_size=2, n_validation=2, eval_every=2)
@@ -71,7 +71,7 @@ def test_train_writes_adapter_and_log_and_resumes_from_its_checkpoint(tmp_path):
     ({"method": "base"}, "no trainable parameters"),
 ])
 def test_train_refuses_bad_input(change, message, tmp_path):
-    from longctx.train import TrainConfig, train_adapter
+    from longctx.training.train import TrainConfig, train_adapter
 
     cfg = TrainConfig(**{"method": "lora", "task": "passkey", "train_length": 128, "out": str(tmp_path / "r"),
                          **change})
@@ -156,7 +156,7 @@ def test_missing_config_file_is_one_line_exit_2(tmp_path):
 
 
 def test_resuming_a_results_directory_on_another_base_is_refused(tmp_path):
-    from longctx.results import append_row
+    from longctx.sweep.results import append_row
 
     out = tmp_path / "out"
     out.mkdir()
@@ -187,9 +187,9 @@ def test_quick_demo_runs_both_bases_and_reports_them(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_parse_and_the_demo_ones_are_what_the_demo_runs(path):
     from longctx.demo import DEMO, DEMO_MAMBA
-    from longctx.gguf_bases import REAL_BASES
-    from longctx.models import EMBEDDED_BASES
-    from longctx.sweep import load_config
+    from longctx.engine.bases import EMBEDDED_BASES
+    from longctx.engine.gguf import REAL_BASES
+    from longctx.sweep.run import load_config
 
     cfg = load_config(path)
     assert cfg.base in {**EMBEDDED_BASES, **REAL_BASES}

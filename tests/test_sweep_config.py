@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from test_sweep_reruns import SMALL
 
-from longctx.errors import LongctxError
+from longctx.core.errors import LongctxError
 
 
 @pytest.mark.parametrize("change, message", [
@@ -51,7 +51,7 @@ from longctx.errors import LongctxError
      "executor.ray_num_cpus=0 leaves no room for a cell group of executor.cpus_per_cell=1"),
 ])
 def test_bad_new_config_values_are_one_line_errors(change, message):
-    from longctx.sweep import parse_config
+    from longctx.sweep.run import parse_config
 
     with pytest.raises(LongctxError) as err:
         parse_config({**SMALL, **change})
@@ -61,8 +61,8 @@ def test_bad_new_config_values_are_one_line_errors(change, message):
 def test_every_config_field_refuses_a_value_of_another_type():
     """Each field of SweepConfig is checked against its annotation on load: a quoted number where a
     number belongs, a number where a name belongs."""
-    from longctx.sweep import SweepConfig, parse_config
-    from longctx.typecheck import conforms, field_types
+    from longctx.core.typecheck import conforms, field_types
+    from longctx.sweep.run import SweepConfig, parse_config
 
     for key, hint in field_types(SweepConfig).items():
         bad = 1 if conforms("1", hint) else "1"
@@ -72,7 +72,7 @@ def test_every_config_field_refuses_a_value_of_another_type():
 
 
 def test_a_key_given_twice_in_the_yaml_is_refused(tmp_path):
-    from longctx.sweep import load_config
+    from longctx.sweep.run import load_config
 
     (tmp_path / "twice.yaml").write_text("methods: [base]\ntasks: [passkey]\nlengths: [256]\nlengths: [512]\n")
     with pytest.raises(LongctxError, match=r"twice.yaml': the key 'lengths' is given twice \(line 4\)"):

@@ -92,7 +92,7 @@ def test_the_exit_status_says_whether_any_cell_is_ok(fake, capsys):
 
 
 def test_the_real_child_is_killed_at_its_time_limit(tmp_path):
-    """The real `longctx.sweep_cell` cannot import torch and load a model in 0.2 s: recorded; no cell
+    """The real `longctx.sweep.cell` cannot import torch and load a model in 0.2 s: recorded; no cell
     ok, so exit status 1 with a one-line summary."""
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "methods": ["base"], "unchunked_methods": [], "cell_timeout_s": 0.2,
@@ -103,7 +103,7 @@ def test_the_real_child_is_killed_at_its_time_limit(tmp_path):
     assert run.returncode == 1, run.stderr[-2000:]
     summary = f"longctx: sweep finished with 0 of 2 cells ok (2 timeout); see {tmp_path / 'out' / 'results.jsonl'}"
     assert run.stderr.strip().splitlines() == [summary] and "results:" in run.stdout
-    from longctx.results import read_rows
+    from longctx.sweep.results import read_rows
 
     rows = read_rows(tmp_path / "out" / "results.jsonl")
     assert [r["status"] for r in rows] == ["timeout", "timeout"]

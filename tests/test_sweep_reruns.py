@@ -4,7 +4,7 @@ training settings (or recipe, or base) changed, moves rows of cells no longer in
 the archive, and an unchanged rerun repeats nothing; `--retry-failed`; `demo --quick`'s directory.
 
 The sweep driver runs for real (identities, archive, child processes, time limits); the child is
-this file run as a script — `longctx.sweep_cell.main` with stand-in training, loading and
+this file run as a script — `longctx.sweep.cell.main` with stand-in training, loading and
 evaluation that record each call — so a rerun costs a fraction of a second. `FAKE_SWEEP` (JSON)
 tells the stand-ins where to record and which phase should fail how.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from longctx.errors import LongctxError
+from longctx.core.errors import LongctxError
 
 SMALL = {"methods": ["base", "lora"], "tasks": ["passkey"], "lengths": [256, 320], "train_length": 256,
          "train_steps": 2, "batch_size": 2, "num_samples": 1, "chunk_size": 128, "unchunked_methods": ["base"]}
@@ -109,7 +109,7 @@ def fake(tmp_path, monkeypatch):
 
     The driver's time limits apply to the phases the spec makes block only: on any other phase
     (a child starting up on a loaded machine) a limit would make the verdict depend on speed."""
-    from longctx import sweep_cell
+    from longctx.sweep import cell as sweep_cell
 
     monkeypatch.setattr(sweep_cell, "CHILD", [sys.executable, str(Path(__file__).resolve())])
     monkeypatch.setattr(sweep_cell, "POLL_S", 0.02)
@@ -128,7 +128,7 @@ def fake(tmp_path, monkeypatch):
         fail: dict = {}
 
         def run(self, fail: dict | None = None, retry_failed: bool = False, **changes) -> list[dict]:
-            from longctx.sweep import parse_config, run_sweep
+            from longctx.sweep.run import parse_config, run_sweep
 
             Fake.fail = fail or {}
             self.calls.unlink(missing_ok=True)
@@ -155,7 +155,7 @@ def fake(tmp_path, monkeypatch):
                 return exit.code
 
         def rows(self) -> dict[tuple, dict]:
-            from longctx.results import read_rows
+            from longctx.sweep.results import read_rows
 
             return {(r["method"], r["chunk_size"], r["length"], r["seed"]): r
                     for r in read_rows(self.out / "results.jsonl")}
@@ -202,7 +202,7 @@ RERUNS = [  # change, cells evaluated again (or newly), adapters trained, rows a
 @pytest.mark.parametrize("change, evaluated, trained, archived", RERUNS,
                          ids=[json.dumps(c) if c else "unchanged" for c, *_ in RERUNS])
 def test_a_rerun_reruns_exactly_the_changed_cells(fake, change, evaluated, trained, archived):
-    from longctx.results import ARCHIVE, load_table, read_rows
+    from longctx.sweep.results import ARCHIVE, load_table, read_rows
 
     first = fake.run()
     assert _evaluated(first) == ALL and sum(c["kind"] == "train" for c in first) == 1
@@ -221,14 +221,14 @@ def test_a_rerun_reruns_exactly_the_changed_cells(fake, change, evaluated, train
 
 
 def _current_ids(change: dict) -> set[str]:
-    from longctx.sweep import base_identity, parse_config, plan
+    from longctx.sweep.run import base_identity, parse_config, plan
 
     cfg = parse_config({**SMALL, **change})
     return {c["cell_id"] for _, cells in plan(cfg, base_identity(cfg.base)) for c in cells}
 
 
 def test_a_changed_base_reruns_every_cell_and_retrains(fake, monkeypatch):
-    from longctx import sweep
+    from longctx.sweep import run as sweep
 
     fake.run()
     monkeypatch.setattr(sweep, "base_identity", lambda base: "another-checkpoint")
@@ -238,7 +238,7 @@ def test_a_changed_base_reruns_every_cell_and_retrains(fake, monkeypatch):
 
 
 def test_rows_carry_their_identity_and_a_reverted_setting_reuses_its_adapter(fake):
-    from longctx.results import cell_identity
+    from longctx.sweep.results import cell_identity
 
     fake.run()
     for row in fake.rows().values():
@@ -251,7 +251,7 @@ def test_rows_carry_their_identity_and_a_reverted_setting_reuses_its_adapter(fak
 
 
 def test_failed_cells_are_kept_unless_retry_failed(fake):
-    from longctx.results import ARCHIVE, read_rows
+    from longctx.sweep.results import ARCHIVE, read_rows
 
     fail = {"lora/128/320": "valueerror", "base/128/256": "memoryerror", "base/None/320": "sleep"}
     fake.run(fail=fail, cell_timeout_s=3)
@@ -285,7 +285,7 @@ def test_a_second_sweep_on_the_same_directory_is_refused(fake):
     {"recipe_overrides": {"lora": {"alpha": 8}}}, {"seed": 1}, {"base_id": "other"},
 ])
 def test_adapter_key_covers_every_training_setting(change):
-    from longctx.sweep import adapter_key, parse_config
+    from longctx.sweep.run import adapter_key, parse_config
 
     def key(seed=0, base_id="b", **values):
         return adapter_key(parse_config({**SMALL, **values}), "lora", "passkey", seed, base_id)
@@ -296,14 +296,14 @@ def test_adapter_key_covers_every_training_setting(change):
 @pytest.mark.parametrize("change", [{"num_samples": 5}, {"chunk_size": 64}, {"ssm_carry": "reset"},
                                     {"haystack": "essay"}, {"truncation": "left"}, {"cell_timeout_s": 5}])
 def test_adapter_key_ignores_evaluation_settings(change):
-    from longctx.sweep import adapter_key, parse_config
+    from longctx.sweep.run import adapter_key, parse_config
 
     assert (adapter_key(parse_config({**SMALL, **change}), "lora", "passkey", 0, "b")
             == adapter_key(parse_config(SMALL), "lora", "passkey", 0, "b"))
 
 
 def test_cell_identity_is_a_stable_hash_of_its_inputs():
-    from longctx.results import cell_identity
+    from longctx.sweep.results import cell_identity
 
     assert cell_identity({"a": 1, "b": [1, 2]}) == cell_identity({"b": [1, 2], "a": 1})
     assert cell_identity({"a": 1}) != cell_identity({"a": 2})
@@ -311,8 +311,8 @@ def test_cell_identity_is_a_stable_hash_of_its_inputs():
 
 
 def test_base_identity_follows_the_files_not_the_name(tmp_path, monkeypatch):
-    from longctx import sweep
-    from longctx.models import default_base_path
+    from longctx.engine.bases import default_base_path
+    from longctx.sweep import run as sweep
 
     copy = tmp_path / "tiny"
     shutil.copytree(default_base_path("longctx-tiny"), copy)
@@ -355,8 +355,8 @@ class _Engine:
 def test_retry_failed_gives_groups_that_used_their_attempts_fresh_ones(fake, monkeypatch):
     """A group whose jobs all vanished is given up after `max_attempts` (error rows); a plain rerun
     keeps those rows, and `--retry-failed` really submits it again (its attempts start afresh)."""
-    from longctx import cluster, executors
-    from longctx.results import ARCHIVE, read_rows
+    from longctx.sweep import cluster, executors
+    from longctx.sweep.results import ARCHIVE, read_rows
 
     monkeypatch.setitem(executors.ENGINES, "slurm", _Engine)
     monkeypatch.setattr(cluster, "POLL_S", 0)
@@ -377,8 +377,9 @@ def test_retry_failed_gives_groups_that_used_their_attempts_fresh_ones(fake, mon
 
 def test_quick_demo_has_its_own_directory(tmp_path, monkeypatch):
     """`longctx demo --quick` then `longctx demo`: the quick 2-sample cells never reach runs/demo."""
-    from longctx import demo, sweep
+    from longctx import demo
     from longctx.cli import build_parser
+    from longctx.sweep import run as sweep
 
     runs = []
     monkeypatch.setattr(sweep, "run_sweep", lambda cfg, where, **kw: runs.append((cfg, Path(where))) or Path(where))
@@ -395,6 +396,6 @@ def test_quick_demo_has_its_own_directory(tmp_path, monkeypatch):
 
 
 if __name__ == "__main__":  # the stand-in child
-    from longctx.sweep_cell import main
+    from longctx.sweep.cell import main
 
     main(sys.argv[1:], evaluate=_fake_evaluate, load=_fake_load, trainer=_fake_train)

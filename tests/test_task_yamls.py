@@ -1,12 +1,14 @@
 """The task list is defined once — `longctx.tasks.TASKS` — and the shipped lm-eval YAMLs are
-checked against it: two forms per task, each reading its own generator, the groups complete."""
+checked against it: two forms per task, each naming only itself (its generator is read off its
+name by `glue.LongctxTask`), the groups complete."""
 from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 
-from longctx.resources import task_dir
+from longctx.core.resources import task_dir
 from longctx.tasks import TASKS
 
 
@@ -24,7 +26,7 @@ def test_every_task_has_both_forms_reading_its_own_generator_and_nothing_else_sh
         for form in ("", "_gen"):
             config = _read(f"longctx_{task}{form}")
             assert config["task"] == f"longctx_{task}{form}"
-            assert config["custom_dataset"] == f"hooks.{task}"
+            assert set(config) == {"include", "task"}, config
             assert config["include"] == f"_longctx_{'gen' if form else 'll'}_template_yaml"
 
 
@@ -34,19 +36,27 @@ def test_groups_list_exactly_the_tasks_of_the_table():
     assert _read("longctx_niah")["task"] == [f"longctx_{t}" for t in TASKS if t.startswith("niah_")]
 
 
-def test_the_hooks_shim_exports_one_function_per_task():
+def test_each_task_passes_its_own_generator_to_build_dataset(monkeypatch):
+    """lm-eval loads `glue.py` by path next to the YAML; its task class names the generator."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("hooks", task_dir() / "hooks.py")
-    hooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hooks)
-    assert all(callable(getattr(hooks, t)) for t in TASKS)
+    spec = importlib.util.spec_from_file_location("glue", task_dir() / "glue.py")
+    glue = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(glue)
+    for task in TASKS:
+        assert glue.generator_name(f"longctx_{task}") == glue.generator_name(f"longctx_{task}_gen") == task
+    seen = {}
+    monkeypatch.setattr(glue.ConfigurableTask, "__init__", lambda self, *a: seen.update(a[3]["dataset_kwargs"]))
+    glue.LongctxTask(config={"task": "longctx_vt_gen", "class": "x", "dataset_kwargs": {"max_gen_toks": 64}})
+    assert seen == {"task": "vt", "max_gen_toks": 64}
+    with pytest.raises(glue.LongctxError, match="not a longctx task"):
+        glue.generator_name("ruler_vt")
 
 
 def test_lm_evals_default_task_search_finds_the_package_tasks_once_the_hook_ran():
     from lm_eval.tasks import TaskManager
 
-    from longctx.lmeval_plugin import add_task_folder
+    from longctx.lmeval.plugin import add_task_folder
 
     add_task_folder()
     assert "longctx_passkey" in TaskManager().all_tasks  # defaults: ours added

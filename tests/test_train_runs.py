@@ -9,10 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from longctx.errors import LongctxError
-from longctx.train import CHECKPOINT_STATE, SETTINGS_NAME, TrainConfig, last_complete_checkpoint, train_adapter
 from test_cli import assert_one_line_error, longctx_here  # noqa: F401  (a fixture)
+
+from longctx.core.errors import LongctxError
+from longctx.training.train import CHECKPOINT_STATE, SETTINGS_NAME, TrainConfig, last_complete_checkpoint, train_adapter
+
 
 # The run the fixture trains, as `longctx train` arguments (n_validation and eval_every are not
 # settings of the adapter: the command's defaults differ from the fixture's and must not matter).

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_wheelhouse import INSTALL, node_venv, offline_env, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +44,7 @@ def longctx(installed, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 
 
 def test_the_installed_package_is_the_wheel_and_carries_its_data(installed):
-    code = ("import longctx, longctx.resources as r; print(longctx.__file__); "
+    code = ("import longctx, longctx.core.resources as r; print(longctx.__file__); "
             "print(len(list(r.recipe_dir().glob('*.yaml'))), len(list(r.task_dir().glob('longctx_*.yaml'))))")
     out = run([installed["bin"] / "python", "-c", code], offline_env(), cwd=installed["work"])
     assert out.returncode == 0, out.stderr

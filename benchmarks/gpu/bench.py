@@ -88,7 +88,7 @@ def save_random_checkpoint(directory: str, device: str, shape: dict[str, Any]) -
     benchmark feeds token ids; the tokenizer only satisfies the loaders)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from longctx.models import default_base_path
+    from longctx.engine.bases import default_base_path
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -104,7 +104,7 @@ def real_base_checkpoint(directory: str, base: str, rope_scaling: str | None) ->
     so that `hf` and longctx load the same checkpoint; returns (vocabulary, position limit)."""
     from transformers import AutoConfig
 
-    from longctx.models import parse_rope_scaling, resolve_base, scale_rope
+    from longctx.engine.bases import parse_rope_scaling, resolve_base, scale_rope
 
     source = Path(resolve_base(base))
     for path in source.iterdir():
@@ -131,7 +131,7 @@ def random_ids(n: int, device: str, seed: int = 0, vocab: int = 128000) -> torch
 
 
 def bench_kernels(device: str) -> None:
-    from longctx.kernels import CUDA_ORDER, KERNELS, choose_kernel, grouped_capable, one_call_capable
+    from longctx.engine.kernels import CUDA_ORDER, KERNELS, choose_kernel, grouped_capable, one_call_capable
 
     n, heads, d = 64 * K, 32, 64
     q, k, v = (torch.randn(1, heads, n, d, device=device, dtype=torch.bfloat16) for _ in range(3))
@@ -158,7 +158,7 @@ def bench_kernels(device: str) -> None:
 
 def bench_prefill(model: torch.nn.Module, device: str) -> None:
     """G1: 64K prefill, chunked longctx vs stock unchunked sdpa (and stock chunked for context)."""
-    from longctx.runner import chunked_forward
+    from longctx.engine.runner import chunked_forward
 
     n = G1_LENGTH
     ids = random_ids(n, device, vocab=model.config.vocab_size)
@@ -178,8 +178,8 @@ def bench_prefill(model: torch.nn.Module, device: str) -> None:
 
 def chunked_request(adapted: Any, n: int, device: str) -> dict[str, float]:
     """One chunked ssmlora prefill of n tokens: seconds, request peak above the weights, reserved."""
-    from longctx.memory import PeakMemory
-    from longctx.runner import chunked_forward
+    from longctx.engine.measure import PeakMemory
+    from longctx.engine.runner import chunked_forward
 
     ids = random_ids(n, device, seed=n, vocab=adapted.model.config.vocab_size)
     empty_cache()
@@ -224,7 +224,7 @@ def bench_adapters(model: torch.nn.Module, device: str, rounds: int = 5) -> None
     so that a slow spell of the card falls on every method alike (single runs in sequence moved
     one ratio from 0.88 to 0.59 on the H100 on 2026-11-26)."""
     from longctx.adapters import wrap
-    from longctx.runner import chunked_forward
+    from longctx.engine.runner import chunked_forward
 
     ids = random_ids(min(32 * K, G1_LENGTH), device, seed=1, vocab=model.config.vocab_size)  # a real base: its limit
     methods = ("base", "lora", "ssmlora", "ssmlora-scan", "lora-xs")
@@ -247,7 +247,7 @@ def one_request(lm: Any, n: int, device: str, vocab: int, seed: int = 7, emptied
     """One log-likelihood request of n tokens (8 of them the continuation): time, peaks, log-prob.
     `emptied`: the allocator's cached blocks are handed back to the driver first, so the request
     allocates afresh; otherwise it reuses what the previous request left cached."""
-    from longctx.memory import PeakMemory
+    from longctx.engine.measure import PeakMemory
 
     ids = random_ids(n, "cpu", seed=seed, vocab=vocab)[0].tolist()
     request = (("context", "continuation"), ids[:-8], ids[-8:])
@@ -293,7 +293,7 @@ def bench_vs_hf(directory: str, device: str, vocab: int, chunks: tuple[int, ...]
     Each loads the checkpoint itself; nothing else is on the card meanwhile."""
     from lm_eval.models.huggingface import HFLM
 
-    from longctx.lmeval_model import SsmloraLM
+    from longctx.lmeval.model import SsmloraLM
 
     lengths = G4_LENGTHS
     lm = HFLM(pretrained=directory, device=device, batch_size=1, dtype="bfloat16", max_length=1 << 20)
@@ -322,7 +322,7 @@ def bench_vs_hf(directory: str, device: str, vocab: int, chunks: tuple[int, ...]
 
 def bench_plan_cost(device: str) -> None:
     """First call vs repeat of each CUDA kernel on a shape it has not seen (cuDNN builds a plan)."""
-    from longctx.kernels import CUDA_ORDER, KERNELS
+    from longctx.engine.kernels import CUDA_ORDER, KERNELS
 
     q = torch.randn(1, 8, 4 * 4000 + 4 * K, 64, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 8, 50000 + 333, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
@@ -403,7 +403,7 @@ def main() -> None:
 def run_in_process(directory: str, device: str, skip: set[str], vocab: int) -> None:
     """The kernel, G1, adapter and long-input figures on the checkpoint loaded by `load_base`
     (straight onto the card in bf16); the 1M run last, since it is the longest."""
-    from longctx.models import load_base
+    from longctx.engine.bases import load_base
 
     if "kernel" not in skip:
         bench_kernels(device)

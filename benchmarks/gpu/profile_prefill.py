@@ -28,8 +28,8 @@ from bench import LLAMA_3_2_1B, cuda_time, random_ids, save_random_checkpoint, u
 
 def attention_alone(n: int, chunks: list[int]) -> None:
     """Per layer: one causal call over n tokens vs the chunk-by-chunk merge, and its parts."""
-    from longctx.attention import _unmasked, merged_attention
-    from longctx.kernels import attention_with_lse, grouped_capable
+    from longctx.engine.attention import _unmasked, merged_attention
+    from longctx.engine.kernels import attention_with_lse, grouped_capable
 
     heads, kv_heads, d = 32, 8, 64
     q = torch.randn(1, heads, n, d, device="cuda", dtype=torch.bfloat16)  # (1, H, N, d)
@@ -73,8 +73,8 @@ def top_kernels(fn, label: str, rows: int = 14) -> None:
 
 
 def whole_model(n: int, chunks: list[int]) -> None:
-    from longctx.models import load_base
-    from longctx.runner import chunked_forward
+    from longctx.engine.bases import load_base
+    from longctx.engine.runner import chunked_forward
 
     with tempfile.TemporaryDirectory() as tmp:
         save_random_checkpoint(tmp, "cuda", LLAMA_3_2_1B)
@@ -97,7 +97,7 @@ def whole_model(n: int, chunks: list[int]) -> None:
 
 def every_row(run):
     """`run()` with the last layer attending every row, as before 2026-11-26 (the kept rows only since)."""
-    from longctx import runner
+    from longctx.engine import runner
 
     skippable = runner.last_layer_rows_skippable
     runner.last_layer_rows_skippable = lambda model: False
@@ -111,7 +111,7 @@ def request_steps(lm, ids: torch.Tensor, chunk: int, device: str = "cuda") -> di
     """Seconds of each step from the bare prefill of ids (1, n) to the model type's whole request."""
     from bench import empty_cache, one_request
 
-    from longctx.runner import chunked_forward
+    from longctx.engine.runner import chunked_forward
 
     n, model = ids.shape[1], lm.adapted
     keep = torch.arange(n - 9, n - 1)  # the 8 continuation positions of an n-token request
@@ -131,8 +131,8 @@ def request_steps(lm, ids: torch.Tensor, chunk: int, device: str = "cuda") -> di
 
 def request_path(n: int, chunks: list[int]) -> None:
     """G4's request vs the bare prefill: which of its differences costs the time (see --request)."""
-    from longctx.lmeval_model import SsmloraLM
-    from longctx.runner import chunked_forward
+    from longctx.engine.runner import chunked_forward
+    from longctx.lmeval.model import SsmloraLM
 
     with tempfile.TemporaryDirectory() as tmp:
         save_random_checkpoint(tmp, "cuda", LLAMA_3_2_1B)

@@ -16,8 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from longctx.adapters.base import (CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME, AdaptedModel, AdapterMethod, Recipe,
-                                   base_dtype, common_dtype, dtype_fingerprints, load_recipe, make_recipe)
+from longctx.adapters.base import (
+    CONFIG_NAME,
+    METADATA_NAME,
+    WEIGHTS_NAME,
+    AdaptedModel,
+    AdapterMethod,
+    Recipe,
+    base_dtype,
+    common_dtype,
+    dtype_fingerprints,
+    load_recipe,
+    make_recipe,
+)
 from longctx.adapters.dense import Dense
 from longctx.adapters.frozen import FrozenBase
 from longctx.adapters.lora import Lora, peft_lora_config, recipe_fields_from_peft
@@ -25,9 +36,9 @@ from longctx.adapters.lora_xs import LoraXS
 from longctx.adapters.sdlora import SDLoRA
 from longctx.adapters.ssmlora import SSMLoRA
 from longctx.adapters.ssmlora_scan import SSMLoRAScan
-from longctx.adapters.state import SequenceState, StateBinding
-from longctx.errors import LongctxError, choice_error
-from longctx.models import fingerprint, model_family
+from longctx.core.errors import LongctxError, choice_error
+from longctx.engine.bases import fingerprint, model_family
+from longctx.engine.state import SequenceState, StateBinding
 
 ADAPTERS: dict[str, AdapterMethod] = {
     "base": FrozenBase(),
@@ -61,7 +72,7 @@ def wrap(model: nn.Module, method: str | AdapterMethod, recipe: Recipe | None = 
     """Insert `method` (a name, or a method object such as a loaded directory's `Lora(config)`) into
     `model` (in place), freezing the base's own weights.
 
-    The recipe defaults to `longctx/recipes/<method>.yaml` with `overrides` on top. Adapter weights are
+    The recipe defaults to `longctx/adapters/recipes/<method>.yaml` with `overrides` on top. Adapter weights are
     initialised from `seed` without disturbing the global RNG.
     """
     impl = method if isinstance(method, AdapterMethod) else get_adapter(method)
@@ -76,7 +87,7 @@ def wrap(model: nn.Module, method: str | AdapterMethod, recipe: Recipe | None = 
         adapted_model, points = impl.apply(model, recipe, binding)
     adapted_model.train(training)  # inserted modules follow the base's train/eval mode
     if model_family(adapted_model) == "mamba":  # chunk carry + adapter-honouring training path
-        from longctx.mamba import carry_ssm_state
+        from longctx.engine.mamba import carry_ssm_state
 
         carry_ssm_state(adapted_model)
     return AdaptedModel(adapted_model, impl, recipe, points, base_fp, base_name, binding, dtype, base_fps)

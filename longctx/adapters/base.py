@@ -32,9 +32,9 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from longctx.adapters.state import SequenceState, StateBinding
-from longctx.errors import LongctxError
-from longctx.fileio import atomic_directory
+from longctx.core.errors import LongctxError
+from longctx.core.fileio import atomic_directory
+from longctx.engine.state import SequenceState, StateBinding
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 # longctx's own block, kept out of the adapter_config.json that PEFT reads (a `lora` directory):
@@ -73,7 +73,7 @@ METHOD_FIELDS: dict[str, MethodField] = {
 
 @dataclass(frozen=True)
 class Recipe:
-    """Hyper-parameters of one adapter method, as read from `longctx/recipes/<method>.yaml`.
+    """Hyper-parameters of one adapter method, as read from `longctx/adapters/recipes/<method>.yaml`.
 
     insertion: a preset name (`sparse-qv`, `reference-all`, `every-qv`) or a list of module-name
     suffixes (`["q_proj", "v_proj"]`). `train` holds training settings used by `longctx train`.
@@ -139,8 +139,8 @@ def make_recipe(method: str, values: dict[str, Any]) -> Recipe:
 
 
 def load_recipe(method: str, overrides: dict[str, Any] | None = None) -> Recipe:
-    """`longctx/recipes/<method>.yaml` with `overrides` applied on top."""
-    from longctx.resources import recipe_dir
+    """`longctx/adapters/recipes/<method>.yaml` with `overrides` applied on top."""
+    from longctx.core.resources import recipe_dir
 
     path = recipe_dir() / f"{method}.yaml"
     try:
@@ -172,7 +172,7 @@ def base_dtype(model: nn.Module) -> str:
 
 def dtype_fingerprints(model: nn.Module) -> dict[str, str]:
     """Per dtype name, `models.fingerprint` of the base with its values rounded to that dtype."""
-    from longctx.models import fingerprint
+    from longctx.engine.bases import fingerprint
 
     return {name: fingerprint(model, as_dtype=dtype) for name, dtype in FINGERPRINT_DTYPES.items()}
 

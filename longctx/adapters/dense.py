@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe
-from longctx.adapters.state import StateBinding
+from longctx.engine.state import StateBinding
 
 
 class Dense(AdapterMethod):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from longctx.adapters.base import AdapterMethod, Recipe
-from longctx.adapters.state import StateBinding
+from longctx.engine.state import StateBinding
 
 
 class FrozenBase(AdapterMethod):

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
-from longctx.errors import LongctxError
-from longctx.models import model_family
+from longctx.core.errors import LongctxError
+from longctx.engine.bases import model_family
 
 if TYPE_CHECKING:
     from longctx.adapters.base import Recipe
-    from longctx.adapters.state import StateBinding
+    from longctx.engine.state import StateBinding
 
 PRESETS = ("sparse-qv", "reference-all", "every-qv")
 _LAYER = re.compile(r"layers\.(\d+)\.")

@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, AdaptedModel, Recipe
+from longctx.adapters.base import AdaptedModel, AdapterMethod, Recipe
 from longctx.adapters.insertion import resolve_points
-from longctx.adapters.state import StateBinding
-from longctx.errors import LongctxError
+from longctx.core.errors import LongctxError
+from longctx.engine.state import StateBinding
 
 # Keys of adapter_config.json that are not LoraConfig fields: longctx's own block (directories
 # saved before it moved to its own file) and PEFT's runtime-only settings (PEFT drops them too).

@@ -35,7 +35,8 @@ from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.derived import DerivedCache
 from longctx.adapters.insertion import replace_modules, resolve_points
 from longctx.adapters.precision import add_projection_out, project_in
-from longctx.adapters.state import StateBinding
+from longctx.engine.state import StateBinding
+
 
 def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """(B = U_r, A = Σ_r V_rᵀ) of `weight` (d_out, d_in), in the adapter's dtype (float32, or float64 on

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import replace_modules, resolve_points
-from longctx.adapters.state import StateBinding
-from longctx.errors import LongctxError
+from longctx.core.errors import LongctxError
+from longctx.engine.state import StateBinding
 
 # The fractions frozen by the selection (the recipe's `channel_freeze`, `state_freeze`) are the
 # reference's `num_freeze` (sd_lora.py `_parse_dims`: int(round(fraction * size)) frozen, the rest
@@ -152,7 +152,7 @@ def _choose(mixer: nn.Module, from_updates: bool) -> tuple[Tensor, Tensor]:
 class SDLoRA(AdapterMethod):
     """PEFT's `get_peft_model` refuses LoRA on a Mamba out_proj (peft `tuners_utils.
     _check_lora_target_modules_mamba`): the fused training kernel reads out_proj's weight directly,
-    bypassing the adapter. Adapted Mambas never take that kernel here (`longctx.mamba`: training
+    bypassing the adapter. Adapted Mambas never take that kernel here (`longctx.engine.mamba`: training
     runs the unfused path, which calls out_proj), so the reference's placement is kept, building
     PEFT's LoRA layer directly as the reference's tuner does."""
 

@@ -25,7 +25,7 @@ from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.derived import DerivedCache
 from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.precision import add_projection_out, project_in
-from longctx.adapters.state import StateBinding
+from longctx.engine.state import StateBinding
 
 # The reference's guard against dividing by a zero range (h' equal over its r entries gives ĥ = 0
 # for any positive value); elsewhere it moves ĥ by a relative 1e-8 / range. A guard of the

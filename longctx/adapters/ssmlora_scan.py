@@ -26,7 +26,7 @@ from longctx.adapters.derived import DerivedCache
 from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.precision import add_projection_out, project_in
 from longctx.adapters.scan import plan_scan, run_scan
-from longctx.adapters.state import StateBinding
+from longctx.engine.state import StateBinding
 
 
 class SSMLoRAScanLinear(nn.Module):

@@ -1,7 +1,7 @@
 """Long-input task generators (design §6): pure functions of (tokenizer, length, n, seed, split, …).
 
 `TASKS` is the registry: task name -> generator of one example. `generate` builds a task's
-examples for one split and one length; `longctx.tasks.lmeval` turns them into lm-eval datasets.
+examples for one split and one length; `longctx.lmeval.tasks.glue` turns them into lm-eval datasets.
 The needle tasks (passkey, niah_*, vt) fill their prompts from a haystack (`HAYSTACKS`: `noise`,
 `essay`, or `paul-graham`, fetched with `longctx fetch paul-graham-essays`) and record in each
 example's `extra` which one (`haystack`) and whether its filler outran the pool and repeated
@@ -17,10 +17,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from longctx.errors import LongctxError, choice_error
+from longctx.core.errors import LongctxError, choice_error
 from longctx.tasks import extraction, mqar, niah, vt
-from longctx.tasks.common import (HAYSTACKS, SPLITS, Example, TooShort, check_split, example_rng, pad_into_band,
-                                  tolerance)
+from longctx.tasks.common import (
+    HAYSTACKS,
+    SPLITS,
+    Example,
+    TooShort,
+    check_split,
+    example_rng,
+    pad_into_band,
+    tolerance,
+)
 from longctx.tasks.counting import TokenCounter
 
 # name -> (generator, default haystack; cwe, fwe and mqar ignore theirs)

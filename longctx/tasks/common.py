@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from longctx import fetch
-from longctx.errors import LongctxError, choice_error
+from longctx.core import fetch
+from longctx.core.errors import LongctxError, choice_error
+from longctx.core.resources import assets_dir
 
-TEXT_DIR = Path(__file__).resolve().parent.parent / "assets" / "text"
+TEXT_DIR = assets_dir() / "text"
 SPLITS = ("train", "validation", "test")
 HAYSTACKS = ("noise", "essay", "paul-graham")
 # RULER's noise haystack: the same five sentences repeated.

@@ -11,7 +11,7 @@ import random
 import string
 from typing import Callable
 
-from longctx.errors import LongctxError
+from longctx.core.errors import LongctxError
 from longctx.tasks.common import SPLITS, Example, fit_to_length, split_words, word_pool
 
 # (common words, repeats of each) from most to least demanding; the first that fits is used.

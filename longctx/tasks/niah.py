@@ -9,11 +9,18 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from longctx.errors import LongctxError
-
+from longctx.core.errors import LongctxError
+from longctx.tasks.common import (
+    Example,
+    fit_filler,
+    haystack_extra,
+    haystack_words,
+    insert_at_depths,
+    measured_depth,
+    split_number,
+    split_words,
+)
 from longctx.tasks.counting import fit_haystack
-from longctx.tasks.common import (Example, fit_filler, haystack_extra, haystack_words, insert_at_depths,
-                                  measured_depth, split_number, split_words)
 
 NIAH_PREFIX = "Memorize the magic numbers hidden in this text.\n"
 PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "

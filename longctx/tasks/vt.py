@@ -7,9 +7,16 @@ import random
 import string
 from typing import Callable
 
+from longctx.tasks.common import (
+    Example,
+    fit_filler,
+    haystack_extra,
+    haystack_words,
+    insert_at_depths,
+    measured_depth,
+    split_number,
+)
 from longctx.tasks.counting import fit_haystack
-from longctx.tasks.common import (Example, fit_filler, haystack_extra, haystack_words, insert_at_depths, measured_depth,
-                                  split_number)
 
 PREFIX = "Track the variable assignments in this text.\n"
 HOPS = 4  # assignments after the first: five names in all

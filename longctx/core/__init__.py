@@ -1,0 +1,1 @@
+"""Foundations every layer uses: errors, atomic files, package data, fetched assets, identity hashes."""

@@ -1,0 +1,302 @@
+"""Base models: resolve a name or path, load it, pick the attention backend, know its limits.
+
+`longctx-tiny` (the embedded base built by `longctx pretrain`) is accepted wherever a base is
+named; everything else is an ordinary HuggingFace causal LM loaded through the same code.
+Adapter insertion points are resolved by module-name patterns per model family (design §3).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from longctx.core.errors import LongctxError, choice_error
+from longctx.core.resources import assets_dir
+from longctx.engine.gguf import REAL_BASES, converted_dir, is_gguf
+from longctx.engine.placement import dispatch, full_device_map
+
+EMBEDDED_BASES = {"longctx-tiny": "llama", "longctx-tiny-mamba": "mamba"}  # name -> architecture of the recipe
+ASSETS_DIR = assets_dir()
+ROPE_TYPES = ("linear", "dynamic", "yarn")
+ATTN_CHOICES = ("auto", "longctx_sdpa", "sdpa", "eager", "flash_attention_2")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
+# Weight shapes of well-known models, built on the meta device for parameter tables.
+META_SHAPES = {
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096),
+}
+
+
+def default_base_path(name: str = "longctx-tiny") -> Path:
+    """Directory of an embedded base (HF format), building it with the recipe if it is absent.
+
+    The committed copy under `longctx/assets/` is used when present; otherwise the recipe runs
+    once into `$LONGCTX_CACHE` (default `~/.cache/longctx`).
+    """
+    if name not in EMBEDDED_BASES:
+        raise choice_error("embedded base", name, EMBEDDED_BASES)
+    committed = ASSETS_DIR / name
+    if (committed / "config.json").is_file():
+        return committed
+    cache = Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx")) / name
+    if not (cache / "config.json").is_file():
+        from longctx.pretrain.build import pretrain
+
+        pretrain(cache, arch=EMBEDDED_BASES[name])
+    return cache
+
+
+def resolve_base(name_or_path: str, gguf_file: str | None = None) -> str:
+    """Map an embedded name to its directory and a GGUF base (a real base's name, a `.gguf` path, or
+    lm-eval's `pretrained=DIR,gguf_file=NAME`) to its dequantised cache; pass local directories and
+    hub ids through."""
+    return base_source(name_or_path, gguf_file)[0]
+
+
+def base_source(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
+                subfolder: str | None = None) -> tuple[str, dict[str, str]]:
+    """(what to load, from_pretrained's `revision`/`subfolder` keywords), as lm-eval's `hf` passes
+    them. A hub id or local directory takes both (transformers ignores a revision for a directory).
+    An embedded base has no revisions or subfolders, and a GGUF base is read by path and cached by
+    its hash: there a revision other than `main` is refused, and a subfolder is where `gguf_file`
+    lies in DIR (`pretrained=DIR,subfolder=S,gguf_file=F` reads DIR/S/F)."""
+    name, pinned = str(name_or_path), revision is not None and str(revision) not in ("", "main")
+    if name in EMBEDDED_BASES:
+        for key, value in (("revision", revision if pinned else None), ("subfolder", subfolder)):
+            if value:
+                raise LongctxError(f"{key}={value!r} does not apply to the embedded base {name!r}: it is built "
+                                   f"locally, one directory with no revisions or subfolders; leave {key} out")
+        return str(default_base_path(name)), {}
+    if is_gguf(name, gguf_file):
+        if pinned:
+            raise LongctxError(f"revision={revision!r} does not apply to a GGUF base: its file is read as it is "
+                               f"(from DIR or the local hub cache) and cached by its hash; name the file you mean")
+        if subfolder and not gguf_file:
+            raise LongctxError(f"subfolder={subfolder!r} applies to pretrained=DIR,gguf_file=NAME only, not to "
+                               f"{name!r}: give the .gguf file's path")
+        member = f"{str(subfolder).strip('/')}/{gguf_file}" if subfolder else gguf_file
+        return str(converted_dir(name, member)), {}
+    source = {"revision": str(revision)} if pinned else {}
+    return name, {**source, **({"subfolder": str(subfolder)} if subfolder else {})}
+
+
+def choose_attn_implementation(requested: str = "auto", on_cpu: bool = False) -> str:
+    """`auto`: flash_attention_2 when flash-attn imports and CUDA is present (and no layer runs on
+    the CPU, `on_cpu`), else `longctx_sdpa` (SDPA whose chunked prefill needs no mask; see
+    `longctx.engine.attention`)."""
+    if requested not in ATTN_CHOICES:
+        raise choice_error("attn_implementation", requested, ATTN_CHOICES)
+    if requested == "auto":
+        has_flash = importlib.util.find_spec("flash_attn") is not None and not on_cpu
+        requested = "flash_attention_2" if has_flash and torch.cuda.is_available() else "longctx_sdpa"
+    if requested == "longctx_sdpa":
+        from longctx.engine.attention import register
+
+        register()
+    return requested
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """A torch dtype from its name, or "auto" (the checkpoint's own dtype, as lm-eval's `hf`)."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in DTYPES:
+        raise choice_error("dtype", dtype, ("auto", *DTYPES))
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: None means CUDA when present, else CPU (as lm-eval's `hf`); asking for
+    a CUDA device that is not there is an error, never a silent fall back to the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LongctxError(f"unknown device {str(device)!r} (valid: cpu, cuda, cuda:N, auto)") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LongctxError(f"device {str(device)!r} asked for, but this machine has no CUDA device "
+                               f"(torch {torch.__version__}); use device=cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise LongctxError(f"device {str(device)!r} asked for, but this machine has {count} CUDA "
+                               f"device(s): cuda:0 to cuda:{count - 1}")
+    elif resolved.type != "cpu":
+        raise LongctxError(f"unsupported device {str(device)!r} (valid: cpu, cuda, cuda:N, auto)")
+    return resolved
+
+
+def parse_rope_scaling(value: Any) -> dict[str, Any] | None:
+    """Rope scaling as transformers defines it, from `TYPE:FACTOR` (e.g. `yarn:4`), a mapping with
+    `rope_type` and `factor`, or None / "none" (the checkpoint's own positions)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, dict):
+        kind, factor = value.get("rope_type"), value.get("factor")
+    else:
+        kind, _, factor = str(value).partition(":")
+    if kind not in ROPE_TYPES:
+        raise choice_error("rope_scaling type", kind, ROPE_TYPES)
+    try:
+        parsed = float(factor)
+    except (TypeError, ValueError):
+        parsed = float("nan")
+    if not parsed > 1:
+        raise LongctxError(f"rope_scaling factor must be a number above 1, got {factor!r} (e.g. rope_scaling=yarn:4)")
+    return {"rope_type": kind, "factor": parsed}
+
+
+def scale_rope(config: Any, scaling: dict[str, Any]) -> None:
+    """Set `scaling` on a config the way transformers reads it: the new rope type and factor over the
+    checkpoint's own rope parameters, the original limit kept, the position limit multiplied."""
+    if config.model_type in ("mamba", "mamba2"):
+        raise LongctxError("rope_scaling does not apply to a Mamba base: it has no positions (and no limit)")
+    original = int(config.max_position_embeddings)
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update(scaling, original_max_position_embeddings=original)
+    config.rope_parameters = params
+    config.max_position_embeddings = int(original * scaling["factor"])
+
+
+def load_base(name_or_path: str, dtype: str | torch.dtype = "auto",
+              attn_implementation: str = "auto", device: str | torch.device | None = "cpu",
+              trust_remote_code: bool = False, gguf_file: str | None = None,
+              rope_scaling: Any = None, revision: str | None = None, subfolder: str | None = None,
+              device_map: Any = None, max_memory: dict[Any, int] | None = None) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) in eval mode, straight onto `device` in `dtype` (no float32 copy in
+    host memory first). dtype "auto": the checkpoint's own (a GGUF base's: its dequantised float32).
+    Hub ids load only from the local cache offline. `rope_scaling`: see `parse_rope_scaling`;
+    `revision`/`subfolder`: see `base_source`. `device_map` (with `max_memory`, as lm-eval's `hf`
+    passes them under parallelize=True): the model is split over devices instead of put on `device`
+    (loaded on the CPU, then dispatched: `longctx.engine.placement`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    scaling = parse_rope_scaling(rope_scaling)
+    path, source = base_source(name_or_path, gguf_file, revision, subfolder)
+    torch_dtype = parse_dtype(dtype)
+    target = resolve_device(device) if device_map is None else torch.device("cpu")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **source)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **source)
+        if scaling:
+            scale_rope(config, scaling)
+        mapping = None if device_map is None else _device_map(config, device_map, max_memory, torch_dtype,
+                                                               trust_remote_code)
+        attn = choose_attn_implementation(attn_implementation, on_cpu=target.type == "cpu" and (
+            mapping is None or "cpu" in mapping.values()))
+        attention = {} if config.model_type in ("mamba", "mamba2") else {"attn_implementation": attn}  # no attention
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=torch_dtype, device_map={"": target}, trust_remote_code=trust_remote_code,
+            **attention, **source)
+    except (OSError, ValueError) as err:
+        if isinstance(err, LongctxError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LongctxError(
+            f"cannot load base model {name_or_path!r}: {first} (give a local HF directory, a cached hub "
+            f"id, a .gguf file, or one of: {', '.join([*EMBEDDED_BASES, *REAL_BASES])})") from None
+    if mapping is not None:
+        dispatch(model, mapping)
+    if config.model_type == "mamba":
+        from longctx.engine.mamba import use_parallel_scan
+
+        use_parallel_scan(model)
+    model.eval()
+    make_resident(model)  # the weights left on the CPU, if any
+    parts = [str(name_or_path), subfolder, gguf_file]
+    model.config.longctx_base_name = "/".join(str(p).strip("/") for p in parts if p) + (
+        f"@{source['revision']}" if "revision" in source else "")
+    return model, tok
+
+
+def _device_map(config: Any, device_map: Any, max_memory: dict[Any, int] | None, dtype: Any,
+                trust_remote_code: bool) -> dict[str, str]:
+    """The map of every module (`placement.full_device_map`), each device checked to be here."""
+    mapping = full_device_map(config, device_map, max_memory, dtype, trust_remote_code)
+    for name in set(mapping.values()):
+        resolve_device(name)
+    return mapping
+
+
+def make_resident(model: nn.Module) -> None:
+    """Read every weight once. Safetensors weights loaded onto the CPU are memory-mapped and become
+    resident only when first touched, which would count them in the first request's memory."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel():
+                tensor.reshape(-1).sum()
+
+
+def meta_model(shape: str) -> nn.Module:
+    """A model with the weight shapes of a well-known checkpoint, on the meta device (no memory)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape not in META_SHAPES:
+        raise choice_error("model shape", shape, META_SHAPES)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**META_SHAPES[shape]))
+    model.config.longctx_base_name = f"shape:{shape}"
+    return model
+
+
+def model_family(model: nn.Module) -> str:
+    """`llama` (q/k/v/o_proj, gate/up/down_proj) or `mamba`; anything else is refused loudly."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in LLAMA_FAMILY:
+        return "llama"
+    if model_type in ("mamba", "mamba2"):
+        return "mamba"
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    raise LongctxError(
+        f"unsupported model family {model_type!r}: found linear modules {', '.join(names) or 'none'}; "
+        f"supported families: {', '.join(LLAMA_FAMILY)}, mamba")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """Largest number of positions the model supports, or None when it has no such limit."""
+    config = getattr(model, "config", None)
+    if model_family(model) == "mamba":
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_length(model: nn.Module, n_tokens: int) -> None:
+    """Refuse an input longer than the position limit, naming the limit and the remedies."""
+    limit = position_limit(model)
+    if limit is not None and n_tokens > limit:
+        raise LongctxError(
+            f"input of {n_tokens} tokens exceeds the model's position limit of {limit} "
+            f"(max_position_embeddings); remedies: set rope_scaling in model_args, use a model "
+            f"with a longer context, or ask for truncation=left|middle")
+
+
+def fingerprint(model: nn.Module, as_dtype: torch.dtype | None = None) -> str:
+    """Hash of the base's architecture, parameter names/shapes and leading weight values.
+
+    Cheap (a few values per tensor) yet distinguishes two checkpoints of one architecture, so an
+    adapter trained on one base is refused on another. Meta tensors contribute shapes only.
+    `as_dtype`: hash the values as they read once cast to that dtype, so a float32 base and its
+    bf16 copy agree at bfloat16 (casting rounds the same way whatever did it).
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        digest.update(f"{key}={getattr(config, key, None)};".encode())
+    for name, param in model.named_parameters():
+        clean = re.sub(r"(base_model\.model\.|\.base_layer)", "", name)
+        digest.update(f"{clean}:{tuple(param.shape)};".encode())
+        if param.device.type != "meta":
+            head = param.detach().reshape(-1)[:16]
+            head = (head if as_dtype is None else head.to(as_dtype)).to(torch.float32).cpu()  # (≤16,)
+            digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:16]

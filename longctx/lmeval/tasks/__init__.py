@@ -1,0 +1,1 @@
+"""The lm-eval task YAMLs and the one module they name (`glue.py`)."""

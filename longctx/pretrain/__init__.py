@@ -1,0 +1,1 @@
+"""Building the embedded bases (longctx-tiny, longctx-tiny-mamba) from their recipe."""

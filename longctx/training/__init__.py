@@ -1,0 +1,1 @@
+"""Training an adapter on a generated task with HF Trainer, chunk-wise when asked."""
