@@ -87,7 +87,8 @@ def forward_rows(base: str, methods: list[str], length: int, chunk_size: Any, ad
     """Chunked scoring of a passkey probe per method, with timing, peak memory and the
     largest log-prob difference from the unchunked run."""
     from longctx.core.errors import choice_error, positive_int
-    from longctx.engine.bases import check_length, load_base
+    from longctx.engine.bases import load_base
+    from longctx.engine.family import check_length
     from longctx.engine.runner import CARRY_CHOICES
 
     if init not in ("zero", "random"):

@@ -126,16 +126,16 @@ def test_batch_size_one_is_accepted(base512):
 
 
 def test_trust_remote_code_reaches_the_loader(base512, monkeypatch):
-    import longctx.engine.bases
+    import longctx.lmeval.model
     from longctx.lmeval.model import SsmloraLM
 
-    seen, original = [], longctx.engine.bases.load_base
+    seen, original = [], longctx.lmeval.model.load_base
 
     def load_base(*args, **kwargs):
         seen.append(kwargs.get("trust_remote_code"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(longctx.engine.bases, "load_base", load_base)
+    monkeypatch.setattr(longctx.lmeval.model, "load_base", load_base)
     lm = SsmloraLM(pretrained=base512, method="base", trust_remote_code="true")
     assert seen == [True] and lm.description["trust_remote_code"] is True
 

@@ -98,7 +98,7 @@ def test_embedded_mamba_base_chunked_equals_unchunked(chunk_size):
 
 
 def test_mamba_has_no_position_limit():
-    from longctx.engine.bases import check_length, position_limit
+    from longctx.engine.family import check_length, position_limit
 
     model = tiny_mamba()
     assert position_limit(model) is None

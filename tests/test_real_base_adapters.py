@@ -9,7 +9,8 @@ import torch
 
 from longctx.core import fetch
 from longctx.engine import gguf as gguf_bases
-from longctx.engine.bases import load_base, position_limit
+from longctx.engine.bases import load_base
+from longctx.engine.family import position_limit
 
 LLAMA_METHODS = ["dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"]
 

@@ -37,7 +37,8 @@ from longctx.adapters.sdlora import SDLoRA
 from longctx.adapters.ssmlora import SSMLoRA
 from longctx.adapters.ssmlora_scan import SSMLoRAScan
 from longctx.core.errors import LongctxError, choice_error
-from longctx.engine.bases import fingerprint, model_family
+from longctx.core.identity import fingerprint
+from longctx.engine.family import model_family
 from longctx.engine.state import SequenceState, StateBinding
 
 ADAPTERS: dict[str, AdapterMethod] = {

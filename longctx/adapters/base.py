@@ -34,6 +34,8 @@ from torch import Tensor, nn
 
 from longctx.core.errors import LongctxError
 from longctx.core.fileio import atomic_directory
+from longctx.core.identity import fingerprint
+from longctx.core.resources import recipe_dir
 from longctx.engine.state import SequenceState, StateBinding
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -140,7 +142,6 @@ def make_recipe(method: str, values: dict[str, Any]) -> Recipe:
 
 def load_recipe(method: str, overrides: dict[str, Any] | None = None) -> Recipe:
     """`longctx/adapters/recipes/<method>.yaml` with `overrides` applied on top."""
-    from longctx.core.resources import recipe_dir
 
     path = recipe_dir() / f"{method}.yaml"
     try:
@@ -171,9 +172,7 @@ def base_dtype(model: nn.Module) -> str:
 
 
 def dtype_fingerprints(model: nn.Module) -> dict[str, str]:
-    """Per dtype name, `models.fingerprint` of the base with its values rounded to that dtype."""
-    from longctx.engine.bases import fingerprint
-
+    """Per dtype name, `identity.fingerprint` of the base with its values rounded to that dtype."""
     return {name: fingerprint(model, as_dtype=dtype) for name, dtype in FINGERPRINT_DTYPES.items()}
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from torch import nn
 
 from longctx.core.errors import LongctxError
-from longctx.engine.bases import model_family
+from longctx.engine.family import model_family
 
 if TYPE_CHECKING:
     from longctx.adapters.base import Recipe

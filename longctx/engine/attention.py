@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longctx.engine.family import model_family
 from longctx.engine.kernels import (
     HALF,
     ROWS,
@@ -276,8 +277,6 @@ def attention_record(model: nn.Module) -> dict[str, Any]:
     kernel of chunked training's backward (None: the explicit-mask path), and whether the last
     layer attends only the rows whose logits are kept (`last_layer_rows_skippable`); a model without
     attention (Mamba) records None. Probes run once."""
-    from longctx.engine.bases import model_family
-
     config = model.config
     if model_family(model) == "mamba":
         return {"implementation": None}

@@ -6,10 +6,8 @@ Adapter insertion points are resolved by module-name patterns per model family (
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,9 @@ from torch import nn
 
 from longctx.core.errors import LongctxError, choice_error
 from longctx.core.resources import assets_dir
+from longctx.engine.attention import register
 from longctx.engine.gguf import REAL_BASES, converted_dir, is_gguf
+from longctx.engine.mamba import use_parallel_scan
 from longctx.engine.placement import dispatch, full_device_map
 
 EMBEDDED_BASES = {"longctx-tiny": "llama", "longctx-tiny-mamba": "mamba"}  # name -> architecture of the recipe
@@ -27,7 +27,6 @@ ROPE_TYPES = ("linear", "dynamic", "yarn")
 ATTN_CHOICES = ("auto", "longctx_sdpa", "sdpa", "eager", "flash_attention_2")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
 # Weight shapes of well-known models, built on the meta device for parameter tables.
 META_SHAPES = {
     "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -37,11 +36,8 @@ META_SHAPES = {
 
 
 def default_base_path(name: str = "longctx-tiny") -> Path:
-    """Directory of an embedded base (HF format), building it with the recipe if it is absent.
-
-    The committed copy under `longctx/assets/` is used when present; otherwise the recipe runs
-    once into `$LONGCTX_CACHE` (default `~/.cache/longctx`).
-    """
+    """Directory of an embedded base (HF format): the committed copy under `longctx/assets/`, else
+    one built into `$LONGCTX_CACHE` (default `~/.cache/longctx`) by `longctx pretrain`."""
     if name not in EMBEDDED_BASES:
         raise choice_error("embedded base", name, EMBEDDED_BASES)
     committed = ASSETS_DIR / name
@@ -49,9 +45,8 @@ def default_base_path(name: str = "longctx-tiny") -> Path:
         return committed
     cache = Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx")) / name
     if not (cache / "config.json").is_file():
-        from longctx.pretrain.build import pretrain
-
-        pretrain(cache, arch=EMBEDDED_BASES[name])
+        raise LongctxError(f"embedded base {name!r} is missing from {committed} and {cache}; build it with "
+                           f"`longctx pretrain --arch {EMBEDDED_BASES[name]} --out {cache}`")
     return cache
 
 
@@ -99,8 +94,6 @@ def choose_attn_implementation(requested: str = "auto", on_cpu: bool = False) ->
         has_flash = importlib.util.find_spec("flash_attn") is not None and not on_cpu
         requested = "flash_attention_2" if has_flash and torch.cuda.is_available() else "longctx_sdpa"
     if requested == "longctx_sdpa":
-        from longctx.engine.attention import register
-
         register()
     return requested
 
@@ -208,8 +201,6 @@ def load_base(name_or_path: str, dtype: str | torch.dtype = "auto",
     if mapping is not None:
         dispatch(model, mapping)
     if config.model_type == "mamba":
-        from longctx.engine.mamba import use_parallel_scan
-
         use_parallel_scan(model)
     model.eval()
     make_resident(model)  # the weights left on the CPU, if any
@@ -247,56 +238,3 @@ def meta_model(shape: str) -> nn.Module:
         model = LlamaForCausalLM(LlamaConfig(**META_SHAPES[shape]))
     model.config.longctx_base_name = f"shape:{shape}"
     return model
-
-
-def model_family(model: nn.Module) -> str:
-    """`llama` (q/k/v/o_proj, gate/up/down_proj) or `mamba`; anything else is refused loudly."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in LLAMA_FAMILY:
-        return "llama"
-    if model_type in ("mamba", "mamba2"):
-        return "mamba"
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-    raise LongctxError(
-        f"unsupported model family {model_type!r}: found linear modules {', '.join(names) or 'none'}; "
-        f"supported families: {', '.join(LLAMA_FAMILY)}, mamba")
-
-
-def position_limit(model: nn.Module) -> int | None:
-    """Largest number of positions the model supports, or None when it has no such limit."""
-    config = getattr(model, "config", None)
-    if model_family(model) == "mamba":
-        return None
-    return getattr(config, "max_position_embeddings", None)
-
-
-def check_length(model: nn.Module, n_tokens: int) -> None:
-    """Refuse an input longer than the position limit, naming the limit and the remedies."""
-    limit = position_limit(model)
-    if limit is not None and n_tokens > limit:
-        raise LongctxError(
-            f"input of {n_tokens} tokens exceeds the model's position limit of {limit} "
-            f"(max_position_embeddings); remedies: set rope_scaling in model_args, use a model "
-            f"with a longer context, or ask for truncation=left|middle")
-
-
-def fingerprint(model: nn.Module, as_dtype: torch.dtype | None = None) -> str:
-    """Hash of the base's architecture, parameter names/shapes and leading weight values.
-
-    Cheap (a few values per tensor) yet distinguishes two checkpoints of one architecture, so an
-    adapter trained on one base is refused on another. Meta tensors contribute shapes only.
-    `as_dtype`: hash the values as they read once cast to that dtype, so a float32 base and its
-    bf16 copy agree at bfloat16 (casting rounds the same way whatever did it).
-    """
-    digest = hashlib.sha256()
-    config = getattr(model, "config", None)
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
-        digest.update(f"{key}={getattr(config, key, None)};".encode())
-    for name, param in model.named_parameters():
-        clean = re.sub(r"(base_model\.model\.|\.base_layer)", "", name)
-        digest.update(f"{clean}:{tuple(param.shape)};".encode())
-        if param.device.type != "meta":
-            head = param.detach().reshape(-1)[:16]
-            head = (head if as_dtype is None else head.to(as_dtype)).to(torch.float32).cpu()  # (≤16,)
-            digest.update(head.numpy().tobytes())
-    return digest.hexdigest()[:16]

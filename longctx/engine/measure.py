@@ -9,6 +9,7 @@ tracemalloc is no use here: it does not see tensor storage.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -97,3 +98,47 @@ class PeakMemory:
         else:
             self.peak_bytes = _max_rss_bytes()
         self.delta_bytes = max(0, self.peak_bytes - self.baseline_bytes)
+
+
+clock = time.perf_counter  # the timed region's clock (module-level, so a test can watch it stop)
+
+
+class TimedRegion:
+    """The one timed region of longctx: `with TimedRegion(device) as region: ...`, then
+    `region.seconds`, `region.peak_bytes`, `region.delta_bytes`, `region.method`.
+
+    Order at entry: wait for the device, reset the peak, start the clock; at exit: wait for the
+    device (its work is queued, not done), stop the clock, read the peak. So the seconds include
+    every kernel the region queued, and the waits are outside no other region. Used by the
+    `ssmlora` model's per-request stats, `longctx forward` and the benchmarks.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.memory = PeakMemory(self.device, synchronize=False)
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> "TimedRegion":
+        synchronize(self.device)
+        self.memory.__enter__()
+        self._start = clock()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        synchronize(self.device)
+        self.seconds = clock() - self._start
+        self.memory.__exit__(exc_type, exc, tb)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.memory.peak_bytes
+
+    @property
+    def delta_bytes(self) -> int:
+        return self.memory.delta_bytes
+
+    @property
+    def method(self) -> str:
+        return self.memory.method

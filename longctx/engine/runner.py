@@ -16,13 +16,15 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
-from longctx.adapters.base import AdaptedModel
 from longctx.core.errors import LongctxError, choice_error, positive_int
 from longctx.engine.attention import LAST_LAYER_ROWS, last_layer_rows_skippable
-from longctx.engine.bases import check_length, model_family
+from longctx.engine.cache import preallocated_cache
+from longctx.engine.family import check_length, model_family
+from longctx.engine.mamba import cache_keyword, carry_ssm_state
 from longctx.engine.placement import is_dispatched
-from longctx.engine.state import SequenceState
+from longctx.engine.state import BindsState, SequenceState
 
 CARRY_CHOICES = ("chunk", "reset")
 
@@ -36,26 +38,20 @@ class ChunkedOutput:
     n_chunks: int
 
 
-def _model_of(adapted: AdaptedModel | nn.Module) -> nn.Module:
-    return adapted.model if isinstance(adapted, AdaptedModel) else adapted
+def _model_of(adapted: BindsState | nn.Module) -> nn.Module:
+    return adapted.model if isinstance(adapted, BindsState) else adapted
 
 
-def _bind(adapted: AdaptedModel | nn.Module, state: SequenceState) -> contextlib.AbstractContextManager:
-    return adapted.bind(state) if isinstance(adapted, AdaptedModel) else contextlib.nullcontext(state)
+def _bind(adapted: BindsState | nn.Module, state: SequenceState) -> contextlib.AbstractContextManager:
+    return adapted.bind(state) if isinstance(adapted, BindsState) else contextlib.nullcontext(state)
 
 
 def new_cache(model: nn.Module, capacity: int) -> Any:
     """KV cache preallocated for `capacity` tokens (no concatenation copies while it fills);
     for Mamba, the model's own conv/SSM state cache, with the SSM state carried across chunks."""
     if model_family(model) == "mamba":
-        from transformers import DynamicCache
-
-        from longctx.engine.mamba import carry_ssm_state
-
         carry_ssm_state(model)
         return DynamicCache(config=model.config)
-    from longctx.engine.cache import preallocated_cache
-
     return preallocated_cache(model.config, capacity)
 
 
@@ -63,13 +59,11 @@ def forward_chunk(model: nn.Module, ids: Tensor, mask: Tensor | None, positions:
                   family: str | None = None, rows_read: int | None = None) -> Any:
     """One forward of a chunk (B, C) after `cache`, which every layer fills in place; `mask` covers every token so far (B, N), or is
     None when nothing is padded (no mask to build or inspect: no host-device sync per chunk).
-    `family`: the model's (`models.model_family`), given when `model` is a wrapper without a config
+    `family`: the model's (`family.model_family`), given when `model` is a wrapper without a config
     (DDP under `accelerate launch`). `rows_read` (Llama, inference): how many of the chunk's last
     rows the kept logits read, so the last layer attends only those (`attention.LAST_LAYER_ROWS`).
     Evaluation and chunked training both run chunks through here."""
     if (family or model_family(model)) == "mamba":  # no positions; the mask covers the chunk's own tokens
-        from longctx.engine.mamba import cache_keyword
-
         chunk_mask = None if mask is None else mask[:, -ids.shape[1]:]
         return model(input_ids=ids, attention_mask=chunk_mask, use_cache=True, logits_to_keep=keep,
                      **{cache_keyword(): cache})
@@ -105,7 +99,7 @@ def _validate(chunk_size: Any, ssm_carry: str, n_tokens: int) -> int:
     return n_tokens if chunk_size is None else positive_int("chunk_size", chunk_size)
 
 
-def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+def chunked_forward(adapted: BindsState | nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
                     chunk_size: int | None = None, keep: Tensor | None = None,
                     state: SequenceState | None = None, ssm_carry: str = "chunk",
                     reserve: int = 0) -> ChunkedOutput:
@@ -152,7 +146,7 @@ def chunked_forward(adapted: AdaptedModel | nn.Module, input_ids: Tensor, attent
     return ChunkedOutput(logits, keep, cache, state, n_chunks)
 
 
-def score_continuation(adapted: AdaptedModel | nn.Module, context: list[int], continuation: list[int],
+def score_continuation(adapted: BindsState | nn.Module, context: list[int], continuation: list[int],
                        chunk_size: int | None = None, ssm_carry: str = "chunk") -> tuple[float, bool]:
     """(log p(continuation | context), whether it is the greedy continuation), chunked."""
     if not context or not continuation:
@@ -167,7 +161,7 @@ def score_continuation(adapted: AdaptedModel | nn.Module, context: list[int], co
     return total, bool((logprobs.argmax(-1) == target).all())
 
 
-def greedy_generate(adapted: AdaptedModel | nn.Module, input_ids: Tensor, max_new_tokens: int,
+def greedy_generate(adapted: BindsState | nn.Module, input_ids: Tensor, max_new_tokens: int,
                     attention_mask: Tensor | None = None, chunk_size: int | None = None,
                     eos_token_id: int | None = None, ssm_carry: str = "chunk",
                     stop: Callable[[Tensor], bool] | None = None) -> Tensor:

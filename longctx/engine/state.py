@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -108,3 +108,13 @@ class StateBinding:
         state.token_mask = None
         if self._ephemeral:
             self.state, self._ephemeral = None, False
+
+
+@runtime_checkable
+class BindsState(Protocol):
+    """A model wrapped with adapters (`adapters.base.AdaptedModel`): the runner runs `model` with
+    the adapters' state bound to `state` for the length of a forward."""
+
+    model: nn.Module
+
+    def bind(self, state: SequenceState) -> ContextManager[SequenceState]: ...

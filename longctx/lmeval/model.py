@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from longctx.adapters import ADAPTERS, load_adapter, wrap
 from longctx.core.errors import LongctxError, choice_error
-from longctx.engine import bases as models
+from longctx.engine.bases import load_base, parse_rope_scaling
+from longctx.engine.family import position_limit
 from longctx.engine.attention import attention_record
 from longctx.engine.placement import input_device
 from longctx.engine.runner import CARRY_CHOICES, chunked_forward, greedy_generate
-from longctx.lmeval import parallel as lmeval_parallel
+from longctx.lmeval import parallel
 from longctx.lmeval.args import TRUNCATION_CHOICES, VALID_ARGS, ModelArgs, parse_model_args
 from longctx.lmeval.plugin import requested_device
 from longctx.lmeval.stats import RequestLog
@@ -47,7 +48,7 @@ def build_adapted(args: ModelArgs, device: str) -> tuple[Any, Any]:
     `method`); returns (adapted model, the base's tokenizer)."""
     if args.method is not None and args.method not in ADAPTERS:
         raise choice_error("method", args.method, ADAPTERS)
-    model, tokenizer = models.load_base(args.pretrained, dtype=args.dtype, attn_implementation=args.attn_implementation,
+    model, tokenizer = load_base(args.pretrained, dtype=args.dtype, attn_implementation=args.attn_implementation,
                                  device=device, trust_remote_code=args.trust_remote_code, gguf_file=args.gguf_file,
                                  rope_scaling=args.rope_scaling, revision=args.revision, subfolder=args.subfolder,
                                  device_map=args.device_map, max_memory=args.max_memory)
@@ -75,28 +76,28 @@ class SsmloraLM(HFLM):
         if args.ssm_carry not in CARRY_CHOICES:
             raise choice_error("ssm_carry", args.ssm_carry, CARRY_CHOICES)
         self.chunk_size, self.ssm_carry, self.truncation_mode = args.chunk_size, args.ssm_carry, args.truncation
-        scaling = models.parse_rope_scaling(args.rope_scaling)
+        scaling = parse_rope_scaling(args.rope_scaling)
         if scaling and scaling["rope_type"] == "dynamic" and self.chunk_size is not None:
             raise LongctxError("rope_scaling=dynamic cannot be chunked: dynamic rope recomputes its frequencies "
                                "from the longest position of each forward, so the cached keys of earlier chunks "
                                "would use other ones; use yarn or linear, or chunk_size=none")
         # --device, else CUDA if present; under accelerate launch, this process's own device; a model
         # split over devices takes its inputs where its dispatch says (`placement.input_device`)
-        accelerator, device_ = lmeval_parallel.setup(None if args.device_map else requested_device(args.device))
+        accelerator, device_ = parallel.setup(None if args.device_map else requested_device(args.device))
         args.rope_scaling = scaling
         self.adapted, tokenizer = build_adapted(args, str(device_))
         device_ = input_device(self._hf_model()) or device_
         if args.tokenizer or args.use_fast_tokenizer is not None or args.add_bos_token is not None:
             tokenizer = load_tokenizer(args.tokenizer_options())  # as HFLM loads its tokenizer
-        limit = models.position_limit(self.adapted.model)
+        limit = position_limit(self.adapted.model)
         self.position_limit = args.max_length if args.max_length is not None else limit
-        with lmeval_parallel.quiet_model_object_warnings():
+        with parallel.quiet_model_object_warnings():
             super().__init__(pretrained=self._hf_model(), tokenizer=tokenizer, batch_size=1,
                              max_length=self.position_limit or (1 << 62), add_bos_token=args.add_bos_token,
                              **args.hflm)
         self._device = torch.device(device_)
         self.log = RequestLog(torch.device(device_))
-        lmeval_parallel.adopt(self, accelerator)
+        parallel.adopt(self, accelerator)
         self.description = self._describe(args)
         self._labels: list[Any] = []
 
@@ -151,15 +152,15 @@ class SsmloraLM(HFLM):
     # ---- loglikelihood --------------------------------------------------------------------------
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        unique, where = lmeval_parallel.unique_requests(requests)
+        unique, where = parallel.unique_requests(requests)
         self._labels = [self._label(req) for req in unique]
         results = super().loglikelihood(unique, disable_tqdm=disable_tqdm)
-        lmeval_parallel.sync_log(self, "loglikelihood")
+        parallel.sync_log(self, "loglikelihood")
         return [results[i] for i in where]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         results = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
-        lmeval_parallel.sync_log(self, "loglikelihood_rolling")
+        parallel.sync_log(self, "loglikelihood_rolling")
         return results
 
     @staticmethod
@@ -205,14 +206,14 @@ class SsmloraLM(HFLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
-        unique, where = lmeval_parallel.unique_requests(requests)
+        unique, where = parallel.unique_requests(requests)
         out = []
         for request in tqdm(unique, disable=disable_tqdm or self.rank != 0, desc="longctx generate_until"):
             context, gen_kwargs = request.args
             out.append(self._generate_one(context, dict(gen_kwargs), eos, self._label(request)))
             if out[-1] != REFUSED_GENERATION:
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), out[-1])
-        lmeval_parallel.sync_log(self, "generate_until")
+        parallel.sync_log(self, "generate_until")
         return [out[i] for i in where]
 
     def _generate_one(self, context: str, kwargs: dict[str, Any], eos: str, label: Any) -> str:

@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from longctx.core.errors import LongctxError, choice_error
+from longctx.core.fileio import atomic_directory
+from longctx.pretrain.corpus import python_prose, synthetic_documents, word_list
 from longctx.pretrain.data import MixedBlocks, RecallCurriculum, copy_blocks, document_pool, mqar_blocks, table_blocks
 from longctx.pretrain.probes import PROBE_SAMPLES, evaluate_capability, token_accuracy
 
@@ -396,8 +398,6 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
     after that long (see `TimeLimit`); such a model depends on the machine's speed, so its
     manifest says where it stopped (`stopped_early`).
     """
-    from longctx.core.fileio import atomic_directory
-    from longctx.pretrain.corpus import python_prose, synthetic_documents, word_list
 
     overrides.update({k: v for k, v in {"steps": steps, "seq_len": seq_len}.items() if v is not None})
     recipe = _recipe(arch, seed, device, overrides)

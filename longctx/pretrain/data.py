@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from longctx.pretrain.corpus import synthetic_documents
+
 
 def copy_blocks(n: int, length: int, copies: int, low: int, high: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """`n` blocks of random tokens in [low, high) where `copies` spans reappear at random later offsets.
@@ -120,7 +122,6 @@ def document_pool(pool_tokens: int, prose_share: float, seed: int, prose: str, w
                   tokenizer: Any) -> Tensor:
     """Token stream (documents joined by EOS) of `pool_tokens`, deterministic in the seed: synthetic
     documents (`longctx.pretrain.corpus`), a `prose_share` of them replaced by windows of prose."""
-    from longctx.pretrain.corpus import synthetic_documents
 
     rng = random.Random(seed + 1)
     stream: list[int] = []

@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from longctx.engine.runner import greedy_generate
+from longctx.tasks.common import word_pool
+
 
 def token_accuracy(model: nn.Module, ids: Tensor, labels: Tensor) -> float:
     """Greedy next-token accuracy on the labelled positions of held-out blocks (copied tokens,
@@ -41,8 +44,6 @@ PROBE_SAMPLES = 100  # per probe: a 95% interval of about +-0.1 (n = 30 read one
 
 def evaluate_capability(model: nn.Module, tokenizer: Any, seed: int = 1234, n: int = PROBE_SAMPLES) -> dict[str, float]:
     """Greedy exact-match accuracy on held-out associative-recall and copy probes (`n` each)."""
-    from longctx.engine.runner import greedy_generate
-    from longctx.tasks.common import word_pool
 
     # The project's own word list, so the probes do not change with the Python version.
     words, rng, scores = list(word_pool()), random.Random(seed), {}

@@ -13,7 +13,8 @@ import bisect
 import itertools
 from typing import Any
 
-from longctx.tasks.common import pool_words
+from longctx.core.errors import LongctxError
+from longctx.tasks.common import TooShort, haystack_words, needle_cuts, needle_order, pool_words, tolerance
 
 
 class TokenCounter:
@@ -72,8 +73,6 @@ def fit_haystack(counter: TokenCounter, prefix: str, needles: list[str], depths:
                  kind: str, offset: int, length: int, task: str) -> tuple[str, int, list[float], int]:
     """(prompt, tokens, depth of each needle, haystack words) for `prefix + " " + haystack-with-needles
     + question` sized by word counts alone (requires `counter.additive`)."""
-    from longctx.core.errors import LongctxError
-    from longctx.tasks.common import TooShort, haystack_words, needle_cuts, needle_order, tolerance
 
     head, needle_tokens, tail = counter(prefix), counter.many([" " + n for n in needles]), counter(question)
     fixed = head + sum(needle_tokens) + tail

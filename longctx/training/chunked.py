@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longctx.adapters.base import AdaptedModel
-from longctx.engine.bases import model_family
+from longctx.engine.family import model_family
 from longctx.engine.runner import forward_chunk, new_cache
 from longctx.engine.state import SequenceState
 
