@@ -1,180 +1,45 @@
-"""Adapter methods behind one visible table, and the two ways to get an adapted model.
+"""Adapter methods: the one table of them, and the two ways to get an adapted model.
 
-    adapted = wrap(model, "ssmlora")          # fresh adapter from adapters/ssmlora.yaml
+    from longctx.adapters import METHOD_NAMES, get_adapter, wrap, load_adapter
+    adapted = wrap(model, "ssmlora")          # fresh adapter from adapters/recipes/ssmlora.yaml
     adapted = load_adapter(model, "runs/x")   # a saved directory (ours or PEFT's LoRA)
 
-A LoRA directory's adapter_config.json is PEFT's own: PEFT parses it (`lora.peft_lora_config`)
-and applies it, so it loads as `PeftModel.from_pretrained` loads it.
+`METHODS` (name -> module and class, in display order), `METHOD_NAMES`, `ADAPTERS` (name ->
+method, a read-only mapping) and `get_adapter` come from `methods.py`, which imports no torch, so
+`import longctx.adapters` stays light for the CLI's choices and the plots. The names that need
+torch (`wrap`, `load_adapter`, `Recipe`, ...) are re-exported lazily from `apply.py` and
+`base.py` by the module `__getattr__` below: a fixed table, resolved on first use.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-from pathlib import Path
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from longctx.adapters.methods import ADAPTERS, METHOD_NAMES, METHODS, get_adapter
 
-from longctx.adapters.base import (
-    CONFIG_NAME,
-    METADATA_NAME,
-    WEIGHTS_NAME,
-    AdaptedModel,
-    AdapterMethod,
-    Recipe,
-    base_dtype,
-    common_dtype,
-    dtype_fingerprints,
-    load_recipe,
-    make_recipe,
-)
-from longctx.adapters.dense import Dense
-from longctx.adapters.frozen import FrozenBase
-from longctx.adapters.lora import Lora, peft_lora_config, recipe_fields_from_peft
-from longctx.adapters.lora_xs import LoraXS
-from longctx.adapters.sdlora import SDLoRA
-from longctx.adapters.ssmlora import SSMLoRA
-from longctx.adapters.ssmlora_scan import SSMLoRAScan
-from longctx.core.errors import LongctxError, choice_error
-from longctx.core.identity import fingerprint
-from longctx.engine.family import model_family
-from longctx.engine.state import SequenceState, StateBinding
+if TYPE_CHECKING:  # the lazily re-exported names, for type checkers and readers
+    from longctx.adapters.apply import applicable, load_adapter, read_adapter_config, saved_metadata, wrap
+    from longctx.adapters.base import AdaptedModel, AdapterMethod, Recipe, load_recipe
+    from longctx.engine.state import SequenceState
 
-ADAPTERS: dict[str, AdapterMethod] = {
-    "base": FrozenBase(),
-    "dense": Dense(),
-    "lora": Lora(),
-    "ssmlora": SSMLoRA(),
-    "ssmlora-scan": SSMLoRAScan(),
-    "lora-xs": LoraXS(),
-    "sdlora": SDLoRA(),
+_LAZY = {
+    "wrap": "longctx.adapters.apply",
+    "load_adapter": "longctx.adapters.apply",
+    "applicable": "longctx.adapters.apply",
+    "read_adapter_config": "longctx.adapters.apply",
+    "saved_metadata": "longctx.adapters.apply",
+    "AdaptedModel": "longctx.adapters.base",
+    "AdapterMethod": "longctx.adapters.base",
+    "Recipe": "longctx.adapters.base",
+    "load_recipe": "longctx.adapters.base",
+    "SequenceState": "longctx.engine.state",
 }
 
-__all__ = ["ADAPTERS", "AdaptedModel", "Recipe", "SequenceState", "get_adapter", "load_adapter",
-           "load_recipe", "saved_metadata", "wrap"]
+__all__ = ["ADAPTERS", "METHODS", "METHOD_NAMES", "get_adapter", *_LAZY]
 
 
-def applicable(methods: list[str], model: nn.Module) -> list[str]:
-    """The methods that apply to `model`'s family; a single method is kept so that it can fail
-    with its own message."""
-    family = model_family(model)
-    return methods if len(methods) == 1 else [m for m in methods if family in get_adapter(m).families]
-
-
-def get_adapter(name: str) -> AdapterMethod:
-    if name not in ADAPTERS:
-        raise choice_error("method", name, ADAPTERS)
-    return ADAPTERS[name]
-
-
-def wrap(model: nn.Module, method: str | AdapterMethod, recipe: Recipe | None = None, seed: int = 0,
-         **overrides: Any) -> AdaptedModel:
-    """Insert `method` (a name, or a method object such as a loaded directory's `Lora(config)`) into
-    `model` (in place), freezing the base's own weights.
-
-    The recipe defaults to `longctx/adapters/recipes/<method>.yaml` with `overrides` on top. Adapter weights are
-    initialised from `seed` without disturbing the global RNG.
-    """
-    impl = method if isinstance(method, AdapterMethod) else get_adapter(method)
-    recipe = recipe or load_recipe(impl.name, overrides)
-    base_fp, base_fps, dtype = fingerprint(model), dtype_fingerprints(model), base_dtype(model)
-    base_name = str(getattr(model.config, "longctx_base_name", getattr(model.config, "_name_or_path", "")))
-    for param in model.parameters():
-        param.requires_grad_(False)
-    binding, training = StateBinding(), model.training
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        adapted_model, points = impl.apply(model, recipe, binding)
-    adapted_model.train(training)  # inserted modules follow the base's train/eval mode
-    if model_family(adapted_model) == "mamba":  # chunk carry + adapter-honouring training path
-        from longctx.engine.mamba import carry_ssm_state
-
-        carry_ssm_state(adapted_model)
-    return AdaptedModel(adapted_model, impl, recipe, points, base_fp, base_name, binding, dtype, base_fps)
-
-
-def read_adapter_config(directory: str | Path, name: str = CONFIG_NAME) -> dict[str, Any]:
-    """The JSON object in `directory`/`name`, or a one-line error saying what is wrong."""
-    path = Path(directory)
-    if not path.is_dir():
-        raise LongctxError(f"adapter directory {str(directory)!r} does not exist")
-    try:
-        config = json.loads((path / name).read_text())
-    except OSError:
-        raise LongctxError(f"adapter directory {str(directory)!r} has no {name}") from None
-    except json.JSONDecodeError as err:
-        raise LongctxError(f"{path / name} is corrupt: {err}") from None
-    if not isinstance(config, dict):
-        raise LongctxError(f"{path / name} is corrupt: expected a JSON object")
-    return config
-
-
-def saved_metadata(directory: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """longctx's own block of a saved adapter (method, recipe, base fingerprint): in
-    longctx_config.json next to a LoRA directory's adapter_config.json (which PEFT reads), else
-    the `longctx` key of adapter_config.json (other methods, and LoRA directories saved before);
-    empty for a directory written by PEFT. `config`: its adapter_config.json, if already read."""
-    if (Path(directory) / METADATA_NAME).is_file():
-        return read_adapter_config(directory, METADATA_NAME)
-    ours = (config if config is not None else read_adapter_config(directory)).get("longctx")
-    return ours if isinstance(ours, dict) else {}
-
-
-def _method_and_recipe(config: dict[str, Any], directory: Path) -> tuple[AdapterMethod, Recipe, dict[str, Any]]:
-    """(method, recipe, longctx's own block: empty for a directory written by PEFT). A LoRA
-    directory's method carries the LoraConfig PEFT parsed from adapter_config.json."""
-    ours = saved_metadata(directory, config)
-    where = str(directory / CONFIG_NAME)
-    if "method" in ours:
-        method = get_adapter(ours["method"])
-        fields = {k: v for k, v in ours.get("recipe", {}).items() if k != "method"}
-        if method.name == "lora" and "peft_type" in config:
-            method = Lora(peft_lora_config(config, where))
-        return method, make_recipe(method.name, fields), ours
-    if config.get("peft_type") == "LORA":  # written by PEFT's save_pretrained
-        peft = peft_lora_config(config, where)
-        return Lora(peft), make_recipe("lora", recipe_fields_from_peft(peft)), {}
-    raise LongctxError(f"{where} names no method (no 'longctx' block and peft_type "
-                       f"{config.get('peft_type')!r}); valid methods: {', '.join(ADAPTERS)}")
-
-
-def load_adapter(model: nn.Module, directory: str | Path) -> AdaptedModel:
-    """Rebuild the adapter saved in `directory` on `model`, refusing a different base."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    method, recipe, saved = _method_and_recipe(read_adapter_config(directory), directory)
-    _check_base(model, saved, directory)
-    try:
-        weights = load_file(str(directory / WEIGHTS_NAME))
-    except (OSError, SafetensorError) as err:
-        raise LongctxError(f"cannot read {directory / WEIGHTS_NAME}: {err}") from None
-    adapted = wrap(model, method, recipe)
-    if not adapted.recipe.insertion:  # a PEFT regex target_modules: the modules it matched
-        adapted.recipe = dataclasses.replace(adapted.recipe, insertion=tuple(adapted.insertion_points))
-    try:
-        adapted.method.load_weights(adapted.model, weights)
-    except RuntimeError as err:
-        raise LongctxError(f"adapter weights in {str(directory)!r} do not fit the model: "
-                           f"{str(err).splitlines()[0]}") from None
-    return adapted
-
-
-def _check_base(model: nn.Module, saved: dict[str, Any], directory: Path) -> None:
-    """Refuse a base other than the one the adapter was made on. The same checkpoint in another
-    dtype (an adapter trained on float32 loaded on its bf16 copy, or back) is the same base."""
-    saved_fp, actual_fp = saved.get("base_fingerprint"), fingerprint(model)
-    if saved_fp is None or saved_fp == actual_fp:
-        return
-    saved_dtype, given_dtype = str(saved.get("base_dtype", "float32")), base_dtype(model)
-    common = common_dtype(saved_dtype, given_dtype)
-    by_dtype = saved.get("base_fingerprints") or {}
-    if saved_dtype != given_dtype and common is None:
-        raise LongctxError(f"adapter {str(directory)!r} was made on a {saved_dtype} base; it cannot be checked "
-                           f"against this {given_dtype} one: load the base in {saved_dtype} or float32")
-    if common is not None and common in by_dtype and by_dtype[common] == dtype_fingerprints(model)[common]:
-        return
-    raise LongctxError(f"adapter {str(directory)!r} was made for base {saved_fp}, but the given "
-                       f"base has fingerprint {actual_fp}: load it on the base it was trained on")
+def __getattr__(name: str) -> Any:
+    """The torch-dependent names of `_LAZY`, imported from their module on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'longctx.adapters' has no attribute {name!r}")
