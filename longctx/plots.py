@@ -12,8 +12,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from longctx.adapters import METHOD_NAMES
+from longctx.core.errors import LongctxError
+from longctx.core.fileio import atomic_write_text
+from longctx.sweep.results import load_table, series_label
+
 DEFAULT_THRESHOLD = 0.5
-METHOD_ORDER = ("base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs", "sdlora")
 
 
 def length_label(n: int | float) -> str:
@@ -37,16 +41,14 @@ def wilson(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def _methods(frame: Any) -> list[str]:
     """The series present (`results.series_label`: the method, plus its training chunk size if any),
-    methods in `METHOD_ORDER`, whole-sequence training before chunked."""
+    methods in display order (`longctx.adapters.METHOD_NAMES`), whole-sequence training before chunked."""
     present = list(dict.fromkeys(frame["method"]))
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    rank = {m: i for i, m in enumerate(METHOD_NAMES)}
     return sorted(present, key=lambda s: (rank.get(s.split(" (")[0], len(rank)), " (" in s, s))
 
 
 def _with_series(frame: Any) -> Any:
     """The table with each row's `method` replaced by its series label (one line per trained variant)."""
-    from longctx.sweep.results import series_label
-
     frame = frame.copy()
     if "train_chunk_size" in frame:
         frame["method"] = [series_label(row) for row in frame.to_dict("records")]
@@ -230,15 +232,10 @@ def params_vs_effective(table: Any, out: Path, threshold: float) -> list[Path]:
 
 def plot_all(results_dir: str | Path, threshold: float = DEFAULT_THRESHOLD) -> tuple[list[Path], Any]:
     """Every figure plus `effective_length.csv`; returns (written paths, effective-length table)."""
-    import matplotlib
-
-    from longctx.core.fileio import atomic_write_text
-    from longctx.sweep.results import load_table
+    import matplotlib  # deferred: matplotlib is slow to import and only plotting needs it
 
     matplotlib.use("Agg")
     if not 0 <= threshold <= 1:
-        from longctx.core.errors import LongctxError
-
         raise LongctxError(f"threshold {threshold!r} is not in [0, 1]")
     frame = _with_series(load_table(Path(results_dir)))
     out = Path(results_dir) / "plots"

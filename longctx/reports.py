@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import random
-import time
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from longctx.adapters import applicable, load_adapter, wrap
+from longctx.core.errors import choice_error, positive_int
+from longctx.engine.bases import load_base
+from longctx.engine.family import check_length
+from longctx.engine.measure import TimedRegion
+from longctx.engine.runner import CARRY_CHOICES, greedy_generate, score_continuation
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
@@ -36,8 +42,6 @@ def params_rows(build_base: Callable[[], nn.Module], methods: list[str],
     """Insertion points and trainable/total parameters of each method on a fresh base. A method
     that selects what trains after a warm-up (sdlora) is counted after selection: a selection of
     the same sizes is applied without training (what trains in the real run, not the warm-up)."""
-    from longctx.adapters import applicable, wrap
-
     rows, lora_trainable = [], None
     for method in applicable(methods, build_base()):
         overrides = {"insertion": insertion} if insertion and method not in ("base", "dense") else {}
@@ -86,19 +90,12 @@ def forward_rows(base: str, methods: list[str], length: int, chunk_size: Any, ad
                  dtype: str = "auto") -> list[dict[str, Any]]:
     """Chunked scoring of a passkey probe per method, with timing, peak memory and the
     largest log-prob difference from the unchunked run."""
-    from longctx.core.errors import choice_error, positive_int
-    from longctx.engine.bases import load_base
-    from longctx.engine.family import check_length
-    from longctx.engine.runner import CARRY_CHOICES
-
     if init not in ("zero", "random"):
         raise choice_error("init", init, ("zero", "random"))
     if ssm_carry not in CARRY_CHOICES:
         raise choice_error("ssm_carry", ssm_carry, CARRY_CHOICES)
     size = positive_int("chunk_size", chunk_size)
     positive_int("length", length)
-    from longctx.adapters import applicable
-
     rows = []
     for method in ([None] if adapter else applicable(methods, load_base(base, dtype=dtype)[0])):
         model, tok = load_base(base, dtype=dtype)
@@ -110,8 +107,6 @@ def forward_rows(base: str, methods: list[str], length: int, chunk_size: Any, ad
 
 
 def _adapted(model: nn.Module, method: str | None, adapter: str | None, init: str, seed: int) -> Any:
-    from longctx.adapters import load_adapter, wrap
-
     if adapter:
         return load_adapter(model, adapter)
     adapted = wrap(model, method, seed=seed)
@@ -126,21 +121,16 @@ def _adapted(model: nn.Module, method: str | None, adapter: str | None, init: st
 
 def _probe_row(adapted: Any, tok: Any, context: list[int], answer: list[int], size: int,
                ssm_carry: str, compare: bool) -> dict[str, Any]:
-    from longctx.engine.measure import PeakMemory
-    from longctx.engine.runner import greedy_generate, score_continuation
-
     device = next(adapted.model.parameters()).device
-    with PeakMemory(device) as mem:
-        start = time.perf_counter()
+    with TimedRegion(device) as region:
         logprob, _ = score_continuation(adapted, context, answer, size, ssm_carry)
-        wall = time.perf_counter() - start
     ids = torch.tensor([context], device=device)
     generated = greedy_generate(adapted, ids, len(answer), chunk_size=size, ssm_carry=ssm_carry)
     row = {"method": adapted.method.name, "trainable": adapted.trainable_parameters(),
            "tokens": len(context) + len(answer), "chunks": -(-(len(context) + len(answer)) // size),
            "logp(answer)": logprob, "greedy": repr(tok.decode(generated[0]).strip()),
-           "expected": repr(tok.decode(answer).strip()), "peak MiB": mem.peak_bytes / 2**20,
-           "tok/s": (len(context) + len(answer)) / wall}
+           "expected": repr(tok.decode(answer).strip()), "peak MiB": region.peak_bytes / 2**20,
+           "tok/s": (len(context) + len(answer)) / region.seconds}
     if compare:
         unchunked, _ = score_continuation(adapted, context, answer, None, ssm_carry)
         row["|Δ| vs unchunked"] = abs(unchunked - logprob)

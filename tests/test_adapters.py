@@ -1,11 +1,15 @@
 """Invariants every adapter method shares (table-driven over METHODS)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import METHODS, OWN_PARAMS, perturb, random_ids, tiny_llama
 
-from longctx.adapters import load_adapter, saved_metadata, wrap
+from longctx.adapters import ADAPTERS, METHOD_NAMES, get_adapter, load_adapter, saved_metadata, wrap
+from longctx.adapters import METHODS as TABLE
 from longctx.core.errors import LongctxError
 from longctx.engine.runner import chunked_forward
 
@@ -142,3 +146,24 @@ def test_failed_save_leaves_previous_directory_intact(tmp_path, monkeypatch):
         adapted.save(tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary left behind
+
+
+def test_the_methods_table_names_each_class_once_in_display_order():
+    assert METHOD_NAMES == tuple(TABLE) == tuple(ADAPTERS) and len(ADAPTERS) == len(TABLE)
+    assert METHOD_NAMES[:3] == ("base", "dense", "lora")  # the order the CLI and the plots show
+    for name in METHOD_NAMES:
+        assert name in ADAPTERS and get_adapter(name).name == name
+        assert ADAPTERS[name] is get_adapter(name)  # one instance per method
+    assert "nope" not in ADAPTERS
+    with pytest.raises(KeyError):
+        ADAPTERS["nope"]
+    with pytest.raises(LongctxError, match="unknown method 'nope'; valid choices: base, dense, lora"):
+        get_adapter("nope")
+
+
+def test_the_table_and_the_plots_import_no_torch():
+    code = ("import sys, longctx.adapters, longctx.plots; assert longctx.adapters.METHOD_NAMES; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

@@ -115,9 +115,12 @@ def test_length_beyond_the_position_limit(tiny_base_dir, longctx_here):
 
 
 def test_the_command_keeps_hugging_face_offline_unless_told_otherwise():
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import, and importing longctx.cli imports it
+    # (through the command modules): the defaults must be in place before that import.
     script = ("import os, sys\n"
-              "import longctx.cli as cli\n"
               "assert 'huggingface_hub' not in sys.modules  # nothing read the environment yet\n"
+              "import longctx.cli as cli\n"
+              "assert 'huggingface_hub' in sys.modules\n"
               "cli.main(['params', '--base', 'shape:llama-2-7b'])\n"
               "import huggingface_hub.constants as hub\n"
               "print('OFFLINE', hub.HF_HUB_OFFLINE)\n")
