@@ -7,29 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
-from longctx.sweep.run import SweepConfig
+from longctx.adapters import METHOD_NAMES
+from longctx.plots import length_label, plot_all
+from longctx.sweep.config import SweepConfig, load_config, presets
+from longctx.sweep.results import load_table
+from longctx.sweep.run import run_sweep
 
-DEMO = SweepConfig(
-    methods=["base", "dense", "lora", "ssmlora", "ssmlora-scan", "lora-xs"],
-    tasks=["passkey", "niah_single"],
-    lengths=[256, 512, 1024, 2048],
-    train_length=256,
-    train_steps=150,
-    batch_size=8,
-    num_samples=10,
-    chunk_size=256,
-    unchunked_methods=["base"],
-    out="runs/demo",
-    executor={"workers": 2},  # two cell groups at once, one core's threads each (tokens/s shared)
-)
-# Mamba adapters train through transformers' pure-PyTorch Mamba (~0.5 s per 4×128-token step on 2
-# cores), so this part is smaller: one task, 50 steps of 4 at 128 tokens, evaluated from 128 to 1K in
-# chunks of 128; SDLoRA (the Mamba-only method), LoRA and the scan SSMLoRA against the base that
+# The two sweeps are the presets `longctx sweep demo` and `longctx sweep demo-mamba` run
+# (longctx/sweep/presets/). Mamba adapters train through transformers' pure-PyTorch Mamba, so
+# that part is smaller: one task, 50 steps of 4 at 128 tokens, evaluated from 128 to 1K in chunks
+# of 128; SDLoRA (the Mamba-only method), LoRA and the scan SSMLoRA against the base that
 # retrieves but does not answer pass-key prompts unadapted. `configs/mamba.yaml` has every method.
-DEMO_MAMBA = dataclasses.replace(DEMO, base="longctx-tiny-mamba", methods=["base", "sdlora", "lora", "ssmlora-scan"],
-                                 tasks=["passkey"], lengths=[128, 256, 512, 1024], train_length=128, train_steps=50,
-                                 batch_size=4, chunk_size=128, out="runs/demo/mamba")
+DEMO = load_config(presets()["demo"])
+DEMO_MAMBA = load_config(presets()["demo-mamba"])
 # `--quick` (a check that everything runs, not a measurement): the base, LoRA and both SSMLoRAs on
 # one task, 2 samples, 10 steps, no unchunked memory baseline, in its own directory, so its cells
 # never enter the full demo's table.
@@ -41,10 +33,9 @@ QUICK_MAMBA = dataclasses.replace(DEMO_MAMBA, methods=["base", "sdlora"], train_
                                   unchunked_methods=[], out="runs/demo-quick/mamba")
 
 
-def summary(frame) -> str:
-    """Accuracy (n) per method × length, one block per task; failed cells show their status."""
-    from longctx.plots import METHOD_ORDER, length_label
-
+def summary(frame: Any) -> str:
+    """Accuracy (n) per method × length, one block per task (a results DataFrame); failed cells show
+    their status."""
     lines = []
     frame = frame[frame["chunk_size"].notna()]
     for task, rows in frame.groupby("task", sort=False):
@@ -52,7 +43,7 @@ def summary(frame) -> str:
         n = int(rows["n"].max())
         lines.append(f"{task}: accuracy (answer = greedy continuation) and answer NLL (nats/token), n={n} per cell")
         lines.append(f"  {'method':<14}" + "".join(f"{length_label(n):>12}" for n in lengths))
-        for method in [m for m in METHOD_ORDER if m in set(rows["method"])]:
+        for method in [m for m in METHOD_NAMES if m in set(rows["method"])]:
             cells = rows[rows["method"] == method].set_index("length")
             out = []
             for n in lengths:
@@ -70,9 +61,6 @@ def summary(frame) -> str:
 
 def _report(results: Path, title: str) -> list[Path]:
     """Plots for one results directory, its summary and effective-length table; the PNG paths."""
-    from longctx.plots import plot_all
-    from longctx.sweep.results import load_table
-
     paths, table = plot_all(results)
     print(f"\n== {title} ==")
     print(summary(load_table(results)))
@@ -91,8 +79,6 @@ def demo_parts(out: str | Path | None = None, quick: bool = False) -> list[tuple
 
 def run_demo(out: str | Path | None = None, quick: bool = False, retry_failed: bool = False) -> Path:
     """Both sweeps, then their figures and tables; returns the Llama part's directory."""
-    from longctx.sweep.run import run_sweep
-
     parts = demo_parts(out, quick)
     done = [(cfg.base, run_sweep(cfg, where, retry_failed=retry_failed)) for cfg, where in parts]
     for base, results in done:

@@ -52,15 +52,14 @@ def parent_of(pid: int) -> int:
 
 def _driver(argv: list[str]) -> int:
     from longctx.cli import main
-    from longctx.sweep import cell as sweep_cell
-    from longctx.sweep import cluster
+    from longctx.sweep import cluster, supervisor
 
     child = [sys.executable, str(Path(__file__).resolve()), "child"]
-    sweep_cell.CHILD = child
+    supervisor.CHILD = child
     work = cluster.work
 
     def held_work(job_files: list[str]) -> None:  # runs on a cluster worker, pickled by value
-        sweep_cell.CHILD = child
+        supervisor.CHILD = child
         work(job_files)
 
     cluster.work = held_work
@@ -69,10 +68,11 @@ def _driver(argv: list[str]) -> int:
 
 def _child(argv: list[str]) -> None:
     from longctx.sweep import cell as sweep_cell
+    from longctx.sweep import child
 
     spec = json.loads(os.environ[HOLD])
     method, hold = json.loads(Path(argv[0]).read_text())["method"], Path(spec["dir"])
-    phase = sweep_cell.phase
+    phase = child.phase
 
     def held_phase(name: str) -> None:
         phase(name)
@@ -81,7 +81,7 @@ def _child(argv: list[str]) -> None:
             while not (hold / "release").exists():
                 time.sleep(0.05)
 
-    sweep_cell.phase = held_phase
+    child.phase = held_phase  # what `child.run` calls before each phase
     sweep_cell.main(argv)
 
 

@@ -22,7 +22,8 @@ from longctx.adapters.base import METHOD_FIELDS
 from longctx.adapters.sdlora import n_trained
 from longctx.core.errors import LongctxError
 from longctx.core.resources import recipe_dir
-from longctx.sweep.run import adapter_key, parse_config
+from longctx.sweep.group import Group
+from longctx.sweep.run import group_adapter_key, parse_config
 from longctx.training.train import TrainConfig, train_adapter
 
 # (method, field, the value adapters were made with before it was a field, another valid value)
@@ -51,7 +52,7 @@ def _key(method: str, overrides: dict | None = None) -> str:
     cfg = parse_config({"methods": [method], "tasks": ["passkey"], "lengths": [256],
                         "base": "longctx-tiny-mamba" if method == "sdlora" else "longctx-tiny",
                         "recipe_overrides": {method: overrides} if overrides is not None else {}})
-    return adapter_key(cfg, method, "passkey", seed=0, base_id="fixed")
+    return group_adapter_key(cfg, Group(seed=0, method=method, task="passkey", chunk_size=None), base_id="fixed")
 
 
 def _recipes_with(tmp_path: Path, method: str, name: str, value) -> Path:

@@ -13,6 +13,7 @@ import yaml
 from conftest import SWEEP_SMOKE
 
 from longctx.core.errors import LongctxError
+from longctx.core.resources import preset_dir
 from longctx.sweep.results import COLUMNS, cell_key, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,9 +185,9 @@ def test_quick_demo_runs_both_bases_and_reports_them(tmp_path):
     assert "sdlora" in run.stdout and "ssmlora-scan" in run.stdout
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_example_configs_parse_and_the_demo_ones_are_what_the_demo_runs(path):
-    from longctx.demo import DEMO, DEMO_MAMBA
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")) + sorted(preset_dir().glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_configs_and_presets_parse(path):
     from longctx.engine.bases import EMBEDDED_BASES
     from longctx.engine.gguf import REAL_BASES
     from longctx.sweep.run import load_config
@@ -194,6 +195,15 @@ def test_example_configs_parse_and_the_demo_ones_are_what_the_demo_runs(path):
     cfg = load_config(path)
     assert cfg.base in {**EMBEDDED_BASES, **REAL_BASES}
     assert "sdlora" not in cfg.methods or EMBEDDED_BASES[cfg.base] == "mamba"  # SDLoRA is Mamba-only
-    demo = {"demo.yaml": DEMO, "demo-mamba.yaml": DEMO_MAMBA}.get(path.name)
-    if demo is not None:
-        assert cfg == demo and max(cfg.lengths) >= 8 * cfg.train_length  # the demo evaluates 1× to 8×
+
+
+def test_the_demo_runs_the_presets_which_a_sweep_names():
+    from longctx.demo import DEMO, DEMO_MAMBA
+    from longctx.sweep.config import load_config, presets
+
+    assert set(presets()) == {"demo", "demo-mamba"}
+    assert load_config("demo") == DEMO and load_config("demo-mamba") == DEMO_MAMBA
+    for cfg in (DEMO, DEMO_MAMBA):
+        assert max(cfg.lengths) >= 8 * cfg.train_length  # the demo evaluates 1× to 8×
+    with pytest.raises(LongctxError, match="'nodemo' does not exist and is no preset .presets: demo, demo-mamba.$"):
+        load_config("nodemo")

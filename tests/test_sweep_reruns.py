@@ -4,7 +4,7 @@ training settings (or recipe, or base) changed, moves rows of cells no longer in
 the archive, and an unchanged rerun repeats nothing; `--retry-failed`; `demo --quick`'s directory.
 
 The sweep driver runs for real (identities, archive, child processes, time limits); the child is
-this file run as a script — `longctx.sweep.cell.main` with stand-in training, loading and
+this file run as a script — `longctx.sweep.child.main` with stand-in training, loading and
 evaluation that record each call — so a rerun costs a fraction of a second. `FAKE_SWEEP` (JSON)
 tells the stand-ins where to record and which phase should fail how.
 """
@@ -62,18 +62,18 @@ def _record(**entry) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
-def _fake_train(job: dict) -> None:
-    _record(kind="train", out=job["train"]["out"], steps=job["train"]["steps"])
+def _fake_train(job) -> None:
+    _record(kind="train", out=job.train["out"], steps=job.train["steps"])
     _act("train")
-    Path(job["adapter"]).mkdir(parents=True, exist_ok=True)
-    (Path(job["adapter"]) / "adapter_config.json").write_text("{}")
+    Path(job.adapter).mkdir(parents=True, exist_ok=True)
+    (Path(job.adapter) / "adapter_config.json").write_text("{}")
 
 
 class _FakeLM:
     description = {"trainable_parameters": 0, "total_parameters": 1}
 
 
-def _fake_load(job: dict) -> _FakeLM:
+def _fake_load(job) -> _FakeLM:
     import logging
     import warnings
 
@@ -83,11 +83,12 @@ def _fake_load(job: dict) -> _FakeLM:
     return _FakeLM()
 
 
-def _fake_evaluate(lm: _FakeLM, job: dict, length: int, cell_id: str) -> dict:
-    _record(kind="eval", method=job["method"], chunk=job["chunk_size"], length=length, seed=job["seed"],
+def _fake_evaluate(lm: _FakeLM, job, length: int, cell_id: str) -> dict:
+    group = job.group
+    _record(kind="eval", method=group.method, chunk=group.chunk_size, length=length, seed=group.seed,
             cell_id=cell_id)
-    _act(f"{job['method']}/{job['chunk_size']}/{length}")
-    return {"n": job["config"]["num_samples"], "acc": 1.0, "status": "ok", "message": ""}
+    _act(f"{group.method}/{group.chunk_size}/{length}")
+    return {"n": job.config["num_samples"], "acc": 1.0, "status": "ok", "message": ""}
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -109,18 +110,18 @@ def fake(tmp_path, monkeypatch):
 
     The driver's time limits apply to the phases the spec makes block only: on any other phase
     (a child starting up on a loaded machine) a limit would make the verdict depend on speed."""
-    from longctx.sweep import cell as sweep_cell
+    from longctx.sweep import supervisor
 
-    monkeypatch.setattr(sweep_cell, "CHILD", [sys.executable, str(Path(__file__).resolve())])
-    monkeypatch.setattr(sweep_cell, "POLL_S", 0.02)
-    supervise = sweep_cell.supervise
+    monkeypatch.setattr(supervisor, "CHILD", [sys.executable, str(Path(__file__).resolve())])
+    monkeypatch.setattr(supervisor, "POLL_S", 0.02)
+    supervise = supervisor.supervise
 
     def stuck_phases_only(job_file, log, limits, extra_env=None):
         stuck = _stuck_phases(json.loads(Path(job_file).read_text()), Fake.fail)
         only = {"cell": None, "train": None, **{p: limits.get(p, limits.get("cell")) for p in stuck}}
         return supervise(job_file, log, only, extra_env)
 
-    monkeypatch.setattr(sweep_cell, "supervise", stuck_phases_only)
+    monkeypatch.setattr(supervisor, "supervise", stuck_phases_only)
 
     class Fake:
         out = tmp_path / "out"
@@ -224,7 +225,7 @@ def _current_ids(change: dict) -> set[str]:
     from longctx.sweep.run import base_identity, parse_config, plan
 
     cfg = parse_config({**SMALL, **change})
-    return {c["cell_id"] for _, cells in plan(cfg, base_identity(cfg.base)) for c in cells}
+    return {c["cell_id"] for group in plan(cfg, base_identity(cfg.base)) for c in group.cells}
 
 
 def test_a_changed_base_reruns_every_cell_and_retrains(fake, monkeypatch):
@@ -238,7 +239,7 @@ def test_a_changed_base_reruns_every_cell_and_retrains(fake, monkeypatch):
 
 
 def test_rows_carry_their_identity_and_a_reverted_setting_reuses_its_adapter(fake):
-    from longctx.sweep.results import cell_identity
+    from longctx.core.identity import cell_identity
 
     fake.run()
     for row in fake.rows().values():
@@ -285,10 +286,11 @@ def test_a_second_sweep_on_the_same_directory_is_refused(fake):
     {"recipe_overrides": {"lora": {"alpha": 8}}}, {"seed": 1}, {"base_id": "other"},
 ])
 def test_adapter_key_covers_every_training_setting(change):
-    from longctx.sweep.run import adapter_key, parse_config
+    from longctx.sweep.group import Group
+    from longctx.sweep.run import group_adapter_key, parse_config
 
     def key(seed=0, base_id="b", **values):
-        return adapter_key(parse_config({**SMALL, **values}), "lora", "passkey", seed, base_id)
+        return group_adapter_key(parse_config({**SMALL, **values}), Group(seed, "lora", "passkey", 128), base_id)
 
     assert key(**change) != key()
 
@@ -296,14 +298,16 @@ def test_adapter_key_covers_every_training_setting(change):
 @pytest.mark.parametrize("change", [{"num_samples": 5}, {"chunk_size": 64}, {"ssm_carry": "reset"},
                                     {"haystack": "essay"}, {"truncation": "left"}, {"cell_timeout_s": 5}])
 def test_adapter_key_ignores_evaluation_settings(change):
-    from longctx.sweep.run import adapter_key, parse_config
+    from longctx.sweep.group import Group
+    from longctx.sweep.run import group_adapter_key, parse_config
 
-    assert (adapter_key(parse_config({**SMALL, **change}), "lora", "passkey", 0, "b")
-            == adapter_key(parse_config(SMALL), "lora", "passkey", 0, "b"))
+    group = Group(0, "lora", "passkey", 128)
+    assert (group_adapter_key(parse_config({**SMALL, **change}), group, "b")
+            == group_adapter_key(parse_config(SMALL), group, "b"))
 
 
 def test_cell_identity_is_a_stable_hash_of_its_inputs():
-    from longctx.sweep.results import cell_identity
+    from longctx.core.identity import cell_identity
 
     assert cell_identity({"a": 1, "b": [1, 2]}) == cell_identity({"b": [1, 2], "a": 1})
     assert cell_identity({"a": 1}) != cell_identity({"a": 2})
@@ -379,10 +383,9 @@ def test_quick_demo_has_its_own_directory(tmp_path, monkeypatch):
     """`longctx demo --quick` then `longctx demo`: the quick 2-sample cells never reach runs/demo."""
     from longctx import demo
     from longctx.cli import build_parser
-    from longctx.sweep import run as sweep
 
     runs = []
-    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, where, **kw: runs.append((cfg, Path(where))) or Path(where))
+    monkeypatch.setattr(demo, "run_sweep", lambda cfg, where, **kw: runs.append((cfg, Path(where))) or Path(where))
     monkeypatch.setattr(demo, "_report", lambda results, title: [])
     monkeypatch.chdir(tmp_path)
     for quick in (True, False):
@@ -396,6 +399,6 @@ def test_quick_demo_has_its_own_directory(tmp_path, monkeypatch):
 
 
 if __name__ == "__main__":  # the stand-in child
-    from longctx.sweep.cell import main
+    from longctx.sweep.child import main
 
     main(sys.argv[1:], evaluate=_fake_evaluate, load=_fake_load, trainer=_fake_train)

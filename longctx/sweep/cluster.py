@@ -22,26 +22,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
+from tqdm import tqdm
+
 from longctx.core.fileio import atomic_write_text
-from longctx.sweep.cell import make_row, run_group
+from longctx.sweep.supervisor import make_row, run_group
 from longctx.sweep.executors import ENGINES, ExecutorConfig
+from longctx.sweep.group import Cell, GroupPlan
 from longctx.sweep.results import FAILED, append_row, read_rows, row_id
 
 STATE = "dispatch.json"
 POLL_S = 2.0
 
 
-def group_tag(log: Path) -> str:
-    """A group's name in the dispatch state and lock files: its log's stem (method, task, chunk,
-    seed and a hash of its cells)."""
-    return Path(log).stem
-
-
 @contextlib.contextmanager
 def group_lock(out: Path, tag: str) -> Iterator[None]:
     """Exclusive per group across processes and nodes sharing `out` (flock; released when the holder
     dies, so a cancelled job never blocks its resubmission)."""
-    import fcntl  # deferred: POSIX only, and only cluster workers take group locks
+    import fcntl  # deferred: POSIX only (a stdlib module absent elsewhere), and only cluster workers lock
 
     path = out / "locks" / f"{tag}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,13 +56,13 @@ def work(job_files: list[str]) -> None:
 
 
 def _work_one(job_file: Path) -> None:
-    job = json.loads(job_file.read_text())
-    out, limits = Path(job["out"]), job.get("limits", {})
-    with group_lock(out, group_tag(Path(job["log"]))):
+    job = GroupPlan.from_json(job_file.read_text())
+    out = Path(job.out)
+    with group_lock(out, job.tag):
         done = {row_id(r) for r in read_rows(out / "results.jsonl")}
-        cells = [c for c in job["cells"] if c["cell_id"] not in done]
+        cells = [c for c in job.cells if c["cell_id"] not in done]
         if cells:
-            run_group({**job, "cells": cells}, limits.get("cell"), limits.get("train"))
+            run_group(job.with_cells(cells))
 
 
 def _load_state(out: Path) -> dict[str, Any]:
@@ -79,32 +76,30 @@ def _save_state(out: Path, state: dict[str, Any]) -> None:
     atomic_write_text(out / STATE, json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
-def _missing(jobs: dict[str, dict[str, Any]], done: set[str]) -> dict[str, list[dict[str, Any]]]:
-    return {tag: [c for c in job["cells"] if c["cell_id"] not in done] for tag, job in jobs.items()
-            if any(c["cell_id"] not in done for c in job["cells"])}
+def _missing(jobs: dict[str, GroupPlan], done: set[str]) -> dict[str, list[Cell]]:
+    return {tag: [c for c in job.cells if c["cell_id"] not in done] for tag, job in jobs.items()
+            if any(c["cell_id"] not in done for c in job.cells)}
 
 
-def _give_up(job: dict[str, Any], cells: list[dict[str, Any]], attempts: int, results: Path) -> None:
+def _give_up(job: GroupPlan, cells: list[Cell], attempts: int, results: Path) -> None:
     message = (f"the {attempts} job(s) submitted for this cell ended without a result (cancelled, or the node "
-               f"died); see {job['log']} and the executor's own logs")
+               f"died); see {job.log} and the executor's own logs")
     for cell in cells:
         append_row(results, make_row(job, cell, n=0, status="error", message=message))
 
 
-def dispatch(jobs: dict[str, dict[str, Any]], engine: Any, cfg: ExecutorConfig, out: Path, progress: bool = True,
+def dispatch(jobs: dict[str, GroupPlan], engine: Any, cfg: ExecutorConfig, out: Path, progress: bool = True,
              retried: Collection[str] = ()) -> None:
     """Submit every group with missing cells whose job is not alive, then wait, counting cells as
     they land, resubmitting groups whose jobs ended with cells missing. `jobs`: group tag -> job;
     `engine`: the `executors.ENGINES` one of `cfg`; `retried`: tags whose failed cells
     `--retry-failed` archived, whose attempts start again from 0 (else a group that used up
     `max_attempts` would be given up again without running)."""
-    from tqdm import tqdm  # deferred: a progress bar only the driver draws
-
     results = out / "results.jsonl"
-    total = sum(len(job["cells"]) for job in jobs.values())
+    total = sum(len(job.cells) for job in jobs.values())
     done = {row_id(r) for r in read_rows(results)}
     bar = tqdm(total=total, desc=f"sweep cells ({cfg.kind})", disable=not progress,
-               initial=sum(c["cell_id"] in done for job in jobs.values() for c in job["cells"]))
+               initial=sum(c["cell_id"] in done for job in jobs.values() for c in job.cells))
     state = _load_state(out)
     for tag in retried:
         if tag in state:
@@ -114,7 +109,7 @@ def dispatch(jobs: dict[str, dict[str, Any]], engine: Any, cfg: ExecutorConfig, 
             # Jobs first, rows second: a job that ends in between has its rows read, not resubmitted.
             alive = engine.alive([s["job"] for s in state.values() if s.get("engine") == cfg.kind])
             done = {row_id(r) for r in read_rows(results)}
-            bar.update(sum(c["cell_id"] in done for job in jobs.values() for c in job["cells"]) - bar.n)
+            bar.update(sum(c["cell_id"] in done for job in jobs.values() for c in job.cells) - bar.n)
             missing = _missing(jobs, done)
             if not missing:
                 return
@@ -125,7 +120,7 @@ def dispatch(jobs: dict[str, dict[str, Any]], engine: Any, cfg: ExecutorConfig, 
         bar.close()
 
 
-def _resubmit(engine: Any, tags: list[str], jobs: dict[str, dict[str, Any]], missing: dict[str, list],
+def _resubmit(engine: Any, tags: list[str], jobs: dict[str, GroupPlan], missing: dict[str, list[Cell]],
               state: dict[str, Any], cfg: ExecutorConfig, out: Path) -> None:
     """Submit `tags` (bundled `cells_per_gpu` at a time), recording each job id before anything
     else can happen; groups past `max_attempts` get their missing cells recorded as errors."""
@@ -144,8 +139,8 @@ def _resubmit(engine: Any, tags: list[str], jobs: dict[str, dict[str, Any]], mis
     files = []
     for bundle in bundles:
         for tag, _ in bundle:
-            atomic_write_text(Path(jobs[tag]["log"]).with_suffix(".job.json"), json.dumps(jobs[tag], indent=1) + "\n")
-        files.append([str(Path(jobs[tag]["log"]).with_suffix(".job.json")) for tag, _ in bundle])
+            atomic_write_text(jobs[tag].job_file, jobs[tag].to_json())
+        files.append([str(jobs[tag].job_file) for tag, _ in bundle])
     job_ids = engine.submit(work, files)  # one Slurm array for all of them
     for bundle, job_id in zip(bundles, job_ids):
         for tag, attempts in bundle:
@@ -154,7 +149,7 @@ def _resubmit(engine: Any, tags: list[str], jobs: dict[str, dict[str, Any]], mis
     _save_state(out, state)
 
 
-def status_rows(jobs: dict[str, dict[str, Any]], cfg: ExecutorConfig | None, out: Path) -> list[dict[str, Any]]:
+def status_rows(jobs: dict[str, GroupPlan], cfg: ExecutorConfig | None, out: Path) -> list[dict[str, Any]]:
     """Per (method, task): cells done / running / queued / failed, from the results table and, for
     Slurm, its queue (cells of groups nobody runs count as queued; Ray's tasks end with their driver)."""
     rows = {row_id(r): r for r in read_rows(out / "results.jsonl")}
@@ -164,8 +159,9 @@ def status_rows(jobs: dict[str, dict[str, Any]], cfg: ExecutorConfig | None, out
         alive = ENGINES[cfg.kind](cfg, out).alive([s["job"] for s in state.values() if s.get("engine") == cfg.kind])
     table: dict[tuple[str, str], dict[str, int]] = {}
     for tag, job in jobs.items():
-        counts = table.setdefault((job["method"], job["task"]), {"done": 0, "running": 0, "queued": 0, "failed": 0})
-        for cell in job["cells"]:
+        counts = table.setdefault((job.group.method, job.group.task),
+                                  {"done": 0, "running": 0, "queued": 0, "failed": 0})
+        for cell in job.cells:
             row = rows.get(cell["cell_id"])
             if row is not None:
                 counts["failed" if row.get("status") in FAILED else "done"] += 1

@@ -18,10 +18,12 @@ from longctx.adapters import ADAPTERS, load_recipe
 from longctx.adapters.base import Recipe
 from longctx.core.errors import LongctxError, choice_error, positive_int
 from longctx.core.fetch import ESSAYS, require
+from longctx.core.resources import preset_dir
 from longctx.core.typecheck import check_fields
 from longctx.engine.bases import parse_dtype, parse_rope_scaling
 from longctx.engine.gguf import REAL_BASES
 from longctx.engine.runner import CARRY_CHOICES
+from longctx.lmeval.args import TRUNCATION_CHOICES
 from longctx.sweep.executors import parse_executor
 from longctx.tasks import HAYSTACKS, TASKS, _check_depths, check_length_value, haystack_for
 
@@ -46,7 +48,7 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     haystack: str | dict[str, str] | None = None  # one for every task, or {task: haystack}; None: their defaults
     depths: list[float] | None = None  # None: the tasks' default needle depths
-    chunk_size: int | None = None
+    chunk_size: int | None = None  # evaluation chunk size (None: whole sequences); validated here once
     # Chunked training (`longctx.training.chunked`): a size (or null: whole sequences) for every
     # method, or per method a size, null, or a list of them (each one a separately trained series).
     train_chunk_size: TrainChunk | dict[str, TrainChunk] = None
@@ -117,8 +119,6 @@ def _check_names(cfg: SweepConfig) -> None:
 
 
 def _check_settings(cfg: SweepConfig) -> None:
-    from longctx.lmeval.model import TRUNCATION_CHOICES  # deferred: imports transformers and lm_eval (seconds)
-
     cfg.lengths = sorted(check_length_value(v) for v in cfg.lengths)
     cfg.train_length = check_length_value(cfg.train_length or cfg.lengths[0])
     for key in ("train_steps", "batch_size", "num_samples"):
@@ -173,12 +173,30 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path) -> SweepConfig:
-    """The validated config of a YAML file (one-line errors: missing file, bad YAML, bad values)."""
+def presets() -> dict[str, Path]:
+    """The sweep presets shipped with the package (`longctx sweep demo`): name -> YAML file."""
+    return {path.stem: path for path in sorted(preset_dir().glob("*.yaml"))}
+
+
+def config_path(config: str | Path) -> Path:
+    """The YAML file of `config`: an existing file, else the preset of that name (one line listing
+    the presets when it is neither)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    found = presets()
+    if str(config) in found:
+        return found[str(config)]
+    raise LongctxError(f"sweep config {str(config)!r} does not exist and is no preset (presets: "
+                       f"{', '.join(found)})")
+
+
+def load_config(config: str | Path) -> SweepConfig:
+    """The validated config of a YAML file or a preset's name (one-line errors: missing file, bad
+    YAML, bad values)."""
+    path = config_path(config)
     try:
-        values = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
-    except FileNotFoundError:
-        raise LongctxError(f"sweep config {str(path)!r} does not exist") from None
+        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise LongctxError(f"sweep config {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
     except LongctxError as err:

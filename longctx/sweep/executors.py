@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator
 
 from longctx.core.errors import LongctxError, choice_error
 from longctx.core.typecheck import check_fields
-from longctx.sweep.cell import run_group
+from longctx.sweep.supervisor import run_group
+from longctx.sweep.group import GroupPlan
 
 EXECUTORS = ("local", "slurm", "ray")
 EXTRA = "pip install 'longctx[cluster]'"
@@ -151,8 +152,8 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def run_local_groups(jobs: list[tuple[str, dict[str, Any]]], workers: int, bar: Any) -> None:
-    """The local executor: each (label, job) through `sweep_cell.run_group` in child processes of
+def run_local_groups(jobs: list[GroupPlan], workers: int, bar: Any) -> None:
+    """The local executor: each group's plan through `supervisor.run_group` in child processes of
     this one, `workers` groups at a time (threads that each wait on their child), worker slot i's
     children with `local_worker_env(i, workers)`. `bar` (tqdm) advances as groups finish. On
     Ctrl-C no further group starts; the running children get the terminal's SIGINT and their cells
@@ -162,26 +163,25 @@ def run_local_groups(jobs: list[tuple[str, dict[str, Any]]], workers: int, bar: 
         slots.put(slot)
     lock, stopping = threading.Lock(), threading.Event()
 
-    def one(label: str, job: dict[str, Any]) -> None:
+    def one(job: GroupPlan) -> None:
         slot = slots.get()
         try:
             if stopping.is_set():
                 return
             with lock:
-                bar.set_postfix_str(label)
-            limits = job.get("limits", {})
-            run_group(job, limits.get("cell"), limits.get("train"), local_worker_env(slot, workers))
+                bar.set_postfix_str(job.group.describe())
+            run_group(job, local_worker_env(slot, workers))
             with lock:
-                bar.update(len(job["cells"]))
+                bar.update(len(job.cells))
         finally:
             slots.put(slot)
 
     if workers == 1:
-        for label, job in jobs:
-            one(label, job)
+        for job in jobs:
+            one(job)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(one, label, job) for label, job in jobs]
+        futures = [pool.submit(one, job) for job in jobs]
         try:
             for future in futures:
                 future.result()

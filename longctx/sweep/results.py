@@ -3,20 +3,23 @@ line per write (a crash can tear at most the last line, which the reader drops),
 `results.csv` rewritten atomically from it.
 
 A cell is identified by `cell_id`, a hash of everything that changes its result (`identity`,
-stored in the row; the sweep builds it). `results.jsonl` holds the current sweep's cells only:
+stored in the row; `longctx.core.identity.cell_inputs` defines it, `cell_identity` hashes it). `results.jsonl` holds the current sweep's cells only:
 rows of cells the current config no longer has, and failed rows about to be retried, are moved
 to `results.archive.jsonl` (kept, never read as results).
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from longctx.core.errors import LongctxError
+from longctx.core.fileio import atomic_write_text
+from longctx.core.identity import cell_identity
 
 # peak_memory_bytes: the process's peak during the cell's requests (weights included); request_memory_bytes:
 # a request's own, its peak above what was resident before it (the largest of the cell's requests).
@@ -30,12 +33,6 @@ STATUSES = ("ok", "oom", "error", "timeout")
 FAILED = ("oom", "error", "timeout")  # what `--retry-failed` reruns
 ARCHIVE = "results.archive.jsonl"
 OOM_TEXT = ("out of memory", "outofmemoryerror", "memoryerror", "can't allocate memory", "cannot allocate memory")
-
-
-def cell_identity(inputs: dict[str, Any]) -> str:
-    """The cell id: a stable hash of its identity inputs (canonical JSON, key order irrelevant)."""
-    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _size(value: Any) -> int | None:
@@ -102,8 +99,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def repair(path: Path) -> None:
     """Rewrite results.jsonl without a torn last line, so appends start on a fresh line."""
-    from longctx.core.fileio import atomic_write_text
-
     text = Path(path).read_text() if Path(path).is_file() else ""
     if text and not text.endswith("\n"):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in read_rows(path)))
@@ -114,8 +109,6 @@ def archive_rows(path: Path, ids: set[str], reason: str) -> int:
 
     The archive is appended first, then `path` is rewritten atomically: a crash in between can
     duplicate archived rows, never lose one."""
-    from longctx.core.fileio import atomic_write_text
-
     rows = read_rows(path)
     moving = [r for r in rows if row_id(r) in ids]
     if not moving:
@@ -128,8 +121,6 @@ def archive_rows(path: Path, ids: set[str], reason: str) -> int:
 
 def write_csv(jsonl: Path, csv_path: Path) -> None:
     """results.csv from results.jsonl (atomic)."""
-    from longctx.core.fileio import atomic_write_text
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
@@ -141,9 +132,7 @@ def write_csv(jsonl: Path, csv_path: Path) -> None:
 
 def load_table(results_dir: Path) -> Any:
     """The results as a pandas DataFrame (from results.jsonl, else results.csv)."""
-    import pandas as pd
-
-    from longctx.core.errors import LongctxError
+    import pandas as pd  # deferred: heavy, and only reading a finished table needs it
 
     directory = Path(results_dir)
     if (directory / "results.jsonl").is_file():

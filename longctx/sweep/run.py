@@ -1,15 +1,15 @@
 """`longctx sweep CONFIG` (design §8): methods × tasks × lengths × seeds, resumable.
 
-A cell is one (method, task, seed, chunk size, training chunk size, length); its identity (`cell_inputs`, hashed by
-`results.cell_identity`) is everything that changes its result: the base's name and a
+A cell is one length of a `Group` (seed, method, task, chunk size, training chunk size); its identity
+(`longctx.core.identity.cell_inputs`, hashed by `identity.cell_identity`) is everything that changes its result: the base's name and a
 fingerprint of its files, the method's recipe with overrides, the training settings (none for
 `base`), the task with its metadata, and the evaluation settings (chunk size, carry mode,
 truncation, dtype). A rerun evaluates exactly the cells whose id has no row, moves rows of cells
 the config no longer has to `results.archive.jsonl`, and repeats nothing else; `retry_failed`
 also reruns error/oom/timeout cells.
 
-Per (seed, method, task, chunk size, training chunk size) a child process (`longctx.sweep.cell`)
-trains the adapter unless cached — under `OUT/adapters/<method>-<task>-<adapter_key>`, keyed by
+Per group a child process (`longctx.sweep.cell`, reading the group's `GroupPlan`) trains the
+adapter unless cached — under `OUT/adapters/<method>-<task>-<adapter key>`, keyed by
 the training settings — and a fresh one (whose memory figures training cannot inflate) evaluates
 its missing cells, appending a row per cell. Its whole output is kept
 in `OUT/logs/` and named in the rows. The driver enforces `cell_timeout_s` (each cell) and
@@ -21,7 +21,6 @@ time (a lock file); a second one is refused. The config is defined and validated
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import subprocess
 from collections import Counter
@@ -29,22 +28,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
+from tqdm import tqdm
+
 from longctx.adapters import load_recipe
+from longctx.core import identity
 from longctx.core.errors import LongctxError
 from longctx.core.resources import source_checkout, task_dir
 from longctx.engine.bases import parse_rope_scaling, resolve_base
 from longctx.engine.gguf import gguf_sha256, is_gguf
-from longctx.sweep.cluster import dispatch, group_tag, status_rows
+from longctx.sweep.cluster import dispatch, status_rows
 from longctx.sweep.config import SweepConfig, load_config, parse_config, train_chunk_sizes  # noqa: F401  (re-exported)
 from longctx.sweep.executors import ENGINES, parse_executor, run_local_groups
-from longctx.sweep.results import FAILED, STATUSES, archive_rows, cell_identity, read_rows, repair, row_id, write_csv
+from longctx.sweep.group import Cell, Group, GroupPlan
+from longctx.sweep.results import FAILED, STATUSES, archive_rows, read_rows, repair, row_id, write_csv
 from longctx.tasks import haystack_for
 from longctx.training.train import TrainConfig
 
 REPO = source_checkout()
-IDENTITY_VERSION = 1  # bump when the identity's definition changes (every cell then reruns)
-FULL_HASH_BYTES = 256 << 20  # base files up to this size are hashed whole; larger ones sampled
-BASE_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".gguf")
 
 
 def git_commit() -> str | None:
@@ -56,27 +56,19 @@ def git_commit() -> str | None:
 
 
 def base_identity(base: str) -> str:
-    """Fingerprint of the base's files, computed once per sweep without loading the model: its
-    config, tokenizer and weight files (names, sizes, contents — sampled blocks of files over
-    256 MiB). A GGUF base (a real base's name, a .gguf file) is its file's sha256. A hub id is read
-    from the local HF cache; one not cached is identified by name."""
+    """`identity.base_identity` of a base named as a sweep names it, computed once per sweep without
+    loading the model: a GGUF base (a real base's name, a .gguf file) by its file's sha256, a
+    directory (an embedded base's name, a path, a hub id in the local HF cache) by its files, else
+    by its name."""
     if is_gguf(base):
-        return "gguf:" + gguf_sha256(base)[:16]
+        return identity.base_identity(base, gguf_sha256=gguf_sha256(base))
     directory = Path(resolve_base(base))
-    if not directory.is_dir():
-        directory = _hub_snapshot(base)
-    if directory is None:
-        return f"name:{base}"
-    digest = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
-        if path.is_file() and path.suffix in BASE_FILE_SUFFIXES and path.name != "manifest.json":
-            digest.update(f"{path.name}:{path.stat().st_size}:".encode() + _file_digest(path))
-    return digest.hexdigest()[:16]
+    return identity.base_identity(base, directory if directory.is_dir() else _hub_snapshot(base))
 
 
 def _hub_snapshot(name: str) -> Path | None:
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # deferred: only for a hub id, not a local base
 
         found = try_to_load_from_cache(name, "config.json")
     except Exception:  # not a repo id, or no hub client: the name is all we know
@@ -84,110 +76,79 @@ def _hub_snapshot(name: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def _file_digest(path: Path) -> bytes:
-    size, block = path.stat().st_size, 1 << 20
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        if size <= FULL_HASH_BYTES:
-            for piece in iter(lambda: handle.read(16 * block), b""):
-                digest.update(piece)
-        else:
-            for i in range(17):  # the header, 15 blocks spread over the values, the end
-                handle.seek(max(0, min(i * (size // 16), size - block)))
-                digest.update(handle.read(block))
-    return digest.digest()
-
-
-def training_settings(cfg: SweepConfig, method: str, task: str, seed: int,
-                      train_chunk: int | None = None) -> dict[str, Any] | None:
-    """The `TrainConfig` fields the sweep trains this adapter with, less its directory (None for `base`).
-    A whole-sequence run leaves `chunk_size` out, so identities from before it existed still hold."""
-    if method == "base":
+def training_settings(cfg: SweepConfig, group: Group) -> dict[str, Any] | None:
+    """The `TrainConfig` fields the sweep trains the group's adapter with, less its directory (None
+    for `base`). A whole-sequence run leaves `chunk_size` out, so identities from before it existed
+    still hold."""
+    if group.method == "base":
         return None
-    settings = asdict(TrainConfig(method=method, task=task, train_length=cfg.train_length, out="", base=cfg.base,
-                                  steps=cfg.train_steps, batch_size=cfg.batch_size, seed=seed, dtype=cfg.dtype,
-                                  learning_rate=cfg.learning_rate, overrides=cfg.recipe_overrides.get(method, {}),
-                                  chunk_size=train_chunk))
+    settings = asdict(TrainConfig(method=group.method, task=group.task, train_length=cfg.train_length, out="",
+                                  base=cfg.base, steps=cfg.train_steps, batch_size=cfg.batch_size, seed=group.seed,
+                                  dtype=cfg.dtype, learning_rate=cfg.learning_rate,
+                                  overrides=cfg.recipe_overrides.get(group.method, {}),
+                                  chunk_size=group.train_chunk_size))
     settings.pop("out")
-    if train_chunk is None:
+    if group.train_chunk_size is None:
         settings.pop("chunk_size")
     return settings
 
 
-def adapter_key(cfg: SweepConfig, method: str, task: str, seed: int, base_id: str | None = None,
-                train_chunk: int | None = None) -> str:
-    """Hash of everything the trained adapter depends on: base, recipe and training settings."""
-    identity = {"base": {"name": cfg.base, "id": base_id or base_identity(cfg.base)},
-                "recipe": _recipe(cfg, method), "training": training_settings(cfg, method, task, seed, train_chunk)}
-    return cell_identity(identity)
+def group_adapter_key(cfg: SweepConfig, group: Group, base_id: str) -> str:
+    """`identity.adapter_key` of the group's adapter: base, recipe and training settings."""
+    return identity.adapter_key(cfg.base, base_id, _recipe(cfg, group.method), training_settings(cfg, group))
 
 
-def adapter_dir(cfg: SweepConfig, method: str, task: str, seed: int, out: Path, base_id: str | None = None,
-                train_chunk: int | None = None) -> Path:
-    key = adapter_key(cfg, method, task, seed, base_id, train_chunk)
-    return Path(out) / "adapters" / f"{method}-{task}-{key}"
+def adapter_dir(cfg: SweepConfig, group: Group, out: Path, base_id: str) -> Path:
+    """OUT/adapters/<method>-<task>-<adapter key>: the cached adapter of the group."""
+    return Path(out) / "adapters" / f"{group.method}-{group.task}-{group_adapter_key(cfg, group, base_id)}"
 
 
 def _recipe(cfg: SweepConfig, method: str) -> dict[str, Any]:
     return load_recipe(method, cfg.recipe_overrides.get(method)).to_dict()
 
 
-def cell_inputs(cfg: SweepConfig, base_id: str, group: tuple, length: int) -> dict[str, Any]:
-    """The one definition of a cell's identity: every input that changes its result."""
-    seed, method, task, chunk, train_chunk = group
-    return {"version": IDENTITY_VERSION,
-            "base": {"name": cfg.base, "id": base_id},
-            "method": method, "recipe": _recipe(cfg, method),
-            "training": training_settings(cfg, method, task, seed, train_chunk),
-            "task": {"name": task, "length": length, "num_samples": cfg.num_samples, "seed": seed,
-                     "haystack": haystack_for(cfg.haystack, task), "depths": cfg.depths, "tokenizer": cfg.base},
-            "evaluation": {"chunk_size": chunk, "ssm_carry": cfg.ssm_carry if chunk else None,
-                           "truncation": cfg.truncation, "dtype": cfg.dtype,
-                           **({"rope_scaling": parse_rope_scaling(cfg.rope_scaling)} if cfg.rope_scaling else {})}}
+def cell_inputs(cfg: SweepConfig, base_id: str, group: Group, length: int) -> dict[str, Any]:
+    """The identity inputs of the group's cell at `length` (`identity.cell_inputs`)."""
+    return identity.cell_inputs(
+        base=cfg.base, base_id=base_id, method=group.method, recipe=_recipe(cfg, group.method),
+        training=training_settings(cfg, group), task=group.task, length=length, num_samples=cfg.num_samples,
+        seed=group.seed, haystack=haystack_for(cfg.haystack, group.task), depths=cfg.depths,
+        chunk_size=group.chunk_size, ssm_carry=cfg.ssm_carry, truncation=cfg.truncation, dtype=cfg.dtype,
+        rope_scaling=parse_rope_scaling(cfg.rope_scaling) if cfg.rope_scaling else None)
 
 
-def grid(cfg: SweepConfig) -> list[tuple]:
-    """(seed, method, task, chunk size, training chunk size) groups; each covers every length."""
-    groups = [(seed, method, task, cfg.chunk_size, train) for seed in cfg.seeds for method in cfg.methods
+def grid(cfg: SweepConfig) -> list[Group]:
+    """Every group of the sweep (each covers every length): the methods chunked, then the
+    `unchunked_methods` in one pass (when the sweep chunks at all)."""
+    groups = [Group(seed, method, task, cfg.chunk_size, train) for seed in cfg.seeds for method in cfg.methods
               for train in train_chunk_sizes(cfg, method) for task in cfg.tasks]
-    groups += [(seed, method, task, None, train) for seed in cfg.seeds for method in cfg.unchunked_methods
-               for train in train_chunk_sizes(cfg, method) for task in cfg.tasks if cfg.chunk_size is not None]
+    if cfg.chunk_size is not None:
+        groups += [Group(seed, method, task, None, train) for seed in cfg.seeds for method in cfg.unchunked_methods
+                   for train in train_chunk_sizes(cfg, method) for task in cfg.tasks]
     return groups
 
 
-def plan(cfg: SweepConfig, base_id: str) -> list[tuple[tuple, list[dict[str, Any]]]]:
-    """Every group of the grid with its cells ({length, cell_id, identity})."""
-    out = []
+def plan(cfg: SweepConfig, base_id: str, out: Path | None = None) -> list[GroupPlan]:
+    """The plan of every group of the grid with all its cells; results under `out` (default
+    the config's `out`)."""
+    out = Path(out if out is not None else cfg.out)
+    commit, config = git_commit(), asdict(cfg)
+    plans = []
     for group in grid(cfg):
-        cells = []
+        cells: list[Cell] = []
         for length in cfg.lengths:
             inputs = cell_inputs(cfg, base_id, group, length)
-            cells.append({"length": length, "cell_id": cell_identity(inputs), "identity": inputs})
-        out.append((group, cells))
-    return out
-
-
-def group_job(cfg: SweepConfig, group: tuple, cells: list[dict[str, Any]], out: Path, base_id: str,
-         log: Path) -> dict[str, Any]:
-    seed, method, task, chunk, train_chunk = group
-    train = training_settings(cfg, method, task, seed, train_chunk)
-    adapter = adapter_dir(cfg, method, task, seed, out, base_id, train_chunk) / "adapter" if train else None
-    if train:
-        train["out"] = str(adapter.parent)
-    return {"config": asdict(cfg), "method": method, "task": task, "seed": seed, "chunk_size": chunk,
-            "train_chunk_size": train_chunk, "cells": cells,
-            "limits": {"cell": cfg.cell_timeout_s, "train": cfg.train_timeout_s}, "train": train,
-            "adapter": str(adapter) if adapter else None, "out": str(out),
-            "tasks_dir": str(task_dir()), "git_commit": git_commit(), "log": str(log)}
-
-
-def log_path(out: Path, group: tuple, cells: list[dict[str, Any]]) -> Path:
-    """OUT/logs/<method>[-trainchunk<T>]-<task>-<chunk>-seed<S>-<hash of the group's cells>.log (appended
-    per attempt)."""
-    seed, method, task, chunk, train_chunk = group
-    tag = cell_identity({"cells": [c["cell_id"] for c in cells]})[:10]
-    trained = f"-trainchunk{train_chunk}" if train_chunk else ""
-    return out / "logs" / f"{method}{trained}-{task}-{f'chunk{chunk}' if chunk else 'unchunked'}-seed{seed}-{tag}.log"
+            cells.append({"length": length, "cell_id": identity.cell_identity(inputs), "identity": inputs})
+        train = training_settings(cfg, group)
+        adapter = adapter_dir(cfg, group, out, base_id) / "adapter" if train else None
+        if train:
+            train["out"] = str(adapter.parent)
+        plans.append(GroupPlan(group=group, cells=cells, config=config, out=str(out),
+                               log=str(out / "logs" / f"{group.tag(cells)}.log"),
+                               limits={"cell": cfg.cell_timeout_s, "train": cfg.train_timeout_s}, train=train,
+                               adapter=str(adapter) if adapter else None, tasks_dir=str(task_dir()),
+                               git_commit=commit))
+    return plans
 
 
 def _check_output(out: Path) -> None:
@@ -249,52 +210,34 @@ def run_sweep(cfg: SweepConfig, out: Path, progress: bool = True, retry_failed: 
     engine = ENGINES[settings.kind](settings, out) if settings.kind in ENGINES else None
     _check_output(out)
     with _lock(out):
-        base_id = base_identity(cfg.base)
-        groups = plan(cfg, base_id)
-        done, retried = _current_table(cfg, out, {c["cell_id"] for _, cells in groups for c in cells}, retry_failed)
-        jobs = _missing_jobs(cfg, out, base_id, groups, done)
+        plans = plan(cfg, base_identity(cfg.base), out)
+        done, retried = _current_table(cfg, out, {c["cell_id"] for p in plans for c in p.cells}, retry_failed)
+        missing = _missing(plans, done)
         if engine is None:
-            _run_locally(jobs, sum(len(cells) for _, cells in groups), len(done), progress, settings.workers)
+            bar = tqdm(total=sum(len(p.cells) for p in plans), desc="sweep cells", disable=not progress,
+                       initial=len(done))
+            run_local_groups(missing, settings.workers, bar)
+            bar.close()
         else:
-            tags = {group_tag(Path(job["log"])): job for _, job in jobs}
-            again = {tag for tag, job in tags.items() if any(c["cell_id"] in retried for c in job["cells"])}
-            dispatch(tags, engine, settings, out, progress, retried=again)
+            again = {p.tag for p in missing if any(c["cell_id"] in retried for c in p.cells)}
+            dispatch({p.tag: p for p in missing}, engine, settings, out, progress, retried=again)
         write_csv(out / "results.jsonl", out / "results.csv")
     return out
 
 
-def _missing_jobs(cfg: SweepConfig, out: Path, base_id: str, groups: list,
-                  done: set[str]) -> list[tuple[tuple, dict[str, Any]]]:
-    """(group, job of its cells without a row) for each group with such cells."""
-    jobs = []
-    for group, cells in groups:
-        missing = [c for c in cells if c["cell_id"] not in done]
-        if missing:
-            jobs.append((group, group_job(cfg, group, missing, out, base_id, log_path(out, group, cells))))
-    return jobs
-
-
-def _run_locally(jobs: list[tuple[tuple, dict[str, Any]]], total: int, done: int, progress: bool,
-                 workers: int = 1) -> None:
-    from tqdm import tqdm  # deferred: a progress bar only the local executor draws
-
-    bar = tqdm(total=total, desc="sweep cells", disable=not progress, initial=done)
-    labelled = [(f"{group[1]} {group[2]}" + ("" if group[3] else " unchunked")
-                 + (f" trained chunk {group[4]}" if group[4] else ""), job) for group, job in jobs]
-    run_local_groups(labelled, workers, bar)
-    bar.close()
+def _missing(plans: list[GroupPlan], done: set[str]) -> list[GroupPlan]:
+    """Each plan with cells without a row, for those cells only (its log, named after all its
+    cells, stays the same)."""
+    left = [p.with_cells([c for c in p.cells if c["cell_id"] not in done]) for p in plans]
+    return [p for p in left if p.cells]
 
 
 def sweep_status(cfg: SweepConfig, out: Path, executor: str | None = None) -> list[dict[str, Any]]:
     """Per (method, task): cells done / running / queued / failed (`cluster.status_rows`)."""
     settings = parse_executor(cfg.executor, executor)
     out = Path(out) if settings.kind == "local" else Path(out).resolve()
-    base_id = base_identity(cfg.base)
-    jobs = {}
-    for group, cells in plan(cfg, base_id):
-        job = group_job(cfg, group, cells, out, base_id, log_path(out, group, cells))
-        jobs[group_tag(Path(job["log"]))] = job
-    return status_rows(jobs, settings if settings.kind != "local" else None, out)
+    plans = {p.tag: p for p in plan(cfg, base_identity(cfg.base), out)}
+    return status_rows(plans, settings if settings.kind != "local" else None, out)
 
 
 def sweep_outcome(out: Path) -> tuple[int, str | None]:
