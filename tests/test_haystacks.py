@@ -98,11 +98,12 @@ def test_paul_graham_examples_are_deterministic(essays, tokenizers):
 # ---- haystack and haystack_repeated in every needle example ------------------------------------------
 
 def test_needle_examples_record_their_haystack_and_others_none(tokenizers):
-    for task, (_, default) in sorted(TASKS.items()):
+    assert tuple(t for t, spec in TASKS.items() if spec.uses_haystack) == NEEDLE_TASKS
+    for task, spec in sorted(TASKS.items()):
         (example,) = generate(task, tokenizers["bpe"], 512, n=1)
         if task in NEEDLE_TASKS:
-            assert example.extra["haystack"] == default, task
-            assert example.extra["haystack_repeated"] is (default == "noise"), task  # 19 words: always repeats
+            assert example.extra["haystack"] == spec.haystack, task
+            assert example.extra["haystack_repeated"] is (spec.haystack == "noise"), task  # 19 words: always repeats
         else:
             assert "haystack" not in example.extra and "haystack_repeated" not in example.extra, task
 
@@ -183,6 +184,6 @@ def test_evaluate_length_reports_the_haystack_per_length(task, haystack, length,
     job = {"config": {"base": base, "num_samples": 2, "haystack": haystack}, "task": task, "seed": 0,
            "tasks_dir": str(task_dir()), "out": str(tmp_path), "method": "base", "chunk_size": None}
     row = evaluate_length(lm, job, length, "cell")
-    want = haystack or (TASKS[task][1] if task in NEEDLE_TASKS else None)
+    want = haystack or (TASKS[task].haystack if task in NEEDLE_TASKS else None)
     assert row["status"] == "ok" and row["n"] == 2
     assert row["haystack"] == want and row["haystack_repeated"] is repeated

@@ -4,6 +4,7 @@ splits, and clear errors."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import re
 import subprocess
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from longctx.core.errors import LongctxError
-from longctx.tasks import TASKS, generate
+from longctx.tasks import TASKS, TaskSpec, generate
 from longctx.tasks.common import HAYSTACKS, tolerance
 
 NUM = r"(\d+)"
@@ -51,7 +52,7 @@ def parse_answer(task: str, prompt: str) -> list[str]:
         assert counts.most_common(k + 1)[-1][1] < counts[top[-1]]  # the top k are unambiguous
         return sorted(top, key=words.index)
     if task == "fwe":
-        counts = collections.Counter(body.split("\n")[1].split())
+        counts = collections.Counter(re.findall(r"[a-z]+", body.split("\n")[1]))  # not the " ." padding
         ranked = counts.most_common(4)
         assert ranked[0][1] > ranked[1][1] > ranked[2][1] > ranked[3][1]  # unambiguous order
         return [w for w, _ in ranked[:3]]
@@ -170,3 +171,12 @@ def test_bad_arguments_name_the_value(kwargs, message, tokenizers):
 def test_too_short_a_length_says_the_minimum(tokenizers):
     with pytest.raises(LongctxError, match=r"too short for niah_multiquery.*at least \d+"):
         generate("niah_multiquery", tokenizers["char"], 100, n=1)
+
+
+def test_every_task_is_one_frozen_spec_named_by_its_key():
+    for name, spec in TASKS.items():
+        assert isinstance(spec, TaskSpec) and spec.name == name and callable(spec.generator)
+        assert spec.haystack in HAYSTACKS
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            spec.haystack = "essay"  # type: ignore[misc]
+    assert [t for t in TASKS if TASKS[t].haystack == "essay"] == [t for t in TASKS if t.startswith("niah_")]

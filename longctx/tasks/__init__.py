@@ -1,6 +1,7 @@
 """Long-input task generators (design §6): pure functions of (tokenizer, length, n, seed, split, …).
 
-`TASKS` is the registry: task name -> generator of one example. `generate` builds a task's
+`TASKS` is the registry, the one list of tasks: task name -> `TaskSpec` (its generator of one
+example, its default haystack, whether it reads one). `generate` builds a task's
 examples for one split and one length; `longctx.lmeval.tasks.glue` turns them into lm-eval datasets.
 The needle tasks (passkey, niah_*, vt) fill their prompts from a haystack (`HAYSTACKS`: `noise`,
 `essay`, or `paul-graham`, fetched with `longctx fetch paul-graham-essays`) and record in each
@@ -15,6 +16,7 @@ model's position limit runs there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 from longctx.core.errors import LongctxError, choice_error
@@ -31,18 +33,30 @@ from longctx.tasks.common import (
 )
 from longctx.tasks.counting import TokenCounter
 
-# name -> (generator, default haystack; cwe, fwe and mqar ignore theirs)
-TASKS: dict[str, tuple[Callable[..., Example], str]] = {
-    "passkey": (niah.make("passkey"), "noise"),
-    "niah_single": (niah.make("single"), "essay"),
-    "niah_multikey": (niah.make("multikey"), "essay"),
-    "niah_multivalue": (niah.make("multivalue"), "essay"),
-    "niah_multiquery": (niah.make("multiquery"), "essay"),
-    "vt": (vt.generate, "noise"),
-    "cwe": (extraction.cwe, "noise"),
-    "fwe": (extraction.fwe, "noise"),
-    "mqar": (mqar.generate, "noise"),
-}
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One task: `generator(count, budget, rng, split, haystack, depth)` makes one example whose
+    prompt fills `budget` tokens; `haystack` is the default filler; `uses_haystack` False for the
+    tasks that make their own filler (cwe, fwe, mqar: they ignore the haystack and record none)."""
+
+    name: str
+    generator: Callable[..., Example]
+    haystack: str = "noise"
+    uses_haystack: bool = True
+
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec("passkey", functools.partial(niah.generate, variant="passkey")),
+    TaskSpec("niah_single", functools.partial(niah.generate, variant="single"), "essay"),
+    TaskSpec("niah_multikey", functools.partial(niah.generate, variant="multikey"), "essay"),
+    TaskSpec("niah_multivalue", functools.partial(niah.generate, variant="multivalue"), "essay"),
+    TaskSpec("niah_multiquery", functools.partial(niah.generate, variant="multiquery"), "essay"),
+    TaskSpec("vt", vt.generate),
+    TaskSpec("cwe", extraction.cwe, uses_haystack=False),
+    TaskSpec("fwe", extraction.fwe, uses_haystack=False),
+    TaskSpec("mqar", mqar.generate, uses_haystack=False),
+)}
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MIN_LENGTH = 64
 SIZING_TRIES = 4  # prompt sizings per example: the answer's size is known after the first
@@ -83,8 +97,8 @@ def generate(task: str, tokenizer: Any, length: int, n: int, seed: int = 0, spli
     """
     if task not in TASKS:
         raise choice_error("task", task, TASKS)
-    make, default_haystack = TASKS[task]
-    haystack = haystack or default_haystack
+    spec = TASKS[task]
+    haystack = haystack or spec.haystack
     if haystack not in HAYSTACKS:
         raise choice_error("haystack", haystack, HAYSTACKS)
     check_split(split)
@@ -98,7 +112,7 @@ def generate(task: str, tokenizer: Any, length: int, n: int, seed: int = 0, spli
     for i in range(n):
         def attempt(budget: int, i: int = i) -> Example:
             rng = example_rng(task, split, seed, length, i)
-            return make(count, budget, rng, split, haystack, depths[i % len(depths)])
+            return spec.generator(count, budget, rng, split, haystack, depths[i % len(depths)])
 
         example, reserve = _fit_request(attempt, count, task, length, reserve, max_gen_toks, special_tokens)
         out.append(dataclasses.replace(example, index=i, seed=seed))
@@ -161,4 +175,4 @@ def _sized_once(attempt: Callable[[int], Example], count: TokenCounter, task: st
                                request_tokens=example.n_tokens + rest, form=form), rest
 
 
-__all__ = ["TASKS", "SPLITS", "HAYSTACKS", "Example", "generate"]
+__all__ = ["TASKS", "SPLITS", "HAYSTACKS", "Example", "TaskSpec", "generate"]

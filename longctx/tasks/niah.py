@@ -74,23 +74,20 @@ def _layout(variant: str, rng: random.Random, split: str, depth: float, n: int) 
             "values": values}
 
 
-def make(variant: str) -> Callable[..., Example]:
-    """The generator of one NIAH variant (`passkey`, `single`, `multikey`, `multivalue`, `multiquery`)."""
+def generate(count: Callable[[str], int], length: int, rng: random.Random, split: str, haystack: str,
+             depth: float, variant: str) -> Example:
+    """One example of the NIAH `variant` (`passkey`, `single`, `multikey`, `multivalue`, `multiquery`):
+    the multi-needle variants step down their needle ladder until the prompt fits `length`."""
     task = "passkey" if variant == "passkey" else f"niah_{variant}"
-
-    def generate(count: Callable[[str], int], length: int, rng: random.Random, split: str,
-                 haystack: str, depth: float) -> Example:
-        ladder = NEEDLE_LADDER if variant in ("multikey", "multivalue", "multiquery") else (1,)
-        for n_needles in ladder:
-            try:
-                return _sized(variant, task, count, length, random.Random(rng.random()), split, haystack,
-                              depth, n_needles)
-            except LongctxError:
-                if n_needles == ladder[-1]:
-                    raise
-        raise AssertionError("unreachable")
-
-    return generate
+    ladder = NEEDLE_LADDER if variant in ("multikey", "multivalue", "multiquery") else (1,)
+    for n_needles in ladder:
+        try:
+            return _sized(variant, task, count, length, random.Random(rng.random()), split, haystack,
+                          depth, n_needles)
+        except LongctxError:
+            if n_needles == ladder[-1]:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _sized(variant: str, task: str, count: Callable[[str], int], length: int, rng: random.Random,
