@@ -1,10 +1,11 @@
 """Helpers shared by the benchmarks: a benchmark-sized random Llama and a timer."""
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
+
+from longctx.engine.measure import TimedRegion
 
 
 def bench_llama(layers: int = 4, hidden: int = 256, vocab: int = 32000, heads: int = 8,
@@ -32,25 +33,21 @@ def kv_cache_bytes(model, n_tokens: int) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * n_tokens * itemsize
 
 
-def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Best wall time in seconds of `repeats` calls (after one warm-up call)."""
+def default_device() -> str:
+    """The device the benchmarks' tensors land on by default: cuda where there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3, device: str | None = None) -> float:
+    """Best seconds of `repeats` calls (after one warm-up call), each a `TimedRegion` on `device`
+    (default: `default_device()`), so a GPU's queued work is inside the time."""
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        with TimedRegion(device or default_device()) as region:
+            fn()
+        times.append(region.seconds)
     return min(times)
-
-
-def synced(fn: Callable[[], object]) -> Callable[[], object]:
-    """fn, then a wait for the GPU's queue to drain (if there is one), so wall time is the work's."""
-    def call() -> object:
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return result
-    return call
 
 
 def operations(fn: Callable[[], object]) -> int:

