@@ -1,9 +1,13 @@
 """longctx: long-context evaluation of parameter-efficient adapters.
 
 Importing the package does no work: no model loading, no downloads, no registration beyond
-cheap table entries. Public entry points are re-exported lazily from their modules.
+cheap table entries. The public entry points below are re-exported lazily from their modules by
+the module `__getattr__` (a fixed table, resolved on first use): `import longctx` stays free of
+torch, and the modules' own headers show the real import graph.
 """
 from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
@@ -22,8 +26,6 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'longctx' has no attribute {name!r}")
 
