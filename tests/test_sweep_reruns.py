@@ -315,6 +315,7 @@ def test_cell_identity_is_a_stable_hash_of_its_inputs():
 
 
 def test_base_identity_follows_the_files_not_the_name(tmp_path, monkeypatch):
+    from longctx.core import identity
     from longctx.engine.bases import default_base_path
     from longctx.sweep import run as sweep
 
@@ -327,7 +328,7 @@ def test_base_identity_follows_the_files_not_the_name(tmp_path, monkeypatch):
     data[-1] ^= 1  # one bit of the last weight
     weights.write_bytes(bytes(data))
     assert sweep.base_identity(str(copy)) != original
-    monkeypatch.setattr(sweep, "FULL_HASH_BYTES", 1024)  # large files: sampled blocks, the end included
+    monkeypatch.setattr(identity, "FULL_HASH_BYTES", 1024)  # large files: sampled blocks, the end included
     sampled = sweep.base_identity(str(copy))
     data[-1] ^= 1
     weights.write_bytes(bytes(data))

@@ -175,7 +175,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def presets() -> dict[str, Path]:
     """The sweep presets shipped with the package (`longctx sweep demo`): name -> YAML file."""
-    return {path.stem: path for path in sorted(preset_dir().glob("*.yaml"))}
+    return {path.stem: path for path in sorted(preset_dir().glob("*.yaml"), key=lambda p: p.stem)}
 
 
 def config_path(config: str | Path) -> Path:
