@@ -294,24 +294,22 @@ def test_token_tensor_equals_torch_tensor_of_the_list(ids):
 
 
 def test_a_requests_clock_stops_after_one_device_synchronisation(base_path, monkeypatch):
-    """The runner queues a GPU's work without waiting; a request's seconds end only once the device
-    has finished: exactly one synchronisation per request (none per chunk), just before the clock
-    stops. Recorded here with stand-ins for the clock and the synchronisation (on a GPU:
-    tests/test_cuda.py)."""
+    """The runner queues a GPU's work without waiting; a request's seconds (`measure.TimedRegion`)
+    end only once the device has finished: one synchronisation before the clock starts (the previous
+    work is not this request's) and one just before it stops, none per chunk. Recorded here with
+    stand-ins for the clock and the synchronisation (on a GPU: tests/test_cuda.py)."""
     import torch
     from lm_eval.api.instance import Instance
 
-    from longctx.engine import measure as memory
-    from longctx.lmeval import stats as lmeval_stats
+    from longctx.engine import measure
 
     lm = _ssmlora(base_path, method="base", chunk_size=16)
     events, ticks = [], iter(range(100))
-    monkeypatch.setattr(lmeval_stats, "clock", lambda: events.append("clock") or float(next(ticks)))
-    for module in (lmeval_stats, memory):  # any synchronisation, the request's or the memory probe's
-        monkeypatch.setattr(module, "synchronize", lambda device: events.append(("sync", torch.device(device))))
+    monkeypatch.setattr(measure, "clock", lambda: events.append("clock") or float(next(ticks)))
+    monkeypatch.setattr(measure, "synchronize", lambda device: events.append(("sync", torch.device(device))))
     text = "The grass is green. The sky is blue. " * 8
     lm.loglikelihood([Instance("loglikelihood", {}, (text * k, " The pass key is 12345."), 0) for k in (1, 2)])
     lm.generate_until([Instance("generate_until", {}, (text, {"until": ["\n"], "max_gen_toks": 3}), 0)])
     assert len(lm.log.records) == 3 and all(r.chunks > 3 for r in lm.log.records)  # chunks of 16
-    assert events == ["clock", ("sync", lm.device), "clock"] * 3
+    assert events == [("sync", lm.device), "clock", ("sync", lm.device), "clock"] * 3
     assert [r.seconds for r in lm.log.records] == [1.0, 1.0, 1.0]  # the clock's readings around the sync

@@ -1,9 +1,14 @@
 """The `ssmlora` model type's model_args: its own, and every argument of lm-eval's `hf` in hf's meaning.
 
-Users move from `--model hf` to `--model ssmlora` keeping their model_args, so each argument of
-lm-eval 0.4.13's `HFLM.__init__` (and `device_map`, which hf hands to from_pretrained) is accepted
-with hf's meaning, ignored where hf ignores it too, or refused in one line that says why it cannot
-apply to a chunked run. docs/lmeval-model-args.md tables them all.
+Users move from `--model hf` to `--model ssmlora` keeping their model_args, so each keyword of the
+installed lm-eval's `HFLM.__init__` (read off its signature, plus `device_map`, which hf hands to
+from_pretrained) is applied with hf's meaning (`APPLIED`), ignored where hf ignores it too
+(`IGNORED`), or refused in one line that says why it cannot apply to a chunked run (`REFUSED`).
+A keyword lm-eval adds that is in none of the three is not accepted until it is classified
+(tests/test_lmeval_hf_args.py fails on it). docs/lmeval-model-args.md tables them all.
+
+`ModelArgs` is the one validated, frozen record of them that the model type loads by, and
+`MODEL_KEYS` every key lm-eval may merge from model_args into a task's metadata.
 """
 from __future__ import annotations
 
@@ -13,21 +18,17 @@ from typing import Any
 
 import torch
 
-from longctx.core.errors import LongctxError, positive_int
+from longctx.core.errors import LongctxError, choice_error, positive_int
+from longctx.engine.bases import parse_rope_scaling
 from longctx.engine.placement import hf_device_map_args
+from longctx.engine.runner import CARRY_CHOICES
+from longctx.lmeval import harness
 from longctx.lmeval.parallel import launched_processes
-from longctx.lmeval.tasks.glue import flag
 
-LOGGER = logging.getLogger("lm_eval.models.ssmlora")
+LOGGER = logging.getLogger(harness.MODEL_LOGGER)
 OWN_ARGS = ("adapter", "method", "chunk_size", "ssm_carry", "seed", "rope_scaling", "attn_implementation")
-# lm-eval 0.4.13's HFLM.__init__ parameters, then `device_map` (hf passes it on to from_pretrained)
-HF_ARGS = ("pretrained", "backend", "revision", "subfolder", "tokenizer", "truncation", "logits_cache",
-           "max_length", "device", "dtype", "softmax_dtype", "mixed_precision_dtype", "batch_size",
-           "max_batch_size", "trust_remote_code", "use_fast_tokenizer", "add_bos_token", "prefix_token_id",
-           "parallelize", "max_memory_per_gpu", "max_cpu_memory", "offload_folder", "tp_plan", "peft", "delta",
-           "autogptq", "gptqmodel", "gguf_file", "think_end_token", "enable_thinking", "chat_template_args",
-           "device_map")
-VALID_ARGS = ("pretrained", *OWN_ARGS, *(a for a in HF_ARGS if a != "pretrained"))
+# the installed lm-eval's HFLM.__init__ keywords, then `device_map` (hf passes it on to from_pretrained)
+HF_ARGS = (*harness.hflm_parameters(), "device_map")
 TRUNCATION_CHOICES = ("refuse", "left", "middle")
 _GPTQ = "a GPTQ model's linear layers are quantised kernels, not the layers adapters go into; give a float checkpoint"
 # hf argument -> (values that change nothing, why any other cannot apply to ssmlora)
@@ -47,9 +48,33 @@ REFUSED = {
                       "ssmlora's log-softmax runs in float32 (the kept logits are float32); leave it out or "
                       "give float32"),
 }
+# hf arguments that change nothing here, as in hf: logits_cache (ssmlora runs each request),
+# offload_folder (a map that needs the disk is refused), max_batch_size (bounds only batch_size=auto)
+IGNORED = ("logits_cache", "offload_folder", "max_batch_size")
+# hf arguments applied with hf's meaning (`parse_model_args`)
+APPLIED = ("pretrained", "revision", "subfolder", "tokenizer", "truncation", "max_length", "device", "dtype",
+           "batch_size", "trust_remote_code", "use_fast_tokenizer", "add_bos_token", "prefix_token_id",
+           "parallelize", "max_memory_per_gpu", "max_cpu_memory", "peft", "gguf_file", "think_end_token",
+           "enable_thinking", "chat_template_args", "device_map")
+UNCLASSIFIED = tuple(a for a in HF_ARGS if a not in (*APPLIED, *IGNORED, *REFUSED))  # empty, or a new hf keyword
+VALID_ARGS = ("pretrained", *OWN_ARGS, *(a for a in HF_ARGS if a != "pretrained" and a not in UNCLASSIFIED))
+# Every key lm-eval may merge from model_args into a task's metadata: ours and all of hf's.
+MODEL_KEYS = frozenset((*VALID_ARGS, *HF_ARGS, *harness.METADATA_ADDED_KEYS))
 
 
-@dataclass
+def flag(name: str, value: Any) -> bool | None:
+    """A boolean model argument (True/False, or lm-eval's strings), or None when not given."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise LongctxError(f"{name} must be true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     """Validated model_args: what loading, the runner and `HFLM.__init__` each take."""
 
@@ -64,7 +89,7 @@ class ModelArgs:
     truncation: str = "refuse"
     seed: int = 0
     device: str | None = None
-    rope_scaling: Any = None
+    rope_scaling: dict[str, Any] | None = None  # `engine.bases.parse_rope_scaling`'s form
     gguf_file: str | None = None
     trust_remote_code: bool = False
     add_bos_token: bool | None = None
@@ -76,8 +101,22 @@ class ModelArgs:
     max_memory: dict[Any, int] | None = None
     hflm: dict[str, Any] = field(default_factory=dict)  # HFLM.__init__'s own: prefix_token_id, thinking, chat
 
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None:
+            positive_int("chunk_size", self.chunk_size)
+        if self.max_length is not None:
+            positive_int("max_length", self.max_length)
+        if self.truncation not in TRUNCATION_CHOICES:
+            raise choice_error("truncation", self.truncation, TRUNCATION_CHOICES)
+        if self.ssm_carry not in CARRY_CHOICES:
+            raise choice_error("ssm_carry", self.ssm_carry, CARRY_CHOICES)
+        if self.rope_scaling and self.rope_scaling["rope_type"] == "dynamic" and self.chunk_size is not None:
+            raise LongctxError("rope_scaling=dynamic cannot be chunked: dynamic rope recomputes its frequencies "
+                               "from the longest position of each forward, so the cached keys of earlier chunks "
+                               "would use other ones; use yarn or linear, or chunk_size=none")
+
     def tokenizer_options(self) -> dict[str, Any]:
-        """`tasks.lmeval.load_tokenizer`'s options: the tokenizer as hf loads it for these arguments."""
+        """`tasks.glue.load_tokenizer`'s options: the tokenizer as hf loads it for these arguments."""
         return {"pretrained": self.pretrained, "tokenizer": self.tokenizer, "revision": self.revision,
                 "subfolder": self.subfolder, "use_fast_tokenizer": self.use_fast_tokenizer,
                 "add_bos_token": self.add_bos_token, "trust_remote_code": self.trust_remote_code,
@@ -93,21 +132,21 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
         if given.get(key) not in harmless:
             raise LongctxError(f"{key}={given[key]!r} is not supported by ssmlora: {why}")
     _one_at_a_time(given.get("batch_size"), given.get("max_batch_size"))
-    args = ModelArgs(**{k: given[k] for k in ("pretrained", "method", "ssm_carry", "dtype", "attn_implementation",
-                                              "device", "rope_scaling") if given.get(k) is not None})
-    args.pretrained, args.seed = str(args.pretrained), int(given.get("seed") or 0)
-    args.adapter = _adapter(given.get("adapter"), given.get("peft"))
-    args.chunk_size = _optional_chunk(given.get("chunk_size"))
-    args.max_length = None if given.get("max_length") is None else positive_int("max_length", given["max_length"])
-    args.truncation = _truncation(given.get("truncation"))
-    args.trust_remote_code = bool(flag("trust_remote_code", given.get("trust_remote_code")))
-    args.add_bos_token = flag("add_bos_token", given.get("add_bos_token"))
-    args.use_fast_tokenizer = flag("use_fast_tokenizer", given.get("use_fast_tokenizer"))
-    for key in ("gguf_file", "revision", "subfolder", "tokenizer"):
-        setattr(args, key, None if given.get(key) in (None, "") else str(given[key]))
-    args.device_map, args.max_memory = _placement(given)
-    args.hflm = _hflm_own(given)
-    return args
+    fields = {k: given[k] for k in ("pretrained", "method", "ssm_carry", "dtype", "attn_implementation", "device")
+              if given.get(k) is not None}
+    fields["pretrained"] = str(fields.get("pretrained", ModelArgs.pretrained))
+    fields.update({k: None if given.get(k) in (None, "") else str(given[k])
+                   for k in ("gguf_file", "revision", "subfolder", "tokenizer")})
+    device_map, max_memory = _placement(given)
+    return ModelArgs(
+        **fields, seed=int(given.get("seed") or 0),
+        adapter=_adapter(given.get("adapter"), given.get("peft")), chunk_size=_optional_chunk(given.get("chunk_size")),
+        max_length=None if given.get("max_length") is None else positive_int("max_length", given["max_length"]),
+        truncation=_truncation(given.get("truncation")), rope_scaling=parse_rope_scaling(given.get("rope_scaling")),
+        trust_remote_code=bool(flag("trust_remote_code", given.get("trust_remote_code"))),
+        add_bos_token=flag("add_bos_token", given.get("add_bos_token")),
+        use_fast_tokenizer=flag("use_fast_tokenizer", given.get("use_fast_tokenizer")),
+        device_map=device_map, max_memory=max_memory, hflm=_hflm_own(given))
 
 
 def _optional_chunk(value: Any) -> int | None:

@@ -11,18 +11,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from longctx.core.resources import task_dir
+from longctx.lmeval import harness
 
 
 def task_requests(task: str, tokenizer: str, lengths: list[int], n: int = 1,
                   max_gen_toks: int | None = None) -> list[Any]:
     """lm-eval's own requests for the first `n` documents of each length of `task` (ours, or one of
     lm-eval's own such as RULER's `niah_single_1`); `max_gen_toks` caps a generation budget."""
-    from lm_eval.tasks import TaskManager
-
     metadata = {"max_seq_lengths": list(lengths), "num_samples": n, "tokenizer": tokenizer, "pretrained": tokenizer}
-    manager = TaskManager(include_path=str(task_dir()), include_defaults=not task.startswith("longctx"),
-                          metadata=metadata)
-    (obj,) = manager.load([task])["tasks"].values()
+    obj = harness.load_task(task, str(task_dir()), not task.startswith("longctx"), metadata)
     taken: dict[int, int] = {}
     out = []
     for index, doc in enumerate(obj.test_docs()):
@@ -30,12 +27,7 @@ def task_requests(task: str, tokenizer: str, lengths: list[int], n: int = 1,
         if taken.get(length, 0) >= n:
             continue
         taken[length] = taken.get(length, 0) + 1
-        context = obj.fewshot_context(doc, num_fewshot=0, gen_prefix=obj.doc_to_prefix(doc))
-        made = obj.construct_requests(doc=doc, ctx=context, metadata=(task, index, 1))
-        for instance in made if isinstance(made, list) else [made]:
-            if instance.request_type == "generate_until" and max_gen_toks is not None:
-                instance.arguments = (instance.arguments[0], {**instance.arguments[1], "max_gen_toks": max_gen_toks})
-            out.append(instance)
+        out.extend(harness.doc_requests(obj, task, doc, index, max_gen_toks))
     return out
 
 

@@ -23,20 +23,18 @@ import math
 from typing import Any, Callable
 
 import torch
-from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 from tqdm import tqdm
 
 from longctx.adapters import ADAPTERS, load_adapter, wrap
 from longctx.core.errors import LongctxError, choice_error
-from longctx.engine.bases import load_base, parse_rope_scaling
-from longctx.engine.family import position_limit
 from longctx.engine.attention import attention_record
+from longctx.engine.bases import load_base
+from longctx.engine.family import check_length, position_limit
 from longctx.engine.placement import input_device
-from longctx.engine.runner import CARRY_CHOICES, chunked_forward, greedy_generate
-from longctx.lmeval import parallel
+from longctx.engine.runner import chunked_forward, greedy_generate
+from longctx.lmeval import harness, parallel
 from longctx.lmeval.args import TRUNCATION_CHOICES, VALID_ARGS, ModelArgs, parse_model_args
-from longctx.lmeval.plugin import requested_device
+from longctx.lmeval.harness import HFLM
 from longctx.lmeval.stats import RequestLog
 from longctx.lmeval.tasks.glue import REFUSED_GENERATION, load_tokenizer
 
@@ -73,29 +71,21 @@ class SsmloraLM(HFLM):
 
     def __init__(self, **model_args: Any) -> None:
         args = parse_model_args(model_args)
-        if args.ssm_carry not in CARRY_CHOICES:
-            raise choice_error("ssm_carry", args.ssm_carry, CARRY_CHOICES)
         self.chunk_size, self.ssm_carry, self.truncation_mode = args.chunk_size, args.ssm_carry, args.truncation
-        scaling = parse_rope_scaling(args.rope_scaling)
-        if scaling and scaling["rope_type"] == "dynamic" and self.chunk_size is not None:
-            raise LongctxError("rope_scaling=dynamic cannot be chunked: dynamic rope recomputes its frequencies "
-                               "from the longest position of each forward, so the cached keys of earlier chunks "
-                               "would use other ones; use yarn or linear, or chunk_size=none")
         # --device, else CUDA if present; under accelerate launch, this process's own device; a model
         # split over devices takes its inputs where its dispatch says (`placement.input_device`)
-        accelerator, device_ = parallel.setup(None if args.device_map else requested_device(args.device))
-        args.rope_scaling = scaling
+        accelerator, device_ = parallel.setup(None if args.device_map else harness.requested_device(args.device))
         self.adapted, tokenizer = build_adapted(args, str(device_))
         device_ = input_device(self._hf_model()) or device_
         if args.tokenizer or args.use_fast_tokenizer is not None or args.add_bos_token is not None:
             tokenizer = load_tokenizer(args.tokenizer_options())  # as HFLM loads its tokenizer
-        limit = position_limit(self.adapted.model)
-        self.position_limit = args.max_length if args.max_length is not None else limit
-        with parallel.quiet_model_object_warnings():
+        self.max_length_given = args.max_length is not None
+        self.position_limit = args.max_length if self.max_length_given else position_limit(self.adapted.model)
+        with harness.quiet_model_object_warnings():
             super().__init__(pretrained=self._hf_model(), tokenizer=tokenizer, batch_size=1,
                              max_length=self.position_limit or (1 << 62), add_bos_token=args.add_bos_token,
                              **args.hflm)
-        self._device = torch.device(device_)
+        harness.set_device(self, torch.device(device_))
         self.log = RequestLog(torch.device(device_))
         parallel.adopt(self, accelerator)
         self.description = self._describe(args)
@@ -128,15 +118,22 @@ class SsmloraLM(HFLM):
         if limit is None or n <= limit:
             return ids, 0
         if self.truncation_mode == "refuse" or limit <= protect:
-            raise LongctxError(
-                f"input of {n} tokens exceeds the limit of {limit} tokens (max_length, by default the "
-                f"model's max_position_embeddings); remedies: set rope_scaling in model_args, use a model "
-                f"with a longer context, or ask for truncation=left|middle")
+            self._refuse_length(n, limit)
         removed = n - limit
         if self.truncation_mode == "left":
             return ids[removed:], removed
         head = (limit - protect) // 2
         return ids[:head] + ids[head + removed:], removed
+
+    def _refuse_length(self, n: int, limit: int) -> None:
+        """Raise the position-limit refusal for `n` tokens over `limit` (the position limit, less
+        any generation budget): the model's own (`family.check_length`), or the user's max_length."""
+        if not self.max_length_given:
+            check_length(self.adapted.model, n + self.position_limit - limit)  # prompt + generation budget
+        raise LongctxError(
+            f"input of {n} tokens exceeds the limit of {limit} tokens (max_length={self.position_limit}); "
+            f"remedies: set rope_scaling in model_args, use a model with a longer context, or ask for "
+            f"truncation=left|middle")
 
     def _refused(self, label: Any, request_tokens: int, fed_tokens: int) -> bool:
         """Refuse (and record) a longctx request under truncation=refuse: all requests of a length
@@ -219,7 +216,7 @@ class SsmloraLM(HFLM):
     def _generate_one(self, context: str, kwargs: dict[str, Any], eos: str, label: Any) -> str:
         if kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0:
             raise LongctxError("ssmlora generates greedily: do_sample=true / temperature>0 are not supported")
-        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+        until = harness.stop_sequences(kwargs.pop("until", None), eos=eos)
         max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         ids = self.tok_encode(context)
         if self._refused(label, len(ids) + max_new, len(ids) + max_new):  # prompt + generation budget
@@ -231,13 +228,12 @@ class SsmloraLM(HFLM):
             new = greedy_generate(self.adapted, inputs, max_new, chunk_size=self.chunk_size,
                                   eos_token_id=self.eot_token_id, ssm_carry=self.ssm_carry,
                                   stop=self._stopper(until))
-        tokens = new[0].tolist()
-        if isinstance(self.think_end_token, int) and self.think_end_token in tokens:  # as hf: after the last one
-            tokens = tokens[len(tokens) - tokens[::-1].index(self.think_end_token):]
+        tokens, think = new[0].tolist(), harness.think_end_token(self)
+        if isinstance(think, int) and think in tokens:  # as hf: after the last one
+            tokens = tokens[len(tokens) - tokens[::-1].index(think):]
         text = self.tok_decode(tokens)
-        text = text.lstrip() if isinstance(self.think_end_token, int) else text
-        think = self.think_end_token if isinstance(self.think_end_token, str) else None
-        return postprocess_generated_text(text, until, think)  # hf's: after the thinking, before a stop
+        text = text.lstrip() if isinstance(think, int) else text
+        return harness.finish_generation(text, until, think if isinstance(think, str) else None)
 
     def _stopper(self, until: list[str]) -> Callable[[torch.Tensor], bool]:
         def stop(new_tokens: torch.Tensor) -> bool:  # (1, t)
@@ -250,6 +246,6 @@ class SsmloraLM(HFLM):
     def get_model_info(self) -> dict[str, Any]:
         """What lm-eval stores under `config` in its results: ours, with per-length aggregates."""
         return {"model_num_parameters": self.description["total_parameters"],
-                "model_dtype": str(next(self._model.parameters()).dtype),
+                "model_dtype": str(next(self._hf_model().parameters()).dtype),
                 "longctx": {**self.description, "per_length": self.log.per_length(),
                             "memory_method": self.log.memory_method}}

@@ -14,19 +14,18 @@ results says how many requests each process ran, and each process logs one line 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from longctx.core.errors import LongctxError
+from longctx.engine.bases import resolve_device
+from longctx.lmeval import harness
 
-LOGGER = logging.getLogger("lm_eval.models.ssmlora")
-# HFLM's warnings for a model object ("one process only"): not true here, `adopt` sets up the processes.
-HFLM_MODEL_OBJECT_WARNINGS = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model")
+LOGGER = logging.getLogger(harness.MODEL_LOGGER)
 
 
 def launched_processes() -> int:
@@ -46,12 +45,10 @@ def setup(requested: str | None) -> tuple[Any | None, torch.device]:
     Launchers: `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`
     (accelerate's `--cpu` launcher starts one process unless given an MPI hostfile).
     """
-    from longctx.engine.bases import resolve_device
-
     device = resolve_device(requested)
     if launched_processes() <= 1:
         return None, device
-    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate import Accelerator, InitProcessGroupKwargs  # deferred: only under a launcher, takes a second
 
     # cpu=True also when the CPU is all there is: without it accelerate ignores WORLD_SIZE on a CPU
     accelerator = Accelerator(cpu=device.type == "cpu",
@@ -69,30 +66,8 @@ def adopt(lm: Any, accelerator: Any | None) -> None:
     """Give an `SsmloraLM` (after HFLM's constructor) the launcher's rank, world size and accelerator."""
     if accelerator is None:
         return
-    lm.accelerator = accelerator
-    lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
-    lm._device = accelerator.device
-    lm.log.rank = lm._rank
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
-@contextlib.contextmanager
-def quiet_model_object_warnings() -> Iterator[None]:
-    """Silence HFLM's "a model object runs as one process" warnings while its constructor runs."""
-    logger, drop = logging.getLogger("lm_eval.models.huggingface"), _DropMessages(HFLM_MODEL_OBJECT_WARNINGS)
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+    harness.adopt_processes(lm, accelerator)
+    lm.log.rank = accelerator.process_index
 
 
 def unique_requests(requests: list[Any]) -> tuple[list[Any], list[int]]:

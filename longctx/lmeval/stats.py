@@ -1,8 +1,10 @@
 """Per-request measurements of the `ssmlora` lm-eval model and their per-length aggregates.
 
-Time: from the request's start until the device has finished its work. The runner queues GPU
-kernels without waiting for them (no synchronisation per chunk), so the clock stops only after
-one synchronisation per request; the allocator's figures need none (it counts on the host).
+Time and peak memory: `longctx.engine.measure.TimedRegion`, the one timed region. The runner
+queues GPU kernels without waiting for them (no synchronisation per chunk), so the region waits for
+the device at its start (the previous request's work is not this one's) and again before its clock
+stops: its seconds end once the device has finished the request's work. The allocator's figures
+need no wait (it counts on the host).
 
 Memory: CUDA — the allocator's peak since the request began; CPU — the process's peak resident
 set since the request began (`/proc/self/clear_refs` resets it, so one request's peak is
@@ -17,15 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from longctx.engine.measure import PeakMemory, synchronize
-
-clock = time.perf_counter  # a request's seconds (module-level, so a test can watch it stop)
+from longctx.engine.measure import TimedRegion
 
 
 @dataclass
@@ -56,15 +55,13 @@ class RequestLog:
     @contextlib.contextmanager
     def request(self, label: Any, input_tokens: int, chunks: int, truncated: int,
                 request_tokens: int | None = None) -> Iterator[RequestRecord]:
+        """Time and measure one request's work (the `with` body); its record is kept once it ends."""
         record = RequestRecord(label, input_tokens, chunks, truncated, rank=self.rank,
                                request_tokens=input_tokens if request_tokens is None else request_tokens)
-        with PeakMemory(self.device, synchronize=False) as peak:
-            start = clock()
+        with TimedRegion(self.device) as region:  # waits for the device before its clock stops
             yield record
-            synchronize(self.device)  # the request's GPU work is queued, not done: wait, once, then stop
-            record.seconds = clock() - start
-        record.peak_bytes, record.delta_bytes = peak.peak_bytes, peak.delta_bytes
-        self.memory_method = peak.method
+        record.seconds, record.peak_bytes, record.delta_bytes = region.seconds, region.peak_bytes, region.delta_bytes
+        self.memory_method = region.method
         self.records.append(record)
 
     def refuse(self, label: Any, request_tokens: int) -> None:

@@ -36,22 +36,19 @@ import json
 import math
 from typing import Any, Callable
 
+import datasets
 from lm_eval.api.task import ConfigurableTask
+from transformers import AutoTokenizer
 
 from longctx.core.errors import LongctxError, choice_error
+from longctx.engine.bases import base_source
+from longctx.lmeval.args import MODEL_KEYS, flag
+from longctx.tasks import check_length_value, generate
 
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 TASK_KEYS = {"max_seq_lengths", "num_samples", "seed", "haystack", "depths", "split", "tokenizer"}
-# Model arguments that reach `custom_dataset` through lm-eval's metadata merge (ours and HFLM's).
-MODEL_KEYS = {
-    "pretrained", "adapter", "method", "chunk_size", "ssm_carry", "dtype", "attn_implementation",
-    "max_length", "truncation", "device", "batch_size", "max_batch_size", "revision", "trust_remote_code",
-    "backend", "parallelize", "add_bos_token", "use_fast_tokenizer", "peft", "logits_cache", "model",
-    "prefix_token_id", "softmax_dtype", "subfolder", "think_end_token", "enable_thinking",
-    "gguf_file", "rope_scaling", "mixed_precision_dtype", "max_memory_per_gpu", "max_cpu_memory", "offload_folder",
-    "tp_plan", "delta", "autogptq", "gptqmodel", "chat_template_args", "device_map",
-    "version", "config_source",  # the last two added by lm-eval itself
-}
+# MODEL_KEYS (`longctx.lmeval.args`): the model arguments that reach `custom_dataset` through lm-eval's
+# metadata merge, ours and every keyword of the installed lm-eval's HFLM (so `--model hf` runs them too).
 DEPTH_BINS = 5
 # What the `ssmlora` model returns for a refused generation request (a log-likelihood request: NaN).
 REFUSED_GENERATION = "[longctx: request refused: longer than the model's position limit]"
@@ -65,8 +62,6 @@ def depth_bin(depth: float) -> str:
 
 
 def _lengths(value: Any) -> list[int]:
-    from longctx.tasks import check_length_value
-
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -77,26 +72,10 @@ def _lengths(value: Any) -> list[int]:
     return [check_length_value(v) for v in value]
 
 
-def flag(name: str, value: Any) -> bool | None:
-    """A boolean model argument (True/False, or lm-eval's strings), or None when not given."""
-    if value is None or isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise LongctxError(f"{name} must be true or false, got {value!r}")
-
-
 def load_tokenizer(options: dict[str, Any]) -> Any:
     """The model's tokenizer as the `ssmlora` (or `hf`) model will load it: `tokenizer` (else
     `pretrained`), with `revision`, `subfolder`, `use_fast_tokenizer`, `add_bos_token` and
     `trust_remote_code` from the model arguments, as lm-eval's `hf` passes them."""
-    from transformers import AutoTokenizer
-
-    from longctx.engine.bases import base_source  # deferred: imports torch, which task listing does not need
-
     name = options.get("tokenizer") or options.get("pretrained")
     if not name or not isinstance(name, str):
         raise LongctxError("longctx tasks size prompts in the model's tokens: give model_args pretrained=… "
@@ -148,10 +127,6 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
 def build_dataset(task: str, max_gen_toks: Any = None, **options: Any) -> dict[str, Any]:
     """lm-eval `custom_dataset`: {"test": Dataset} of `task`, lengths interleaved; `max_gen_toks`
     (the generation form's `dataset_kwargs`) sizes requests as prompt + generation budget."""
-    import datasets
-
-    from longctx.tasks import generate
-
     opts = parse_options(options)
     tokenizer = load_tokenizer(options)
     extra = {"depths": opts["depths"]} if "depths" in opts else {}
