@@ -68,6 +68,34 @@ def test_every_hf_argument_is_a_key_of_ssmlora_and_of_the_task_metadata():
 
     assert set(_hf_parameters()) | {"device_map"} <= set(VALID_ARGS)
     assert set(VALID_ARGS) <= MODEL_KEYS | TASK_KEYS
+    assert set(_hf_parameters()) <= MODEL_KEYS  # so `--model hf` runs the longctx tasks too
+
+
+def test_every_hf_argument_is_classified_once():
+    """Each keyword of the installed HFLM is applied, ignored or refused, in exactly one table; a
+    keyword lm-eval adds fails here (and is an unknown key) until it is classified."""
+    from longctx.lmeval.args import APPLIED, HF_ARGS, IGNORED, REFUSED, UNCLASSIFIED
+
+    assert HF_ARGS == (*_hf_parameters(), "device_map")  # read off the signature, not copied
+    assert not UNCLASSIFIED, f"classify lm-eval hf's new arguments {UNCLASSIFIED} in longctx/lmeval/args.py"
+    tables = [*APPLIED, *IGNORED, *REFUSED]
+    assert sorted(tables) == sorted(HF_ARGS), "an argument is in two tables, or one hf no longer has"
+
+
+def test_model_args_are_frozen_and_validated():
+    import dataclasses
+
+    from longctx.lmeval.args import ModelArgs, parse_model_args
+
+    args = parse_model_args({"chunk_size": "64", "truncation": "true", "rope_scaling": "yarn:4"})
+    assert (args.chunk_size, args.truncation, args.rope_scaling) == (64, "left", {"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.chunk_size = 32  # type: ignore[misc]
+    for bad, message in [({"truncation": "right"}, "unknown truncation 'right'"),
+                         ({"ssm_carry": "keep"}, "unknown ssm_carry 'keep'"),
+                         ({"chunk_size": 0}, "chunk_size must be a positive integer")]:
+        with pytest.raises(LongctxError, match=message):
+            ModelArgs(**bad)
 
 
 # ---- a device map: the model split over devices through accelerate's hooks ------------------------------
