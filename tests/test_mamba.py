@@ -29,10 +29,10 @@ def test_transformers_alone_forgets_the_ssm_state_between_chunks():
     with torch.no_grad():
         whole = model(ids).logits[:, 32:]
         first = model(ids[:, :32], use_cache=True)
-        from longctx.engine.mamba import cache_keyword
+        from longctx.engine.hf_internals import mamba_cache_keyword
 
         cache = first.cache if hasattr(first, "cache") else first.cache_params
-        second = model(ids[:, 32:], use_cache=True, **{cache_keyword(): cache}).logits
+        second = model(ids[:, 32:], use_cache=True, **{mamba_cache_keyword(): cache}).logits
     assert (whole - second).abs().max() > 1e-3  # the gap longctx closes
 
 

@@ -13,7 +13,8 @@ import torch
 
 from longctx.core.errors import LongctxError
 from longctx.engine.bases import EMBEDDED_BASES, default_base_path
-from longctx.pretrain.build import _recipe, pretrain
+from longctx.pretrain.build import check_out_dir, pretrain
+from longctx.pretrain.recipe import resolve_recipe
 from longctx.pretrain.data import copy_blocks, mqar_blocks
 from longctx.pretrain.probes import evaluate_capability
 
@@ -43,7 +44,7 @@ def test_committed_base_is_its_architectures_default_recipe(tiny):
     fields its manifest records: fields added to the recipe since default to their old behaviour)."""
     path, _, _ = tiny
     recorded = json.loads((path / "manifest.json").read_text())["recipe"]
-    defaults = dataclasses.asdict(_recipe(recorded["arch"], recorded["seed"], "cpu", {}))
+    defaults = dataclasses.asdict(resolve_recipe(recorded["arch"], recorded["seed"], "cpu", {}))
     assert {field: defaults[field] for field in recorded} == {**recorded, "device": "cpu"}
 
 
@@ -229,7 +230,7 @@ def test_recall_curriculum_grows_the_number_of_pairs():
 def test_adaptive_curriculum_moves_on_only_when_held_out_recall_is_good_enough():
     from types import SimpleNamespace
 
-    from longctx.pretrain.build import ADVANCE_CHECK_STEPS, _advance_callback
+    from longctx.pretrain.stages import ADVANCE_CHECK_STEPS, _advance_callback
     from longctx.pretrain.data import RecallCurriculum
 
     curriculum = RecallCurriculum(64 * 6, 80, 16, (3, 4096), seed=0, adaptive=True)  # levels 4, 8, 16
@@ -321,7 +322,6 @@ def test_pretrain_replaces_its_own_output_and_nothing_else(tmp_path):
 
 
 def test_an_output_from_before_manifests_listed_their_files_is_recognised(tmp_path):
-    from longctx.pretrain.build import check_out_dir
 
     committed = default_base_path("longctx-tiny")
     old = Path(shutil.copytree(committed, tmp_path / "old"))

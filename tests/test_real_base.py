@@ -78,8 +78,8 @@ def test_rope_scaling_is_part_of_the_cell_identity():
     from longctx.sweep.run import parse_config, plan
 
     values = {"methods": ["base"], "tasks": ["passkey"], "lengths": [256], "chunk_size": 64}
-    plain = plan(parse_config(values), "id")[0][1][0]
-    scaled = plan(parse_config({**values, "rope_scaling": "yarn:4"}), "id")[0][1][0]
+    plain = plan(parse_config(values), "id")[0].cells[0]
+    scaled = plan(parse_config({**values, "rope_scaling": "yarn:4"}), "id")[0].cells[0]
     assert plain["cell_id"] != scaled["cell_id"]
     assert scaled["identity"]["evaluation"]["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0}
     assert "rope_scaling" not in plain["identity"]["evaluation"]  # identities from before it still hold

@@ -77,10 +77,10 @@ def _selected_adapter(dtype=torch.float64, seed=1, **overrides):
     base = tiny_mamba().to(dtype)
     adapted = wrap(tiny_mamba().to(dtype), "sdlora", **overrides)
     gen = torch.Generator().manual_seed(seed)
-    from longctx.adapters.sdlora import _mixers
+    from longctx.engine.hf_internals import mamba_mixers
 
     with torch.no_grad():
-        for m in _mixers(adapted.model):  # a warm-up's A_log update, so that selection has something to rank
+        for m in mamba_mixers(adapted.model):  # a warm-up's A_log update, so that selection has something to rank
             m.sdlora_delta_A.copy_(torch.randn(m.sdlora_delta_A.shape, generator=gen))
         adapted.method.select_dimensions(adapted.model)
         for p in adapted.model.parameters():
@@ -122,10 +122,11 @@ def test_chunked_adapted_forward_matches_the_reference():
 def _effective(adapted):
     """Per mixer, probed through the modules: A_log as the scan reads it, x_proj's weight as it acts,
     and every other base tensor."""
-    from longctx.adapters.sdlora import _a_log, _mixers
+    from longctx.adapters.sdlora import _a_log
+    from longctx.engine.hf_internals import mamba_mixers
 
     out = []
-    for m in _mixers(adapted.model):
+    for m in mamba_mixers(adapted.model):
         eye = torch.eye(m.intermediate_size, dtype=m.sdlora_A_base.dtype)
         with torch.no_grad():
             w_x = m.x_proj(eye).T.clone()  # (R + 2N, D): column d = x_proj's response to channel d
@@ -145,7 +146,7 @@ def _steps(adapted, n, lr=1e-2, seed=0):
 
 
 def test_after_selection_only_the_selected_entries_move():
-    from longctx.adapters.sdlora import _mixers
+    from longctx.engine.hf_internals import mamba_mixers
 
     adapted = wrap(tiny_mamba(), "sdlora")
     _steps(adapted, 2)  # warm-up
@@ -156,7 +157,7 @@ def test_after_selection_only_the_selected_entries_move():
     _steps(adapted, 3, seed=10)
     after = _effective(adapted)
     rank = adapted.config.time_step_rank
-    for (a0, x0, d0), (a1, x1, d1), m in zip(before, after, _mixers(adapted.model)):
+    for (a0, x0, d0), (a1, x1, d1), m in zip(before, after, mamba_mixers(adapted.model)):
         chosen = torch.zeros_like(a0, dtype=torch.bool)
         chosen[m.sdlora_channels[:, None], m.sdlora_states] = True
         assert torch.equal(a0[~chosen], a1[~chosen]) and (a0[chosen] != a1[chosen]).all()
@@ -170,22 +171,23 @@ def test_after_selection_only_the_selected_entries_move():
 
 
 def test_warm_up_updates_are_discarded_at_selection():
-    from longctx.adapters.sdlora import _lora_layers, _lora_pair, _mixers
+    from longctx.adapters.peft_seam import lora_layers, lora_pair
+    from longctx.engine.hf_internals import mamba_mixers
 
     adapted = wrap(tiny_mamba(), "sdlora")
-    initial = [tuple(p.detach().clone() for p in _lora_pair(m)) for m in _lora_layers(adapted.model).values()]
+    initial = [tuple(p.detach().clone() for p in lora_pair(m)) for m in lora_layers(adapted.model).values()]
     ids = random_ids(1, 30)
     with torch.no_grad():
         fresh = adapted(ids).logits
     _steps(adapted, 3)
-    warmed = [m.sdlora_delta_A.detach().float().square() for m in _mixers(adapted.model)]
+    warmed = [m.sdlora_delta_A.detach().float().square() for m in mamba_mixers(adapted.model)]
     assert all(not torch.equal(b, b0) for (_, b), (_, b0) in
-               zip([_lora_pair(m) for m in _lora_layers(adapted.model).values()], initial))  # LoRA B trained
+               zip([lora_pair(m) for m in lora_layers(adapted.model).values()], initial))  # LoRA B trained
     adapted.method.select_dimensions(adapted.model)
-    for layer, (a0, b0) in zip(_lora_layers(adapted.model).values(), initial):
-        a, b = _lora_pair(layer)
+    for layer, (a0, b0) in zip(lora_layers(adapted.model).values(), initial):
+        a, b = lora_pair(layer)
         assert torch.equal(a, a0) and torch.equal(b, b0)  # back to the pre-warm-up values
-    for m, update in zip(_mixers(adapted.model), warmed):
+    for m, update in zip(mamba_mixers(adapted.model), warmed):
         assert all(torch.count_nonzero(getattr(m, f"sdlora_delta_{k}")) == 0 for k in "ABC")
         k_c = len(m.sdlora_channels)  # ...but the selection is the warm-up's: largest summed squared update
         assert set(m.sdlora_channels.tolist()) == set(update.sum(1).topk(k_c).indices.tolist())

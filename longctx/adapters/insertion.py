@@ -16,6 +16,7 @@ from torch import nn
 
 from longctx.core.errors import LongctxError
 from longctx.engine.family import model_family
+from longctx.engine.hf_internals import RAW_WEIGHT_MODULES
 
 if TYPE_CHECKING:
     from longctx.adapters.base import Recipe
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
 
 PRESETS = ("sparse-qv", "reference-all", "every-qv")
 _LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-# Linear modules whose weight the model reads as a tensor (bypassing any wrapper), per family.
-RAW_WEIGHT_MODULES = {"mamba": {"dt_proj"}}
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:

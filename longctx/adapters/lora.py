@@ -15,6 +15,14 @@ from torch import Tensor, nn
 
 from longctx.adapters.base import AdaptedModel, AdapterMethod, Recipe
 from longctx.adapters.insertion import resolve_points
+from longctx.adapters.peft_seam import (
+    ADAPTER_NAME,
+    adapter_state_dict,
+    apply_lora,
+    load_adapter_state_dict,
+    lora_config,
+    parse_lora_config,
+)
 from longctx.core.errors import LongctxError
 from longctx.engine.state import StateBinding
 
@@ -37,13 +45,11 @@ def peft_lora_config(fields: dict[str, Any], where: str) -> Any:
     """PEFT's own `LoraConfig` of the fields of a saved adapter_config.json (`where` names the
     file in errors), parsed as `LoraConfig.from_pretrained` parses them; a one-line LongctxError
     for a config PEFT rejects or an option longctx cannot honour."""
-    from peft import LoraConfig  # deferred: PEFT is heavy to import
-
     if fields.get("peft_type") != "LORA":
         raise LongctxError(f"{where}: peft_type {fields.get('peft_type')!r} is not a LoRA; valid: 'LORA'")
     kwargs = {k: v for k, v in fields.items() if k not in _NOT_PEFT_KEYS}
     try:
-        config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**kwargs))
+        config = parse_lora_config(kwargs)
     except (TypeError, ValueError, KeyError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise LongctxError(f"{where}: PEFT cannot read this LoRA config: {first}") from None
@@ -74,22 +80,18 @@ class Lora(AdapterMethod):
         self.config = config
 
     def peft_config(self, model: nn.Module, recipe: Recipe) -> Any:
-        from peft import LoraConfig
-
         if self.config is not None:
             return self.config
         points = resolve_points(model, recipe.insertion)  # fails loudly on a bad target
         targets = sorted({p.rsplit(".", 1)[-1] for p in points})
         if recipe.insertion == "sparse-qv":
             targets = sorted(points)  # exact module names: PEFT matches full names too
-        return LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
+        return lora_config(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
-        from peft import get_peft_model
-
         try:
-            peft_model = get_peft_model(model, self.peft_config(model, recipe))
+            peft_model = apply_lora(model, self.peft_config(model, recipe))
         except ValueError as err:  # PEFT's own refusals (e.g. out_proj on Mamba), as one line
             raise LongctxError(f"PEFT refused this LoRA placement: {str(err).splitlines()[0]}") from None
         points = [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
@@ -97,18 +99,14 @@ class Lora(AdapterMethod):
         return peft_model, points
 
     def weights(self, model: nn.Module) -> dict[str, Tensor]:
-        from peft import get_peft_model_state_dict
-
-        return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+        return adapter_state_dict(model)
 
     def load_weights(self, model: nn.Module, weights: dict[str, Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
         expected = set(self.weights(model))
         if set(weights) != expected:
             super().load_weights(model, weights)  # raises the one-line mismatch error
-        set_peft_model_state_dict(model, weights)
+        load_adapter_state_dict(model, weights)
 
     def config_fields(self, adapted: AdaptedModel) -> dict[str, Any]:
-        config = adapted.model.peft_config["default"].to_dict()
+        config = adapted.model.peft_config[ADAPTER_NAME].to_dict()
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}

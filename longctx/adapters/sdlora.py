@@ -32,31 +32,20 @@ from torch import Tensor, nn
 
 from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
 from longctx.adapters.insertion import replace_modules, resolve_points
+from longctx.adapters.peft_seam import ADAPTER_NAME, lora_config, lora_layers, lora_linear, lora_pair
 from longctx.core.errors import LongctxError
+from longctx.engine.hf_internals import mamba_mixers
 from longctx.engine.state import StateBinding
 
 # The fractions frozen by the selection (the recipe's `channel_freeze`, `state_freeze`) are the
 # reference's `num_freeze` (sd_lora.py `_parse_dims`: int(round(fraction * size)) frozen, the rest
 # trained); `longctx train` runs `selection_warmup_steps` optimiser steps before selecting.
-ADAPTER_NAME = "default"
 
 
 def n_trained(size: int, freeze: float) -> int:
     """How many of `size` dimensions train when a fraction `freeze` is frozen (the reference's
     rounding), at least one (the reference asserts a non-empty selection)."""
     return max(1, size - int(round(freeze * size)))
-
-
-def _mixers(model: nn.Module) -> list[nn.Module]:
-    from transformers.models.mamba.modeling_mamba import MambaMixer
-
-    return [m for m in model.modules() if isinstance(m, MambaMixer)]
-
-
-def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from peft.tuners.lora import LoraLayer  # exported by peft.tuners.lora (its __all__)
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def _a_log(mixer: nn.Module) -> Tensor:
@@ -97,15 +86,12 @@ def _install(mixer: nn.Module, recipe: Recipe) -> None:
 def _insert_lora(model: nn.Module, recipe: Recipe) -> list[str]:
     """PEFT's LoRA layer on each insertion point, built directly as the reference builds it
     (PEFT's injection refuses out_proj on Mamba: see the class docstring)."""
-    from peft import LoraConfig
-    from peft.tuners.lora import Linear as LoraLinear
-
     points = list(resolve_points(model, recipe.insertion))
-    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
+    config = lora_config(r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=recipe.dropout,
                         target_modules=sorted({p.rsplit(".", 1)[-1] for p in points}), bias="none")
 
     def build(name: str, layer: nn.Linear) -> nn.Module:
-        lora = LoraLinear(layer, ADAPTER_NAME, config=config, r=recipe.rank, lora_alpha=recipe.alpha)
+        lora = lora_linear(layer, config)
         dtype = adapter_dtype(layer.weight.dtype)
         for part in (lora.lora_A[ADAPTER_NAME], lora.lora_B[ADAPTER_NAME]):
             part.to(dtype)  # PEFT casts them to the base's dtype; float32 as PEFT's autocast_adapter_dtype
@@ -116,10 +102,6 @@ def _insert_lora(model: nn.Module, recipe: Recipe) -> list[str]:
 
     replace_modules(model, points, build)
     return points
-
-
-def _lora_pair(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
-    return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight  # (r, in), (out, r)
 
 
 def _select(mixer: nn.Module, channels: Tensor, states: Tensor) -> None:
@@ -160,7 +142,7 @@ class SDLoRA(AdapterMethod):
     families = ("mamba",)
 
     def apply(self, model: nn.Module, recipe: Recipe, binding: StateBinding) -> tuple[nn.Module, list[str]]:
-        mixers = _mixers(model)
+        mixers = mamba_mixers(model)
         if not mixers:
             raise LongctxError(f"sdlora tunes the SSM of Mamba models; this is a {model.config.model_type!r} "
                                f"model (use lora, lora-xs, ssmlora or ssmlora-scan)")
@@ -175,16 +157,16 @@ class SDLoRA(AdapterMethod):
         """After warm-up: keep the largest-update channels/states, and discard the warm-up's
         updates (every trainable tensor back to its pre-warm-up value). `from_updates=False`
         selects the first indices instead (same sizes: what trains, without training)."""
-        fresh = [m for m in _mixers(model) if not hasattr(m, "sdlora_channels")]
+        fresh = [m for m in mamba_mixers(model) if not hasattr(m, "sdlora_channels")]
         for mixer in fresh:
             _select(mixer, *_choose(mixer, from_updates))
         if fresh:
             with torch.no_grad():
-                for layer in _lora_layers(model).values():
-                    lora_a, lora_b = _lora_pair(layer)
+                for layer in lora_layers(model).values():
+                    lora_a, lora_b = lora_pair(layer)
                     lora_a.copy_(layer.sdlora_initial_A)
                     lora_b.copy_(layer.sdlora_initial_B)
-        mixers = _mixers(model)
+        mixers = mamba_mixers(model)
         return {"channels": sum(len(m.sdlora_channels) for m in mixers),
                 "selected_ssm_entries": sum(m.sdlora_delta_A.numel() + m.sdlora_delta_B.numel()
                                             + m.sdlora_delta_C.numel() for m in mixers),
@@ -192,9 +174,9 @@ class SDLoRA(AdapterMethod):
 
     def weights(self, model: nn.Module) -> dict[str, Tensor]:
         out = {}
-        for name, layer in _lora_layers(model).items():
-            out[f"lora.{name}.A"], out[f"lora.{name}.B"] = (p.detach() for p in _lora_pair(layer))
-        for i, m in enumerate(_mixers(model)):
+        for name, layer in lora_layers(model).items():
+            out[f"lora.{name}.A"], out[f"lora.{name}.B"] = (p.detach() for p in lora_pair(layer))
+        for i, m in enumerate(mamba_mixers(model)):
             out[f"sdlora.{i}.delta_A"] = m.sdlora_delta_A.detach()
             if hasattr(m, "sdlora_channels"):
                 out[f"sdlora.{i}.channels"], out[f"sdlora.{i}.states"] = m.sdlora_channels, m.sdlora_states
@@ -206,7 +188,7 @@ class SDLoRA(AdapterMethod):
         if any(k.endswith(".delta_D") or not k.startswith(("lora.", "sdlora.")) for k in weights):
             raise LongctxError("this sdlora adapter was saved in the earlier layout (LoRA on in_proj/x_proj, D tuned); "
                                "it cannot be loaded into the reference configuration: retrain it")
-        for i, m in enumerate(_mixers(model)):
+        for i, m in enumerate(mamba_mixers(model)):
             if f"sdlora.{i}.channels" in weights and not hasattr(m, "sdlora_channels"):
                 _select(m, weights[f"sdlora.{i}.channels"], weights[f"sdlora.{i}.states"])
         own = self.weights(model)
@@ -215,9 +197,9 @@ class SDLoRA(AdapterMethod):
             bad = (missing or unexpected)[0]
             raise LongctxError(f"adapter weights do not fit the model: {'missing' if missing else 'unexpected'} "
                                f"tensor {bad!r} ({len(missing)} missing, {len(unexpected)} unexpected)")
-        targets = {**{f"lora.{n}.{k}": p for n, layer in _lora_layers(model).items()
-                      for k, p in zip("AB", _lora_pair(layer))},
-                   **{f"sdlora.{i}.delta_{k}": getattr(m, f"sdlora_delta_{k}") for i, m in enumerate(_mixers(model))
+        targets = {**{f"lora.{n}.{k}": p for n, layer in lora_layers(model).items()
+                      for k, p in zip("AB", lora_pair(layer))},
+                   **{f"sdlora.{i}.delta_{k}": getattr(m, f"sdlora_delta_{k}") for i, m in enumerate(mamba_mixers(model))
                       for k in "ABC" if hasattr(m, f"sdlora_delta_{k}")}}
         with torch.no_grad():
             for key, own_tensor in targets.items():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longctx.engine.family import model_family
+from longctx.engine.hf_internals import attn_implementation, register_attention
 from longctx.engine.kernels import (
     HALF,
     ROWS,
@@ -47,13 +48,9 @@ BACKWARD_KEYS = 4096  # past keys per backward call: bounds the kernel's transie
 
 
 def register() -> str:
-    """Make `attn_implementation="longctx_sdpa"` known to transformers (idempotent, cheap)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
-
-    AttentionInterface.register(NAME, chunked_attention)
-    # Like flash-attention: no mask at all without padding, else the 2D (B, N) padding mask.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)
+    """Make `attn_implementation="longctx_sdpa"` known to transformers (idempotent, cheap). Like
+    flash-attention it takes no mask at all without padding, else the 2D (B, N) padding mask."""
+    register_attention(NAME, chunked_attention)
     return NAME
 
 
@@ -209,7 +206,7 @@ def last_layer_rows_skippable(model: nn.Module) -> bool:
     state there stay exact), only the base's own modules: an adapter further on (o_proj, MLP),
     whose state would run through the unread rows, turns it off."""
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != NAME or not hasattr(config, "num_hidden_layers"):
+    if attn_implementation(config) != NAME or not hasattr(config, "num_hidden_layers"):
         return False
     last = ["layers", str(config.num_hidden_layers - 1)]
     layer = next((m for n, m in model.named_modules() if n.split(".")[-2:] == last), None)
@@ -280,7 +277,7 @@ def attention_record(model: nn.Module) -> dict[str, Any]:
     config = model.config
     if model_family(model) == "mamba":
         return {"implementation": None}
-    implementation = getattr(config, "_attn_implementation", None)
+    implementation = attn_implementation(config)
     if implementation != NAME:
         return {"implementation": implementation}
     weight = next(model.parameters())

@@ -18,25 +18,21 @@ mixer's output is cast back to the model's dtype (single-token decoding is trans
 """
 from __future__ import annotations
 
-import functools
-import inspect
+import importlib.util
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longctx.engine.hf_internals import UnfusedMambaCache, mamba_cache_keyword, mamba_mixers, mamba_slow_path
+
 
 def _chunk_after_state(mixer: nn.Module, hidden_states: Tensor, cache: Any, attention_mask: Tensor | None,
                        h0: Tensor | None) -> Tensor:
     """The mixer's slow path for a multi-token chunk whose scan starts from `h0` (B, D, N; zeros if
     None). The scan runs in float32 whatever the model's dtype, and its state is kept in float32."""
-    from transformers.models.mamba.modeling_mamba import (
-        apply_mask_to_padding_states,
-        causal_conv1d_fn,
-        mamba_selective_scan,
-    )
-
+    apply_mask_to_padding_states, causal_conv1d_fn, mamba_selective_scan = mamba_slow_path()
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
     hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
     x, gate = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (B, D, T) each
@@ -65,60 +61,21 @@ def _chunk_after_state(mixer: nn.Module, hidden_states: Tensor, cache: Any, atte
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
 
 
-@functools.cache
-def cache_keyword() -> str:
-    """The name under which transformers' Mamba model and mixer take the cache: `cache` from
-    transformers 5.24 on, `cache_params` before (the old name still works there, deprecated).
-    Read off the class, since wrappers such as PEFT's forward only `**kwargs`."""
-    from transformers.models.mamba.modeling_mamba import MambaMixer
-
-    return "cache" if "cache" in inspect.signature(MambaMixer.forward).parameters else "cache_params"
-
-
-class _UnfusedPath:
-    """Passed as the cache of a training forward so that the mixer takes its unfused path.
-
-    Without a cache, a training mixer calls the fused `mamba_inner_fn`, which reads x_proj,
-    dt_proj and out_proj weights as tensors: with the mamba-ssm kernels it would bypass any
-    adapter on them, and without them it still fails on wrappers that have no `.weight`. This
-    stand-in holds nothing: no past state, and updates hand the chunk back unchanged, so the
-    unfused path computes exactly what the no-cache path does.
-    """
-
-    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> None:
-        return None
-
-    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> None:
-        return None
-
-    def update_conv_state(self, states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Tensor:
-        return states  # (B, D, T): the convolution pads it itself, as without a cache
-
-    def update_recurrent_state(self, states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Tensor:
-        return states
-
-    def get_recurrent_states_to_keep(self, layer_idx: int) -> int:  # transformers >= 5.25
-        return 0  # no per-token states recorded: the whole chunk takes the parallel scan
-
-    def is_recording_past(self, layer_idx: int) -> bool:  # transformers >= 5.25
-        return False
-
-
 def _stateful(mixer: nn.Module, original: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    keyword = cache_keyword()
+    keyword = mamba_cache_keyword()
 
     def forward(hidden_states: Tensor, cache: Any = None, attention_mask: Tensor | None = None,
                 cache_params: Any = None, **kwargs: Any) -> Tensor:
         cache = cache if cache is not None else cache_params  # either name, whichever version calls
         if cache is None and mixer.training:
-            cache = _UnfusedPath()
+            cache = UnfusedMambaCache()
         h0 = None if cache is None else cache.get_recurrent_state(mixer.layer_idx)  # (B, D, N) or None
         decoding = h0 is not None and hidden_states.shape[1] == 1
         reduced = hidden_states.dtype in (torch.bfloat16, torch.float16)
         if decoding or (h0 is None and not reduced):  # transformers' own path is right there
             return original(hidden_states, attention_mask=attention_mask, **{keyword: cache}, **kwargs)
         # A chunk after a cached state, or any bf16/fp16 forward (transformers' scan needs float32 there)
-        return _chunk_after_state(mixer, hidden_states, cache if cache is not None else _UnfusedPath(),
+        return _chunk_after_state(mixer, hidden_states, cache if cache is not None else UnfusedMambaCache(),
                                   attention_mask, None if h0 is None else h0.clone())
     return forward
 
@@ -127,10 +84,8 @@ def carry_ssm_state(model: nn.Module) -> nn.Module:
     """Make every Mamba mixer of `model` start a multi-token chunk from the cached SSM state, and
     train through the unfused path that honours adapters (idempotent; the model object carries
     the change, nothing global)."""
-    from transformers.models.mamba.modeling_mamba import MambaMixer
-
-    for module in model.modules():
-        if isinstance(module, MambaMixer) and not hasattr(module, "_longctx_original_forward"):
+    for module in mamba_mixers(model):
+        if not hasattr(module, "_longctx_original_forward"):
             module._longctx_original_forward = module.forward
             module.forward = _stateful(module, module.forward)
     return model
@@ -142,13 +97,8 @@ def use_parallel_scan(model: nn.Module) -> nn.Module:
     through transformers' per-token reference loop, whose slicing makes each backward step
     materialise a full (B, D, T, N) gradient: 21x slower at 8x256 tokens on 2 cores, and
     superlinear in T (`benchmarks/p6_mamba_training.py`)."""
-    import importlib.util
-
-    from transformers.models.mamba.modeling_mamba import MambaMixer
-
     if importlib.util.find_spec("mambapy") is None or importlib.util.find_spec("mamba_ssm") is not None:
         return model
-    for module in model.modules():
-        if isinstance(module, MambaMixer):
-            module.use_mambapy = True
+    for module in mamba_mixers(model):
+        module.use_mambapy = True
     return carry_ssm_state(model)  # also makes the mambapy scan work in bf16/fp16 (module docstring)

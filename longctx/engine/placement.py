@@ -3,9 +3,10 @@
 lm-eval's `hf` turns parallelize, device_map, max_memory_per_gpu and max_cpu_memory into
 `from_pretrained(device_map=…, max_memory=…)` (`HFLM._get_accelerate_args`); `hf_device_map_args`
 does the same. The map of every module is computed the way from_pretrained computes it
-(transformers' `_get_device_map` on an empty model), and the loaded model is dispatched with
+(transformers' private `_get_device_map` on an empty model, reached through
+`longctx.engine.hf_internals`), and the loaded model is dispatched with
 accelerate's hooks, each module executing on its own device: a layer's inputs move to its device as
-it runs, so the KV cache it fills (created from its own keys, `longctx.engine.cache`) and its adapter state
+it runs, so the KV cache it fills (created from its own keys, `hf_internals.PreallocatedLayer`) and its adapter state
 stay there, and the outputs come back to the device the inputs came from.
 
 One difference from accelerate, on purpose: a module placed on `cpu` next to GPUs runs on the CPU,
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from longctx.core.errors import LongctxError
+from longctx.engine.hf_internals import planned_device_map
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -78,18 +80,10 @@ def full_device_map(config: Any, device_map: Any, max_memory: dict[Any, int] | N
     """Every module's device as from_pretrained would place them: a strategy (`auto`, `balanced`,
     `balanced_low_0`, `sequential`) is computed on an empty model; a device name or a dict is taken
     as given. Disk offload is refused (see the module docstring); the caller checks that the devices
-    are here (`models.resolve_device`)."""
-    from accelerate import init_empty_weights  # deferred: heavy, only split loads need it
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations.accelerate import _get_device_map, check_and_set_device_map
-
+    are here (`bases.resolve_device`)."""
     try:
-        requested = check_and_set_device_map(device_map)
-        if not isinstance(requested, dict):
-            with init_empty_weights():
-                empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                         dtype=dtype if isinstance(dtype, torch.dtype) else None)
-            requested = _get_device_map(empty, requested, max_memory, None)
+        requested = planned_device_map(config, device_map, max_memory,
+                                       dtype if isinstance(dtype, torch.dtype) else None, trust_remote_code)
     except ValueError as err:
         raise LongctxError(f"device_map={device_map!r}: {_first_line(err)} (valid: {', '.join(STRATEGIES)}, a "
                            f"device such as cuda:0, or a dict of module name -> device)") from None

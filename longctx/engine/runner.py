@@ -9,8 +9,6 @@ its definition) a chunked run equals the unchunked run.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,9 +18,9 @@ from transformers import DynamicCache
 
 from longctx.core.errors import LongctxError, choice_error, positive_int
 from longctx.engine.attention import LAST_LAYER_ROWS, last_layer_rows_skippable
-from longctx.engine.cache import preallocated_cache
 from longctx.engine.family import check_length, model_family
-from longctx.engine.mamba import cache_keyword, carry_ssm_state
+from longctx.engine.hf_internals import llama_cache_keyword, mamba_cache_keyword, preallocated_cache
+from longctx.engine.mamba import carry_ssm_state
 from longctx.engine.placement import is_dispatched
 from longctx.engine.state import BindsState, SequenceState
 
@@ -66,19 +64,10 @@ def forward_chunk(model: nn.Module, ids: Tensor, mask: Tensor | None, positions:
     if (family or model_family(model)) == "mamba":  # no positions; the mask covers the chunk's own tokens
         chunk_mask = None if mask is None else mask[:, -ids.shape[1]:]
         return model(input_ids=ids, attention_mask=chunk_mask, use_cache=True, logits_to_keep=keep,
-                     **{cache_keyword(): cache})
+                     **{mamba_cache_keyword(): cache})
     rows = {} if rows_read is None else {LAST_LAYER_ROWS: rows_read}
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep,
-                 **{_llama_cache_keyword(): cache}, **rows)
-
-
-@functools.cache
-def _llama_cache_keyword() -> str:
-    """`cache` from transformers 5.24 on (`past_key_values` deprecated there), `past_key_values`
-    before; read off the class, since wrappers such as PEFT's forward only `**kwargs`."""
-    from transformers import LlamaForCausalLM
-
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+                 **{llama_cache_keyword(): cache}, **rows)
 
 
 def _padding_mask(attention_mask: Tensor | None) -> Tensor | None:

@@ -23,6 +23,7 @@ from longctx.adapters import ADAPTERS, wrap
 from longctx.core.errors import LongctxError, choice_error, positive_int
 from longctx.core.fileio import atomic_write_text
 from longctx.engine.bases import load_base, parse_dtype
+from longctx.engine.hf_internals import TRAINER_STATE_NAME, printer_callback
 from longctx.engine.runner import score_continuation
 from longctx.tasks import TASKS, generate
 from longctx.training.chunked import chunked_training_loss
@@ -168,12 +169,10 @@ def _warm_up_and_select(adapted: Any, cfg: TrainConfig, lr: float, train: list, 
 
 def _quiet(trainer: Any) -> None:
     """No per-step log dicts on stdout (they still reach the trainer's state and our log)."""
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(printer_callback())
 
 
-CHECKPOINT_STATE = "trainer_state.json"  # a Trainer checkpoint's last file (transformers.trainer.TRAINER_STATE_NAME)
+CHECKPOINT_STATE = TRAINER_STATE_NAME  # a Trainer checkpoint's last-written file
 
 
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
