@@ -1,8 +1,9 @@
-"""Canaries: every internal of transformers, lm-eval and PEFT that longctx reaches into, checked by
+"""Canaries: every internal of transformers and PEFT that longctx reaches into, checked by
 name and signature. When a release moves one, the failure here names the library, its version,
-the internal and the longctx module that relies on it — before a user's run meets it.
+the internal and the longctx module that relies on it — before a user's run meets it. lm-eval's
+are in tests/test_lmeval_canaries.py.
 
-(Public, documented APIs — `AutoModelForCausalLM`, `LoraConfig`, `simple_evaluate` … — are
+(Public, documented APIs — `AutoModelForCausalLM`, `LoraConfig`, `get_peft_model` … — are
 covered by the behaviour tests; this table is for what a release may move without notice.)
 """
 from __future__ import annotations
@@ -42,13 +43,6 @@ INTERNALS = [
     ("transformers", "transformers.integrations.accelerate", "check_and_set_device_map", ("device_map",), HF),
     ("transformers", "transformers.integrations.accelerate", "_get_device_map",
      ("model", "device_map", "max_memory"), HF),
-    ("lm-eval", "lm_eval.models.huggingface", "HFLM.__init__",
-     ("pretrained", "tokenizer", "batch_size", "max_length", "add_bos_token"), "longctx/lmeval/model.py"),
-    ("lm-eval", "lm_eval.models.utils", "handle_stop_sequences", (), "longctx/lmeval/model.py"),
-    ("lm-eval", "lm_eval.api.registry", "model_registry", (), "longctx/lmeval/plugin.py"),
-    ("lm-eval", "lm_eval.tasks.manager", "TaskManager.__init__", ("include_path", "include_defaults"),
-     "longctx/lmeval/plugin.py"),
-    ("lm-eval", "lm_eval.api.task", "ConfigurableTask", (), "longctx/lmeval/tasks/glue.py"),
     ("peft", "peft", "LoraConfig.from_peft_type", (), PEFT),
     ("peft", "peft", "LoraConfig.check_kwargs", (), PEFT),
     ("peft", "peft.tuners.lora", "LoraLayer", (), PEFT),
