@@ -202,7 +202,6 @@ def test_stock_lm_eval_runs_sdlora_on_the_embedded_mamba_base_chunked(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "ssmlora", "--model_args",
                           "pretrained=longctx-tiny-mamba,method=sdlora,chunk_size=128", "--tasks", "longctx_passkey",
