@@ -69,13 +69,13 @@ def _recipes_with(tmp_path: Path, method: str, name: str, value) -> Path:
 @pytest.mark.parametrize("method, name, legacy, other", KNOBS, ids=IDS)
 def test_the_sweep_retrains_when_a_knob_changes_and_reuses_when_it_does_not(method, name, legacy, other,
                                                                             tmp_path, monkeypatch):
-    import longctx.core.resources
+    import longctx.adapters.base  # where load_recipe reads the recipe folder from
 
     original = _key(method)
     assert _key(method, {name: other}) != original  # overridden in the sweep: a new adapter directory
-    monkeypatch.setattr(longctx.core.resources, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, legacy))
+    monkeypatch.setattr(longctx.adapters.base, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, legacy))
     assert _key(method) == original  # the same recipe: the same key, the adapter is reused
-    monkeypatch.setattr(longctx.core.resources, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, other))
+    monkeypatch.setattr(longctx.adapters.base, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, other))
     assert _key(method) != original  # the recipe's own value edited: retrained too
 
 

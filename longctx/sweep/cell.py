@@ -16,7 +16,6 @@ loading and evaluation; the driver's side (starting, watching and timing childre
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
