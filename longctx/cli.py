@@ -29,7 +29,6 @@ def _default_environment() -> None:
 
 _default_environment()
 
-from lm_eval.__main__ import cli_evaluate  # noqa: E402
 
 from longctx.adapters import METHOD_NAMES, get_adapter  # noqa: E402
 from longctx.core.errors import LongctxError, choice_error  # noqa: E402
@@ -38,6 +37,7 @@ from longctx.core.resources import task_dir  # noqa: E402
 from longctx.demo import run_demo  # noqa: E402
 from longctx.engine.bases import ASSETS_DIR, load_base, meta_model  # noqa: E402
 from longctx.engine.gguf import REAL_BASES, converted_dir  # noqa: E402
+from longctx.lmeval.harness import run_cli  # noqa: E402
 from longctx.lmeval.plugin import register  # noqa: E402
 from longctx.plots import plot_all  # noqa: E402
 from longctx.pretrain.build import EMBEDDED_NAME, pretrain, recipe_overrides  # noqa: E402
@@ -160,11 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     forwarded = list(args.args)
     if "--include_path" not in forwarded:
         forwarded += ["--include_path", str(task_dir())]
-    saved, sys.argv = sys.argv, ["lm_eval", *forwarded]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved
+    run_cli(forwarded)
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
@@ -193,7 +189,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(run=cmd_train)
     w = sub.add_parser("sweep", help="methods x tasks x lengths: train, evaluate through lm-eval, tabulate")
-    w.add_argument("config", help="sweep YAML (see configs/)")
+    w.add_argument("config", help="sweep YAML, or a preset's name (demo, demo-mamba)")
     w.add_argument("--out", default=None, help="results directory (default: the config's `out`)")
     w.add_argument("--quiet", action="store_true")
     w.add_argument("--retry-failed", action="store_true",

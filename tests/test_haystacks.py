@@ -179,10 +179,12 @@ def test_evaluate_length_reports_the_haystack_per_length(task, haystack, length,
                                                          tmp_path):
     from longctx.core.resources import task_dir
     from longctx.sweep.cell import evaluate_length
+    from longctx.sweep.group import GroupPlan
 
     lm, base = tiny_lm
-    job = {"config": {"base": base, "num_samples": 2, "haystack": haystack}, "task": task, "seed": 0,
-           "tasks_dir": str(task_dir()), "out": str(tmp_path), "method": "base", "chunk_size": None}
+    job = GroupPlan.from_dict({"config": {"base": base, "num_samples": 2, "haystack": haystack}, "task": task,
+                               "seed": 0, "tasks_dir": str(task_dir()), "out": str(tmp_path), "method": "base",
+                               "chunk_size": None, "cells": [], "log": ""})
     row = evaluate_length(lm, job, length, "cell")
     want = haystack or (TASKS[task].haystack if task in NEEDLE_TASKS else None)
     assert row["status"] == "ok" and row["n"] == 2
