@@ -284,32 +284,33 @@ def test_a_device_map_splitting_a_tied_weight_is_refused():
 
 
 def test_request_clock_stops_after_the_gpu_has_finished(monkeypatch):
-    """GPU work queued in a request is finished before its clock stops: one synchronisation, and the
-    host's interval contains the device's (CUDA events), whatever the speed of either."""
-    from longctx.lmeval import stats as lmeval_stats
+    """GPU work queued in a request is finished before its clock stops: the timed region waits for
+    the device at entry and before the clock stops, and the host's interval contains the device's
+    (CUDA events), whatever the speed of either."""
+    from longctx.engine import measure
     from longctx.lmeval.stats import RequestLog
 
-    calls, real = [], lmeval_stats.synchronize
-    monkeypatch.setattr(lmeval_stats, "synchronize", lambda device: calls.append(device) or real(device))
+    calls, real = [], measure.synchronize
+    monkeypatch.setattr(measure, "synchronize", lambda device: calls.append(device) or real(device))
     log = RequestLog(torch.device("cuda"))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with log.request(None, 1, 1, 0):
         start.record()
         torch.cuda._sleep(100_000_000)  # tens of milliseconds of GPU time, queued
         end.record()
-    assert end.query() and calls == [torch.device("cuda")]
+    assert end.query() and calls == [torch.device("cuda")] * 2
     assert log.records[0].seconds >= start.elapsed_time(end) / 1000
 
 
-def test_model_type_on_cuda_synchronises_once_per_request(monkeypatch):
+def test_model_type_on_cuda_synchronises_twice_per_request_not_per_chunk(monkeypatch):
     from lm_eval.api.instance import Instance
 
-    from longctx.lmeval import stats as lmeval_stats
+    from longctx.engine import measure
 
     lm = _split_lm(method="base", chunk_size=32, device="cuda")
-    calls, real = [], lmeval_stats.synchronize
-    monkeypatch.setattr(lmeval_stats, "synchronize", lambda device: calls.append(device) or real(device))
+    calls, real = [], measure.synchronize
+    monkeypatch.setattr(measure, "synchronize", lambda device: calls.append(device) or real(device))
     requests = [Instance("loglikelihood", {}, (SPLIT_TEXT * k, " 12345."), 0) for k in (1, 2)]
     lm.loglikelihood(requests)
     assert [r.chunks > 1 for r in lm.log.records] == [True, True]
-    assert calls == [lm.device, lm.device] and all(r.seconds > 0 for r in lm.log.records)
+    assert calls == [lm.device] * 4 and all(r.seconds > 0 for r in lm.log.records)
