@@ -40,6 +40,16 @@ def tiny_llama(seed: int = 0, layers: int = 4, max_positions: int = 512):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_mamba(seed: int = 0):
+    """A random 2-layer Mamba (d=48, state 8) in eval mode; same seed, same weights."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(vocab_size=VOCAB, hidden_size=48, state_size=8, num_hidden_layers=2, conv_kernel=4,
+                         expand=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return MambaForCausalLM(config).eval()
+
+
 def perturb(adapted, seed: int = 1, scale: float = 0.05) -> None:
     """Give an adapter random non-zero weights, so it no longer equals its base."""
     gen = torch.Generator().manual_seed(seed)

@@ -3,7 +3,7 @@ and `sdlora` (PEFT's LoRA layer class, built directly on Mamba's out_proj) go th
 
 Besides PEFT's public API (`LoraConfig`, `get_peft_model`, the state-dict helpers) this reaches
 two names of `peft.tuners.lora` (`LoraLayer`, `Linear`) and `LoraConfig`'s parsing classmethods;
-`tests/test_canaries.py` names each with PEFT's version and this module when a release moves it.
+`tests/engine/test_hf_internals_canaries.py` names each with PEFT's version and this module when a release moves it.
 PEFT takes seconds to import and only the LoRA-based methods need it, so every function imports
 it when first called.
 """

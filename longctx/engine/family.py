@@ -31,11 +31,17 @@ def position_limit(model: nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def length_error(n_tokens: int, limit: int, source: str = "max_position_embeddings",
+                 whose: str = "the model's position limit") -> LongctxError:
+    """The one refusal of an input over a limit: the input's size, the limit and where it comes from
+    (the model's `max_position_embeddings`, or the user's `max_length=`), and the remedies."""
+    return LongctxError(
+        f"input of {n_tokens} tokens exceeds {whose} of {limit} tokens ({source}); remedies: set rope_scaling in "
+        f"model_args, use a model with a longer context, or ask for truncation=left|middle")
+
+
 def check_length(model: nn.Module, n_tokens: int) -> None:
-    """Refuse an input longer than the position limit, naming the limit and the remedies."""
+    """Refuse an input longer than the model's position limit (`length_error`)."""
     limit = position_limit(model)
     if limit is not None and n_tokens > limit:
-        raise LongctxError(
-            f"input of {n_tokens} tokens exceeds the model's position limit of {limit} "
-            f"(max_position_embeddings); remedies: set rope_scaling in model_args, use a model "
-            f"with a longer context, or ask for truncation=left|middle")
+        raise length_error(n_tokens, limit)

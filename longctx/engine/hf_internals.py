@@ -4,7 +4,7 @@ Everything here relies on something transformers does not document as public API
 its cache layers, its Mamba mixer's slow-path kernels, its attention-mask registry, its private
 device-map helpers, a config's private attribute, Trainer's printer callback and checkpoint
 file name. When a transformers release moves one of these, this is the only file to change,
-and `tests/test_canaries.py` names the internal, the version and this module. Public API
+and `tests/engine/test_hf_internals_canaries.py` names the internal, the version and this module. Public API
 (`AutoModelForCausalLM`, `Trainer`, `DynamicCache`, `AttentionInterface`, configs) is used
 where it is needed. Submodules that take seconds to import (the Mamba model, the masking
 utilities, the trainer) are imported in the function that needs them, as transformers itself

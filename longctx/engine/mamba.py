@@ -2,7 +2,7 @@
 
 transformers' pure-PyTorch `MambaMixer` carries the convolution state into a multi-token chunk,
 but its selective scan restarts from zero (`mamba_selective_scan` takes no initial state), so
-every chunk after the first forgets the ones before it (checked in `tests/test_mamba.py`). The
+every chunk after the first forgets the ones before it (checked in `tests/engine/test_mamba.py`). The
 scan is linear in its state, so the missing part is exact to add back: with the chunk's step
 sizes Δ and P_t = exp(A · Σ_{s≤t} Δ_s), the state is h_t = h_t⁰ + P_t ⊙ h₀, the output gains
 C_t·(P_t ⊙ h₀) gated by silu(z), and the final state gains P_T ⊙ h₀ (Gu & Dao, 2023, eq. 2).

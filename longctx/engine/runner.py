@@ -8,6 +8,7 @@ its definition) a chunked run equals the unchunked run.
 """
 from __future__ import annotations
 
+import array
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from longctx.engine.attention import LAST_LAYER_ROWS, last_layer_rows_skippable
 from longctx.engine.family import check_length, model_family
 from longctx.engine.hf_internals import llama_cache_keyword, mamba_cache_keyword, preallocated_cache
 from longctx.engine.mamba import carry_ssm_state
-from longctx.engine.placement import is_dispatched
+from longctx.engine.placement import input_device, is_dispatched
 from longctx.engine.state import BindsState, SequenceState
 
 CARRY_CHOICES = ("chunk", "reset")
@@ -135,19 +136,37 @@ def chunked_forward(adapted: BindsState | nn.Module, input_ids: Tensor, attentio
     return ChunkedOutput(logits, keep, cache, state, n_chunks)
 
 
-def score_continuation(adapted: BindsState | nn.Module, context: list[int], continuation: list[int],
-                       chunk_size: int | None = None, ssm_carry: str = "chunk") -> tuple[float, bool]:
-    """(log p(continuation | context), whether it is the greedy continuation), chunked."""
-    if not context or not continuation:
-        raise LongctxError("score_continuation needs a non-empty context and continuation")
-    ids = torch.tensor([context + continuation])  # (1, N)
-    device = next(_model_of(adapted).parameters()).device
-    keep = torch.arange(len(context) - 1, ids.shape[1] - 1)  # positions predicting the continuation
-    out = chunked_forward(adapted, ids.to(device), chunk_size=chunk_size, keep=keep, ssm_carry=ssm_carry)
-    logprobs = torch.log_softmax(out.logits[0], dim=-1)  # (K, V)
-    target = torch.tensor(continuation, device=logprobs.device)
+def token_tensor(ids: list[int], device: Any) -> torch.Tensor:
+    """Token ids (1, N) int64 on `device`, read from a packed buffer: `torch.tensor` walks a Python
+    list several times slower, time in which the GPU waits."""
+    if not ids:
+        return torch.empty(1, 0, dtype=torch.int64, device=device)
+    return torch.frombuffer(array.array("q", ids), dtype=torch.int64).view(1, -1).to(device)  # keeps the buffer
+
+
+def score_tokens(adapted: BindsState | nn.Module, ids: list[int], n_cont: int, chunk_size: int | None = None,
+                 ssm_carry: str = "chunk", device: torch.device | None = None) -> tuple[float, bool]:
+    """(log p(the last `n_cont` of `ids` | the tokens before them), whether each is the greedy next
+    token), from one chunked forward over all but the last token, which is never an input. The
+    one scorer of a continuation: the `ssmlora` model type, `longctx forward` and training's probes.
+    `device`: where the inputs go (default: a dispatched model's input device, else its weights')."""
+    model = _model_of(adapted)
+    device = device or input_device(model) or next(model.parameters()).device
+    inputs = token_tensor(ids[:-1], device)  # (1, N-1)
+    keep = torch.arange(len(ids) - 1 - n_cont, len(ids) - 1)  # positions predicting the continuation
+    out = chunked_forward(adapted, inputs, chunk_size=chunk_size, keep=keep, ssm_carry=ssm_carry)
+    logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)  # (n_cont, V)
+    target = torch.tensor(ids[-n_cont:], device=logprobs.device)
     total = logprobs.gather(-1, target[:, None]).sum().item()
     return total, bool((logprobs.argmax(-1) == target).all())
+
+
+def score_continuation(adapted: BindsState | nn.Module, context: list[int], continuation: list[int],
+                       chunk_size: int | None = None, ssm_carry: str = "chunk") -> tuple[float, bool]:
+    """(log p(continuation | context), whether it is the greedy continuation), chunked (`score_tokens`)."""
+    if not context or not continuation:
+        raise LongctxError("score_continuation needs a non-empty context and continuation")
+    return score_tokens(adapted, context + continuation, len(continuation), chunk_size, ssm_carry)
 
 
 def greedy_generate(adapted: BindsState | nn.Module, input_ids: Tensor, max_new_tokens: int,

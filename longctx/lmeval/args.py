@@ -5,7 +5,7 @@ installed lm-eval's `HFLM.__init__` (read off its signature, plus `device_map`, 
 from_pretrained) is applied with hf's meaning (`APPLIED`), ignored where hf ignores it too
 (`IGNORED`), or refused in one line that says why it cannot apply to a chunked run (`REFUSED`).
 A keyword lm-eval adds that is in none of the three is not accepted until it is classified
-(tests/test_lmeval_hf_args.py fails on it). docs/lmeval-model-args.md tables them all.
+(tests/lmeval/test_args.py fails on it). docs/lmeval-model-args.md tables them all.
 
 `ModelArgs` is the one validated, frozen record of them that the model type loads by, and
 `MODEL_KEYS` every key lm-eval may merge from model_args into a task's metadata.

@@ -6,7 +6,7 @@ Everything longctx takes from lm-eval beyond its documented public API (`simple_
 the `hf` model class and its keyword list, its stop-sequence and thinking helpers, the attributes
 its data parallelism lives in, its logger and warnings, the model registry, `TaskManager.__init__`,
 the modules whose import makes lm-eval ready for those, its command line (entry point, default
-`--device`, how it reports bad `--metadata`). tests/test_lmeval_canaries.py checks every one of
+`--device`, how it reports bad `--metadata`). tests/lmeval/test_harness_canaries.py checks every one of
 them against the installed lm-eval, naming its version when one moves.
 
 Importing this module imports nothing of lm-eval: the start-up line (`longctx_lmeval.pth`)

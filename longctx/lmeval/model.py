@@ -18,7 +18,6 @@ with status `refused` in `per_length` and named in one warning line; the other l
 """
 from __future__ import annotations
 
-import array
 import math
 from typing import Any, Callable
 
@@ -29,16 +28,16 @@ from longctx.adapters import ADAPTERS, load_adapter, wrap
 from longctx.core.errors import LongctxError, choice_error
 from longctx.engine.attention import attention_record
 from longctx.engine.bases import load_base
-from longctx.engine.family import check_length, position_limit
+from longctx.engine.family import check_length, length_error, position_limit
 from longctx.engine.placement import input_device
-from longctx.engine.runner import chunked_forward, greedy_generate
+from longctx.engine.runner import greedy_generate, score_tokens, token_tensor
 from longctx.lmeval import harness, parallel
 from longctx.lmeval.args import TRUNCATION_CHOICES, VALID_ARGS, ModelArgs, parse_model_args
 from longctx.lmeval.harness import HFLM
 from longctx.lmeval.stats import RequestLog
 from longctx.lmeval.tasks.glue import REFUSED_GENERATION, load_tokenizer
 
-__all__ = ["SsmloraLM", "TRUNCATION_CHOICES", "VALID_ARGS", "build_adapted", "token_tensor"]
+__all__ = ["SsmloraLM", "TRUNCATION_CHOICES", "VALID_ARGS", "build_adapted"]
 
 
 def build_adapted(args: ModelArgs, device: str) -> tuple[Any, Any]:
@@ -55,14 +54,6 @@ def build_adapted(args: ModelArgs, device: str) -> tuple[Any, Any]:
         raise LongctxError(f"adapter {args.adapter!r} holds method {adapted.method.name!r}, not method={args.method!r}")
     adapted.model.eval()
     return adapted, tokenizer
-
-
-def token_tensor(ids: list[int], device: Any) -> torch.Tensor:
-    """Token ids (1, N) int64 on `device`, read from a packed buffer: `torch.tensor` walks a Python
-    list 7x slower (65,535 ids: 7.3 vs 1.0 ms on this project's CPU), time in which the GPU waits."""
-    if not ids:
-        return torch.empty(1, 0, dtype=torch.int64, device=device)
-    return torch.frombuffer(array.array("q", ids), dtype=torch.int64).view(1, -1).to(device)  # keeps the buffer
 
 
 class SsmloraLM(HFLM):
@@ -130,10 +121,7 @@ class SsmloraLM(HFLM):
         any generation budget): the model's own (`family.check_length`), or the user's max_length."""
         if not self.max_length_given:
             check_length(self.adapted.model, n + self.position_limit - limit)  # prompt + generation budget
-        raise LongctxError(
-            f"input of {n} tokens exceeds the limit of {limit} tokens (max_length={self.position_limit}); "
-            f"remedies: set rope_scaling in model_args, use a model with a longer context, or ask for "
-            f"truncation=left|middle")
+        raise length_error(n, limit, f"max_length={self.position_limit}", whose="the limit")
 
     def _refused(self, label: Any, request_tokens: int, fed_tokens: int) -> bool:
         """Refuse (and record) a longctx request under truncation=refuse: all requests of a length
@@ -186,15 +174,9 @@ class SsmloraLM(HFLM):
 
     def _score(self, ids: list[int], n_cont: int, label: Any, removed: int, request_tokens: int) -> tuple[float, bool]:
         """log p(last `n_cont` tokens | the rest) and greedy-exactness, from one chunked forward."""
-        inputs = token_tensor(ids[:-1], self.device)  # (1, N-1): the last token is never input
-        keep = torch.arange(len(ids) - 1 - n_cont, len(ids) - 1)  # positions predicting the continuation
-        with self.log.request(label, inputs.shape[1], self._chunks(inputs.shape[1]), removed, request_tokens):
-            out = chunked_forward(self.adapted, inputs, chunk_size=self.chunk_size, keep=keep,
-                                  ssm_carry=self.ssm_carry)
-        logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)  # (n_cont, V)
-        target = torch.tensor(ids[-n_cont:], device=logprobs.device)
-        total = logprobs.gather(-1, target[:, None]).sum().item()
-        return total, bool((logprobs.argmax(-1) == target).all())
+        fed = len(ids) - 1  # the last token is never an input
+        with self.log.request(label, fed, self._chunks(fed), removed, request_tokens):
+            return score_tokens(self.adapted, ids, n_cont, self.chunk_size, self.ssm_carry, device=self.device)
 
     def _chunks(self, n: int) -> int:
         return 1 if self.chunk_size is None else math.ceil(n / self.chunk_size)

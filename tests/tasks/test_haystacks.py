@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from test_tasks import check_example
+from test_generators import check_example
 
 from longctx.core import fetch
 from longctx.core.errors import LongctxError

@@ -25,7 +25,7 @@ from held_sweep import held, held_sweep, parent_of, release
 
 from longctx.core.errors import LongctxError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = SWEEP_SMOKE
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 pytestmark = pytest.mark.slow

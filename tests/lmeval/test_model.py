@@ -17,7 +17,7 @@ from longctx.core.errors import LongctxError
 from longctx.core.resources import task_dir
 from longctx.engine.bases import default_base_path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASK_DIR = str(task_dir())
 LM_EVAL = str(Path(sys.executable).parent / "lm_eval")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -152,7 +152,7 @@ def test_loglikelihood_rolling_matches_hf(base_path):
 
 
 def test_input_beyond_the_limit_is_refused_naming_limit_and_remedies(base_path):
-    """A longctx length over the limit is refused per length (recorded, NaN; tests/test_lengths.py);
+    """A longctx length over the limit is refused per length (recorded, NaN; tests/lmeval/test_lengths.py);
     a request of another task that does not fit still stops the run with the limit and remedies."""
     import math
 
@@ -286,7 +286,7 @@ def test_longctx_eval_forwards_to_lm_eval_with_our_tasks(tmp_path):
 def test_token_tensor_equals_torch_tensor_of_the_list(ids):
     import torch
 
-    from longctx.lmeval.model import token_tensor
+    from longctx.engine.runner import token_tensor
 
     out = token_tensor(ids, "cpu")
     assert out.dtype == torch.int64 and out.shape == (1, len(ids))
@@ -297,7 +297,7 @@ def test_a_requests_clock_stops_after_one_device_synchronisation(base_path, monk
     """The runner queues a GPU's work without waiting; a request's seconds (`measure.TimedRegion`)
     end only once the device has finished: one synchronisation before the clock starts (the previous
     work is not this request's) and one just before it stops, none per chunk. Recorded here with
-    stand-ins for the clock and the synchronisation (on a GPU: tests/test_cuda.py)."""
+    stand-ins for the clock and the synchronisation (on a GPU: tests/engine/test_cuda.py)."""
     import torch
     from lm_eval.api.instance import Instance
 

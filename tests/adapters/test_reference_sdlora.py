@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_ids
-from test_mamba import tiny_mamba
+from conftest import tiny_mamba
 
 from longctx.adapters import wrap
 

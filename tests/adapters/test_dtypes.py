@@ -48,7 +48,7 @@ OUTPUT_MODULES = ("LlamaDecoderLayer", "MambaMixer")
 @pytest.fixture(scope="module")
 def base_dirs(tiny_base_dir, tmp_path_factory):
     """family -> a saved tiny base (Llama: conftest's, GQA; Mamba: test_mamba's) with a tokenizer."""
-    from test_mamba import tiny_mamba
+    from conftest import tiny_mamba
 
     mamba = tmp_path_factory.mktemp("tiny-mamba") / "base"
     shutil.copytree(tiny_base_dir, mamba)

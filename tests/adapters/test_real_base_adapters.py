@@ -1,7 +1,7 @@
 """Adapters on the real base SmolLM2-135M-Instruct (9 query / 3 KV heads): every Llama method wraps it,
 trains a step and round-trips save/load; a PEFT LoRA saved on it loads equal to hf + peft; yarn rope
 scaling equals transformers' own and chunks exactly. The checkpoint comes through the project's own
-fetch (cached; see test_real_base.py)."""
+fetch (cached; see tests/engine/test_real_base_gguf.py)."""
 from __future__ import annotations
 
 import pytest
@@ -94,12 +94,12 @@ def test_yarn_scaling_equals_transformers_own_and_chunks_exactly(smollm2):
 def test_the_gpu_benchmark_prepares_the_real_base_as_hf_and_longctx_both_load_it(smollm2, tmp_path, monkeypatch):
     """`bench.py --base smollm2-135m [--rope-scaling yarn:4]`: the real weights linked (not copied) with a
     bf16 config, yarn scaling written into it, and the limit the figures run at. The rest of bench.py is
-    the same code on any base (its CPU smoke run: tests/test_gpu_bench_script.py)."""
+    the same code on any base (its CPU smoke run: tests/benchmarks/test_gpu_bench_script.py)."""
     from pathlib import Path
 
     from transformers import AutoConfig
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"))
     from bench import real_base_checkpoint
 
     plain, yarn = tmp_path / "plain", tmp_path / "yarn"

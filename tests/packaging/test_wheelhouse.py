@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WHEELHOUSE = ROOT / "scripts" / "wheelhouse.sh"
 INSTALL = ROOT / "scripts" / "install_offline.sh"
 SDIST_ONLY = {"rouge-score", "sqlitedict", "word2number"}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_sweep_reruns import SMALL, fake  # noqa: F401  (the fixture)
+from test_reruns import SMALL, fake  # noqa: F401  (the fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ONE = {"unchunked_methods": []}  # base and lora, chunked: two groups of two lengths
 B256, B320, L256, L320 = (("base", 128, 256, 0), ("base", 128, 320, 0), ("lora", 128, 256, 0),
                           ("lora", 128, 320, 0))

@@ -16,7 +16,7 @@ from longctx.core.errors import LongctxError
 from longctx.core.resources import preset_dir
 from longctx.sweep.results import COLUMNS, cell_key, read_rows
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LONGCTX = [sys.executable, "-m", "longctx.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SMOKE = SWEEP_SMOKE

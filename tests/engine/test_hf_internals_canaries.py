@@ -1,7 +1,7 @@
 """Canaries: every internal of transformers and PEFT that longctx reaches into, checked by
 name and signature. When a release moves one, the failure here names the library, its version,
 the internal and the longctx module that relies on it — before a user's run meets it. lm-eval's
-are in tests/test_lmeval_canaries.py.
+are in tests/lmeval/test_harness_canaries.py.
 
 (Public, documented APIs — `AutoModelForCausalLM`, `LoraConfig`, `get_peft_model` … — are
 covered by the behaviour tests; this table is for what a release may move without notice.)
@@ -113,7 +113,7 @@ def test_mamba_scan_and_convolution_take_the_arguments_longctx_passes():
     assert out.shape == (b, d, t + 3), f"transformers {version}: causal_conv1d_fn output shape moved"
 
 
-PACKAGE = Path(__file__).resolve().parent.parent / "longctx"
+PACKAGE = Path(__file__).resolve().parents[2] / "longctx"
 SEAMS = {"transformers.": HF, "peft": PEFT}  # an import of a module starting so belongs in that seam only
 
 

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, random_ids
+from conftest import random_ids, tiny_mamba
 
 from longctx.core.resources import task_dir
 from longctx.engine.runner import chunked_forward, greedy_generate
-
-
-def tiny_mamba(seed: int = 0):
-    from transformers import MambaConfig, MambaForCausalLM
-
-    config = MambaConfig(vocab_size=VOCAB, hidden_size=48, state_size=8, num_hidden_layers=2, conv_kernel=4,
-                         expand=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    return MambaForCausalLM(config).eval()
 
 
 def _logprobs(logits, ids, keep):

@@ -14,7 +14,7 @@ from conftest import perturb, save_tiny_base
 
 from longctx.core.errors import LongctxError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The grass is green. The sky is blue. " * 6
 DEVICE_MAP = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(4)}, "model.norm": "cpu",
               "lm_head": "cpu"}  # longctx-tiny's modules, each named, every one on the CPU

@@ -5,7 +5,7 @@ values and impossible executor resources — each one line naming the value."""
 from __future__ import annotations
 
 import pytest
-from test_sweep_reruns import SMALL
+from test_reruns import SMALL
 
 from longctx.core.errors import LongctxError
 

@@ -21,7 +21,7 @@ from longctx.core.resources import task_dir
 from longctx.tasks import TASKS, generate
 from longctx.tasks.common import tolerance
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASK_DIR = str(task_dir())
 LIMIT = 512  # max_position_embeddings of the tiny base below
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_wheelhouse import INSTALL, node_venv, offline_env, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

@@ -22,7 +22,7 @@ from longctx.lmeval import harness
 
 VERSION = importlib.metadata.version("lm-eval")
 SEAM = "longctx/lmeval/harness.py"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _moved(internal: str, why: object = "", user: str = SEAM) -> str:

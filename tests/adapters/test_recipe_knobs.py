@@ -15,7 +15,7 @@ import torch
 import yaml
 from conftest import perturb, random_ids, tiny_llama
 from safetensors.torch import load_file
-from test_mamba import tiny_mamba
+from conftest import tiny_mamba
 
 from longctx.adapters import load_adapter, load_recipe, wrap
 from longctx.adapters.base import METHOD_FIELDS
@@ -31,7 +31,7 @@ KNOBS = [("sdlora", "channel_freeze", 0.99, 0.9), ("sdlora", "state_freeze", 0.7
          ("sdlora", "selection_warmup_steps", 10, 2), ("lora-xs", "r_init_std", 1e-5, 1e-3),
          ("ssmlora-scan", "max_timescale", 4096.0, 64.0)]
 IDS = [f"{method}.{name}" for method, name, _, _ in KNOBS]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_method_field_is_tested_here():

@@ -1,12 +1,12 @@
 """SDLoRA on Mamba: the shared adapter invariants, the reference's selection sizes, save/load,
 and `longctx params` counting what trains after selection (numerics against a plain reference
-forward, frozen unselected entries and the discarded warm-up: tests/test_reference_sdlora.py)."""
+forward, frozen unselected entries and the discarded warm-up: tests/adapters/test_reference_sdlora.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import perturb, random_ids
-from test_mamba import tiny_mamba
+from conftest import tiny_mamba
 
 from longctx.adapters import load_adapter, wrap
 from longctx.core.errors import LongctxError
