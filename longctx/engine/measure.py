@@ -140,5 +140,9 @@ class TimedRegion:
         return self.memory.delta_bytes
 
     @property
+    def reserved_bytes(self) -> int | None:
+        return self.memory.reserved_bytes
+
+    @property
     def method(self) -> str:
         return self.memory.method

@@ -59,3 +59,20 @@ def test_cuda_region_uses_the_allocator_peak() -> None:
 
 def test_current_rss_is_positive() -> None:
     assert current_rss_bytes() > 10 * MiB
+
+
+def test_timed_region_waits_for_the_device_then_clocks_and_reports_the_peak(monkeypatch):
+    """The one timed region: wait, clock, …, wait, clock — so the seconds hold every queued kernel —
+    and the region's own peak (a 64 MiB tensor made inside it shows in delta_bytes)."""
+    events = []
+    ticks = iter(range(100))
+    monkeypatch.setattr(memory, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(memory, "clock", lambda: events.append("clock") or float(next(ticks)))
+    with memory.TimedRegion("cpu") as region:
+        block = torch.ones(16 << 20)  # 64 MiB, touched
+        events.append("work")
+    assert events == ["sync", "clock", "work", "sync", "clock"]
+    assert region.seconds == 1.0 and region.method in ("proc_vmhwm", "ru_maxrss")
+    if region.method == "proc_vmhwm":
+        assert region.delta_bytes >= 48 << 20 and region.peak_bytes >= region.delta_bytes
+    assert region.reserved_bytes is None and block.sum() > 0
