@@ -10,16 +10,8 @@ import random
 from typing import Callable
 
 from longctx.core.errors import LongctxError
-from longctx.tasks.common import (
-    Example,
-    fit_filler,
-    haystack_extra,
-    haystack_words,
-    insert_at_depths,
-    measured_depth,
-    split_number,
-    split_words,
-)
+from longctx.tasks.common import (Example, fit_filler, haystack_extra, haystack_words, insert_at_depths,
+                                  measured_depth, split_number, split_words)
 from longctx.tasks.counting import fit_haystack
 
 NIAH_PREFIX = "Memorize the magic numbers hidden in this text.\n"

@@ -7,15 +7,8 @@ import random
 import string
 from typing import Callable
 
-from longctx.tasks.common import (
-    Example,
-    fit_filler,
-    haystack_extra,
-    haystack_words,
-    insert_at_depths,
-    measured_depth,
-    split_number,
-)
+from longctx.tasks.common import (Example, fit_filler, haystack_extra, haystack_words, insert_at_depths,
+                                  measured_depth, split_number)
 from longctx.tasks.counting import fit_haystack
 
 PREFIX = "Track the variable assignments in this text.\n"
