@@ -1,8 +1,6 @@
-"""Adapter methods: the one table of them, and the two ways to get an adapted model.
-
-    from longctx.adapters import METHOD_NAMES, get_adapter, wrap, load_adapter
-    adapted = wrap(model, "ssmlora")          # fresh adapter from adapters/recipes/ssmlora.yaml
-    adapted = load_adapter(model, "runs/x")   # a saved directory (ours or PEFT's LoRA)
+"""Adapter methods: the one table of them, and the two ways to get an adapted model:
+`wrap(model, "ssmlora")` (a fresh adapter from adapters/recipes/ssmlora.yaml) and
+`load_adapter(model, "runs/x")` (a saved directory, ours or PEFT's LoRA).
 
 `METHODS` (name -> module and class, in display order), `METHOD_NAMES`, `ADAPTERS` (name ->
 method, a read-only mapping) and `get_adapter` come from `methods.py`, which imports no torch, so
@@ -13,14 +11,9 @@ torch (`wrap`, `load_adapter`, `Recipe`, ...) are re-exported lazily from `apply
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from longctx.adapters.methods import ADAPTERS, METHOD_NAMES, METHODS, get_adapter
-
-if TYPE_CHECKING:  # the lazily re-exported names, for type checkers and readers
-    from longctx.adapters.apply import applicable, load_adapter, read_adapter_config, saved_metadata, wrap
-    from longctx.adapters.base import AdaptedModel, AdapterMethod, Recipe, load_recipe
-    from longctx.engine.state import SequenceState
 
 _LAZY = {
     "wrap": "longctx.adapters.apply",

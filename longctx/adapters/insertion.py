@@ -10,17 +10,15 @@ A list of module-name suffixes selects every linear module ending in one of them
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from torch import nn
 
+from longctx.adapters.base import Recipe
 from longctx.core.errors import LongctxError
 from longctx.engine.family import model_family
 from longctx.engine.hf_internals import RAW_WEIGHT_MODULES
-
-if TYPE_CHECKING:
-    from longctx.adapters.base import Recipe
-    from longctx.engine.state import StateBinding
+from longctx.engine.state import StateBinding
 
 PRESETS = ("sparse-qv", "reference-all", "every-qv")
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -95,7 +93,7 @@ def _preset_points(family: str, preset: str, linears: dict[str, nn.Linear]) -> d
     return points
 
 
-def insert_stateful_layers(model: nn.Module, recipe: "Recipe", binding: "StateBinding", layer_cls: type,
+def insert_stateful_layers(model: nn.Module, recipe: Recipe, binding: StateBinding, layer_cls: type,
                            own_keys: bool = False) -> list[str]:
     """Wrap every insertion point in `layer_cls(layer, rank, alpha, dropout, key, binding, detach)`.
 

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 from longctx.core.errors import choice_error
-
-if TYPE_CHECKING:  # for type checkers only: importing base would load torch
-    from longctx.adapters.base import AdapterMethod
 
 METHODS: dict[str, tuple[str, str]] = {
     "base": ("longctx.adapters.frozen", "FrozenBase"),
@@ -26,10 +23,11 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 
-_instances: dict[str, "AdapterMethod"] = {}
+# Method instances (`adapters.base.AdapterMethod`), typed `Any` here: naming the class would import torch.
+_instances: dict[str, Any] = {}
 
 
-def get_adapter(name: str) -> "AdapterMethod":
+def get_adapter(name: str) -> Any:
     """The method called `name` (one shared instance), its module imported on first use; a
     one-line error naming the valid methods for any other name."""
     if name not in METHODS:
@@ -44,7 +42,7 @@ class _Adapters(Mapping):
     """name -> method instance, read through `get_adapter`: `name in ADAPTERS` and iteration
     (display order) import nothing."""
 
-    def __getitem__(self, name: str) -> "AdapterMethod":
+    def __getitem__(self, name: str) -> Any:
         if name not in METHODS:
             raise KeyError(name)
         return get_adapter(name)
@@ -62,4 +60,4 @@ class _Adapters(Mapping):
         return f"ADAPTERS({', '.join(METHOD_NAMES)})"
 
 
-ADAPTERS: Mapping[str, "AdapterMethod"] = _Adapters()
+ADAPTERS: Mapping[str, Any] = _Adapters()
