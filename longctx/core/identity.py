@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from longctx.core.fetch import sha256_file
+
 if TYPE_CHECKING:  # annotations only: the sweep's driver imports this module without torch
     import torch
     from torch import nn
@@ -71,17 +73,16 @@ def base_identity(name: str, directory: Path | None = None, gguf_sha256: str | N
 
 
 def _file_digest(path: Path) -> bytes:
-    """sha256 of a whole file up to FULL_HASH_BYTES, else of 17 blocks of 1 MiB spread over it."""
+    """sha256 of a whole file up to FULL_HASH_BYTES (`fetch.sha256_file`), else of 17 blocks of
+    1 MiB spread over it."""
     size, block = path.stat().st_size, 1 << 20
+    if size <= FULL_HASH_BYTES:
+        return bytes.fromhex(sha256_file(path))
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        if size <= FULL_HASH_BYTES:
-            for piece in iter(lambda: handle.read(16 * block), b""):
-                digest.update(piece)
-        else:
-            for i in range(17):  # the header, 15 blocks spread over the values, the end
-                handle.seek(max(0, min(i * (size // 16), size - block)))
-                digest.update(handle.read(block))
+        for i in range(17):  # the header, 15 blocks spread over the values, the end
+            handle.seek(max(0, min(i * (size // 16), size - block)))
+            digest.update(handle.read(block))
     return digest.digest()
 
 
