@@ -13,7 +13,7 @@ from longctx.adapters import METHOD_NAMES
 from longctx.plots import length_label, plot_all
 from longctx.sweep.config import SweepConfig, load_config, presets
 from longctx.sweep.results import load_table
-from longctx.sweep.run import run_sweep
+from longctx.sweep.run import run_sweep, sweep_outcome
 
 # The two sweeps are the presets `longctx sweep demo` and `longctx sweep demo-mamba` run
 # (longctx/sweep/presets/). Mamba adapters train through transformers' pure-PyTorch Mamba, so
@@ -77,11 +77,14 @@ def demo_parts(out: str | Path | None = None, quick: bool = False) -> list[tuple
     return [(dataclasses.replace(cfg, out=str(where)), where) for cfg, where in [(llama, out), (mamba, out / "mamba")]]
 
 
-def run_demo(out: str | Path | None = None, quick: bool = False, retry_failed: bool = False) -> Path:
-    """Both sweeps, then their figures and tables; returns the Llama part's directory."""
+def run_demo(out: str | Path | None = None, quick: bool = False, retry_failed: bool = False) -> list[Path]:
+    """Both sweeps, then their figures and tables (a part with no ok cell gets none: there is
+    nothing to draw); returns the two results directories, Llama first."""
     parts = demo_parts(out, quick)
     done = [(cfg.base, run_sweep(cfg, where, retry_failed=retry_failed)) for cfg, where in parts]
     for base, results in done:
+        if sweep_outcome(results)[0] == 0:
+            continue
         pngs = _report(results, f"{base}: {results / 'results.csv'}")
         print("plots: " + ", ".join(str(p) for p in pngs))
-    return parts[0][1]
+    return [results for _, results in done]

@@ -1,7 +1,14 @@
 """Shared fixtures: tiny Llama models built locally from a config (no downloads)."""
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,6 +24,7 @@ os.environ.update(local_worker_env(0, _WORKERS, visible_gpus=[]))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 if _WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -127,20 +135,27 @@ SWEEP_SMOKE = {"methods": ["base", "lora"], "tasks": ["passkey"], "lengths": [25
                "train_steps": 2, "batch_size": 2, "num_samples": 1, "chunk_size": 128}
 
 
-@pytest.fixture(scope="session")
-def sigkilled_local_sweep(tmp_path_factory):
-    """`SWEEP_SMOKE` run locally, SIGKILLed (with its child) at four moments and finished by a last
-    run: the results directory. `test_sweep` checks it as a crash test; `test_cluster` uses its
-    table as the local run's (the sweep is deterministic, so it must equal an uninterrupted run's)."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+def built_once_per_run(tmp_path_factory, name: str, build) -> Path:
+    """A directory `build(directory)` fills once per test run, shared by the xdist workers (under
+    `-n 2` a session fixture would otherwise be built once per worker): the first worker builds it
+    under a lock, the others wait and reuse it. A failed build is not reused: each worker retries."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    root = tmp_path_factory.getbasetemp().parent / f"shared-{run_id}" if run_id else tmp_path_factory.getbasetemp()
+    root.mkdir(exist_ok=True)
+    directory, marker = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not marker.exists():
+            if directory.exists():
+                shutil.rmtree(directory)
+            directory.mkdir()
+            build(directory)
+            marker.touch()
+    return directory
 
-    import yaml
 
-    tmp = tmp_path_factory.mktemp("smoke")
+def _sigkill_then_finish(tmp: Path) -> None:
+    """`SWEEP_SMOKE` in `tmp/out`, SIGKILLed (with its child) at four moments, then finished."""
     config = tmp / "sweep.yaml"
     config.write_text(yaml.safe_dump({**SWEEP_SMOKE, "out": str(tmp / "out")}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -154,4 +169,13 @@ def sigkilled_local_sweep(tmp_path_factory):
         proc.wait()
     final = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-2000:]
-    return {"config": config, "out": tmp / "out"}
+
+
+@pytest.fixture(scope="session")
+def sigkilled_local_sweep(tmp_path_factory):
+    """`SWEEP_SMOKE` run locally, SIGKILLed (with its child) at four moments and finished by a last
+    run: the results directory, built once per test run. `test_run` checks it as a crash test;
+    `test_cluster` uses its table as the local run's (the sweep is deterministic, so it must equal
+    an uninterrupted run's)."""
+    tmp = built_once_per_run(tmp_path_factory, "sigkilled-smoke", _sigkill_then_finish)
+    return {"config": tmp / "sweep.yaml", "out": tmp / "out"}

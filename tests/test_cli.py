@@ -115,13 +115,14 @@ def test_length_beyond_the_position_limit(tiny_base_dir, longctx_here):
 
 
 def test_the_command_keeps_hugging_face_offline_unless_told_otherwise():
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import, and importing longctx.cli imports it
-    # (through the command modules): the defaults must be in place before that import.
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import, which the command modules do: main()
+    # sets the defaults before it imports them. Importing longctx.cli itself imports neither them
+    # nor torch (so `--help` and a bad argument answer at once) and changes no environment.
     script = ("import os, sys\n"
-              "assert 'huggingface_hub' not in sys.modules  # nothing read the environment yet\n"
               "import longctx.cli as cli\n"
-              "assert 'huggingface_hub' in sys.modules\n"
-              "cli.main(['params', '--base', 'shape:llama-2-7b'])\n"
+              "assert not {'torch', 'huggingface_hub', 'longctx.commands'} & set(sys.modules)\n"
+              "assert os.environ.get('HF_HUB_OFFLINE') in (None, '0')\n"
+              "cli.main(['params', '--base', 'shape:llama-2-7b', '--method', 'lora'])\n"
               "import huggingface_hub.constants as hub\n"
               "print('OFFLINE', hub.HF_HUB_OFFLINE)\n")
     env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}

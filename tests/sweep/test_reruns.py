@@ -403,3 +403,19 @@ if __name__ == "__main__":  # the stand-in child
     from longctx.sweep.child import main
 
     main(sys.argv[1:], evaluate=_fake_evaluate, load=_fake_load, trainer=_fake_train)
+
+
+def test_a_demo_with_no_ok_cell_says_so_and_exits_1(fake, tmp_path, monkeypatch, capsys):
+    """Every child fails to load its model: `longctx demo` draws nothing, says for each part how
+    its table ended, and exits 1 (as `longctx sweep` does), instead of 0 over an empty demo."""
+    from longctx.cli import main
+
+    monkeypatch.setenv("FAKE_SWEEP", json.dumps({"calls": str(fake.calls), "fail": {"load": "valueerror"}}))
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--quick", "--out", str(out)])
+    assert exit_.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("longctx")]
+    assert err == [f"longctx: sweep finished with 0 of 8 cells ok (8 error); see {out / 'results.jsonl'}",
+                   f"longctx: sweep finished with 0 of 4 cells ok (4 error); see {out / 'mamba' / 'results.jsonl'}"]
+    assert not (out / "plots").exists() and not (out / "mamba" / "plots").exists()
