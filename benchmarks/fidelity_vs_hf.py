@@ -21,8 +21,8 @@ GEN_TASKS = ("longctx_passkey_gen", "longctx_niah_single_gen", "niah_single_1")
 def hf_model(base: str):
     from lm_eval.models.huggingface import HFLM
 
-    from longctx.engine.bases import resolve_base
     from longctx.engine.gguf import REAL_BASES, gguf_path, is_gguf
+    from longctx.engine.settings import resolve_base
 
     if is_gguf(base):
         source = gguf_path(base) if base in REAL_BASES else Path(base)
@@ -33,7 +33,7 @@ def hf_model(base: str):
 def main() -> None:
     import nltk
 
-    from longctx.engine.bases import resolve_base
+    from longctx.engine.settings import resolve_base
     from longctx.lmeval.fidelity import agreement, answer, task_requests
     from longctx.lmeval.model import SsmloraLM
 

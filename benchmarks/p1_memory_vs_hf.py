@@ -27,7 +27,7 @@ CONTINUATION = 8
 def save_model(directory: Path, layers: int, hidden: int) -> None:
     from transformers import AutoTokenizer
 
-    from longctx.engine.bases import default_base_path
+    from longctx.engine.settings import default_base_path
 
     bench_llama(layers=layers, hidden=hidden, attn="sdpa").save_pretrained(directory)
     AutoTokenizer.from_pretrained(default_base_path()).save_pretrained(directory)
@@ -70,7 +70,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.base:
-            from longctx.engine.bases import resolve_base
+            from longctx.engine.settings import resolve_base
 
             tmp = resolve_base(args.base)  # hf loads the same directory (a GGUF base: its dequantised cache)
         else:

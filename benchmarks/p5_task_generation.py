@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from longctx.engine.bases import default_base_path
+    from longctx.engine.settings import default_base_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_base_path())
     print(f"P5: {args.samples} niah_single examples per length, tokenizer longctx-tiny (BPE, {len(tokenizer)})")

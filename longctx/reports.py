@@ -12,29 +12,11 @@ from longctx.core.errors import choice_error, positive_int
 from longctx.engine.bases import load_base
 from longctx.engine.family import check_length
 from longctx.engine.measure import TimedRegion
-from longctx.engine.runner import CARRY_CHOICES, greedy_generate, score_continuation
+from longctx.engine.runner import greedy_generate, score_continuation
+from longctx.engine.settings import CARRY_CHOICES
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain fixed-width table (first row's keys are the columns)."""
-    if not rows:
-        return "(no rows)"
-    cols = list(rows[0])
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
-    return "\n".join([line(cols), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e-2 and value else f"{value:,.2f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
 
 
 def params_rows(build_base: Callable[[], nn.Module], methods: list[str],

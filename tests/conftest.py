@@ -124,7 +124,7 @@ def tokenizers(char_tokenizer_dir):
     """The two tokenizers every length property is checked with: embedded BPE and characters."""
     from transformers import AutoTokenizer
 
-    from longctx.engine.bases import default_base_path
+    from longctx.engine.settings import default_base_path
 
     return {"bpe": AutoTokenizer.from_pretrained(default_base_path()),
             "char": AutoTokenizer.from_pretrained(char_tokenizer_dir)}

@@ -83,7 +83,7 @@ def save_random_checkpoint(directory: str, device: str, shape: dict[str, Any]) -
     benchmark feeds token ids; the tokenizer only satisfies the loaders)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from longctx.engine.bases import default_base_path
+    from longctx.engine.settings import default_base_path
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -99,7 +99,8 @@ def real_base_checkpoint(directory: str, base: str, rope_scaling: str | None) ->
     so that `hf` and longctx load the same checkpoint; returns (vocabulary, position limit)."""
     from transformers import AutoConfig
 
-    from longctx.engine.bases import parse_rope_scaling, resolve_base, scale_rope
+    from longctx.engine.bases import scale_rope
+    from longctx.engine.settings import parse_rope_scaling, resolve_base
 
     source = Path(resolve_base(base))
     for path in source.iterdir():

@@ -4,9 +4,10 @@
 
 `METHODS` (name -> module and class, in display order), `METHOD_NAMES`, `ADAPTERS` (name ->
 method, a read-only mapping) and `get_adapter` come from `methods.py`, which imports no torch, so
-`import longctx.adapters` stays light for the CLI's choices and the plots. The names that need
-torch (`wrap`, `load_adapter`, `Recipe`, ...) are re-exported lazily from `apply.py` and
-`base.py` by the module `__getattr__` below: a fixed table, resolved on first use.
+`import longctx.adapters` stays light for the CLI's choices, the sweep's driver and the plots;
+so do `Recipe` and `load_recipe` (`recipe.py`). The names that need torch (`wrap`,
+`load_adapter`, `AdaptedModel`, ...) are re-exported lazily from `apply.py` and `base.py` by the
+module `__getattr__` below: a fixed table, resolved on first use.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import importlib
 from typing import Any
 
 from longctx.adapters.methods import ADAPTERS, METHOD_NAMES, METHODS, get_adapter
+from longctx.adapters.recipe import Recipe, load_recipe
 
 _LAZY = {
     "wrap": "longctx.adapters.apply",
@@ -23,12 +25,10 @@ _LAZY = {
     "saved_metadata": "longctx.adapters.apply",
     "AdaptedModel": "longctx.adapters.base",
     "AdapterMethod": "longctx.adapters.base",
-    "Recipe": "longctx.adapters.base",
-    "load_recipe": "longctx.adapters.base",
     "SequenceState": "longctx.engine.state",
 }
 
-__all__ = ["ADAPTERS", "METHODS", "METHOD_NAMES", "get_adapter", *_LAZY]
+__all__ = ["ADAPTERS", "METHODS", "METHOD_NAMES", "Recipe", "get_adapter", "load_recipe", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

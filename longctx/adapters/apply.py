@@ -25,15 +25,13 @@ from longctx.adapters.base import (
     WEIGHTS_NAME,
     AdaptedModel,
     AdapterMethod,
-    Recipe,
     base_dtype,
     common_dtype,
     dtype_fingerprints,
-    load_recipe,
-    make_recipe,
 )
 from longctx.adapters.lora import Lora, peft_lora_config, recipe_fields_from_peft
 from longctx.adapters.methods import METHOD_NAMES, get_adapter
+from longctx.adapters.recipe import Recipe, load_recipe, make_recipe
 from longctx.core.errors import LongctxError
 from longctx.core.identity import fingerprint
 from longctx.engine.family import model_family

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, Recipe
+from longctx.adapters.base import AdapterMethod
+from longctx.adapters.recipe import Recipe
 from longctx.engine.state import StateBinding
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from longctx.adapters.base import AdapterMethod, Recipe
+from longctx.adapters.base import AdapterMethod
+from longctx.adapters.recipe import Recipe
 from longctx.engine.state import StateBinding
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 from torch import nn
 
-from longctx.adapters.base import Recipe
+from longctx.adapters.recipe import Recipe
 from longctx.core.errors import LongctxError
 from longctx.engine.family import model_family
 from longctx.engine.hf_internals import RAW_WEIGHT_MODULES

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdaptedModel, AdapterMethod, Recipe
+from longctx.adapters.base import AdaptedModel, AdapterMethod
 from longctx.adapters.insertion import resolve_points
 from longctx.adapters.peft_seam import (
     ADAPTER_NAME,
@@ -23,6 +23,7 @@ from longctx.adapters.peft_seam import (
     lora_config,
     parse_lora_config,
 )
+from longctx.adapters.recipe import Recipe
 from longctx.core.errors import LongctxError
 from longctx.engine.state import StateBinding
 

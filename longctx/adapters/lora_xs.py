@@ -31,10 +31,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
+from longctx.adapters.base import AdapterMethod, adapter_dtype
 from longctx.adapters.derived import DerivedCache
 from longctx.adapters.insertion import replace_modules, resolve_points
 from longctx.adapters.precision import add_projection_out, project_in
+from longctx.adapters.recipe import Recipe
 from longctx.engine.state import StateBinding
 
 

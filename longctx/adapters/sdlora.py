@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
+from longctx.adapters.base import AdapterMethod, adapter_dtype
 from longctx.adapters.insertion import replace_modules, resolve_points
 from longctx.adapters.peft_seam import ADAPTER_NAME, lora_config, lora_layers, lora_linear, lora_pair
+from longctx.adapters.recipe import Recipe
 from longctx.core.errors import LongctxError
 from longctx.engine.hf_internals import mamba_mixers
 from longctx.engine.state import StateBinding

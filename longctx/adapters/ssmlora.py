@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
+from longctx.adapters.base import AdapterMethod, adapter_dtype
 from longctx.adapters.derived import DerivedCache
 from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.precision import add_projection_out, project_in
+from longctx.adapters.recipe import Recipe
 from longctx.engine.state import StateBinding
 
 # The reference's guard against dividing by a zero range (h' equal over its r entries gives ĥ = 0

@@ -21,10 +21,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from longctx.adapters.base import AdapterMethod, Recipe, adapter_dtype
+from longctx.adapters.base import AdapterMethod, adapter_dtype
 from longctx.adapters.derived import DerivedCache
 from longctx.adapters.insertion import insert_stateful_layers
 from longctx.adapters.precision import add_projection_out, project_in
+from longctx.adapters.recipe import Recipe
 from longctx.adapters.scan import plan_scan, run_scan
 from longctx.engine.state import StateBinding
 

@@ -1,4 +1,5 @@
-"""Base models: resolve a name or path, load it, pick the attention backend, know its limits.
+"""Base models: load one (named as `engine.settings` resolves it), pick the attention backend,
+know its limits.
 
 `longctx-tiny` (the embedded base built by `longctx pretrain`) is accepted wherever a base is
 named; everything else is an ordinary HuggingFace causal LM loaded through the same code.
@@ -7,81 +8,26 @@ Adapter insertion points are resolved by module-name patterns per model family (
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from longctx.core.errors import LongctxError, choice_error
-from longctx.core.resources import assets_dir
 from longctx.engine.attention import register
-from longctx.engine.gguf import REAL_BASES, converted_dir, is_gguf
+from longctx.engine.gguf import REAL_BASES
 from longctx.engine.mamba import use_parallel_scan
 from longctx.engine.placement import dispatch, full_device_map
+from longctx.engine.settings import DTYPE_ALIASES, EMBEDDED_BASES, base_source, check_dtype, parse_rope_scaling
 
-EMBEDDED_BASES = {"longctx-tiny": "llama", "longctx-tiny-mamba": "mamba"}  # name -> architecture of the recipe
-ASSETS_DIR = assets_dir()
-ROPE_TYPES = ("linear", "dynamic", "yarn")
 ATTN_CHOICES = ("auto", "longctx_sdpa", "sdpa", "eager", "flash_attention_2")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}  # name -> torch dtype
 # Weight shapes of well-known models, built on the meta device for parameter tables.
 META_SHAPES = {
     "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                        max_position_embeddings=4096),
 }
-
-
-def default_base_path(name: str = "longctx-tiny") -> Path:
-    """Directory of an embedded base (HF format): the committed copy under `longctx/assets/`, else
-    one built into `$LONGCTX_CACHE` (default `~/.cache/longctx`) by `longctx pretrain`."""
-    if name not in EMBEDDED_BASES:
-        raise choice_error("embedded base", name, EMBEDDED_BASES)
-    committed = ASSETS_DIR / name
-    if (committed / "config.json").is_file():
-        return committed
-    cache = Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx")) / name
-    if not (cache / "config.json").is_file():
-        raise LongctxError(f"embedded base {name!r} is missing from {committed} and {cache}; build it with "
-                           f"`longctx pretrain --arch {EMBEDDED_BASES[name]} --out {cache}`")
-    return cache
-
-
-def resolve_base(name_or_path: str, gguf_file: str | None = None) -> str:
-    """Map an embedded name to its directory and a GGUF base (a real base's name, a `.gguf` path, or
-    lm-eval's `pretrained=DIR,gguf_file=NAME`) to its dequantised cache; pass local directories and
-    hub ids through."""
-    return base_source(name_or_path, gguf_file)[0]
-
-
-def base_source(name_or_path: str, gguf_file: str | None = None, revision: str | None = None,
-                subfolder: str | None = None) -> tuple[str, dict[str, str]]:
-    """(what to load, from_pretrained's `revision`/`subfolder` keywords), as lm-eval's `hf` passes
-    them. A hub id or local directory takes both (transformers ignores a revision for a directory).
-    An embedded base has no revisions or subfolders, and a GGUF base is read by path and cached by
-    its hash: there a revision other than `main` is refused, and a subfolder is where `gguf_file`
-    lies in DIR (`pretrained=DIR,subfolder=S,gguf_file=F` reads DIR/S/F)."""
-    name, pinned = str(name_or_path), revision is not None and str(revision) not in ("", "main")
-    if name in EMBEDDED_BASES:
-        for key, value in (("revision", revision if pinned else None), ("subfolder", subfolder)):
-            if value:
-                raise LongctxError(f"{key}={value!r} does not apply to the embedded base {name!r}: it is built "
-                                   f"locally, one directory with no revisions or subfolders; leave {key} out")
-        return str(default_base_path(name)), {}
-    if is_gguf(name, gguf_file):
-        if pinned:
-            raise LongctxError(f"revision={revision!r} does not apply to a GGUF base: its file is read as it is "
-                               f"(from DIR or the local hub cache) and cached by its hash; name the file you mean")
-        if subfolder and not gguf_file:
-            raise LongctxError(f"subfolder={subfolder!r} applies to pretrained=DIR,gguf_file=NAME only, not to "
-                               f"{name!r}: give the .gguf file's path")
-        member = f"{str(subfolder).strip('/')}/{gguf_file}" if subfolder else gguf_file
-        return str(converted_dir(name, member)), {}
-    source = {"revision": str(revision)} if pinned else {}
-    return name, {**source, **({"subfolder": str(subfolder)} if subfolder else {})}
 
 
 def choose_attn_implementation(requested: str = "auto", on_cpu: bool = False) -> str:
@@ -100,11 +46,9 @@ def choose_attn_implementation(requested: str = "auto", on_cpu: bool = False) ->
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """A torch dtype from its name, or "auto" (the checkpoint's own dtype, as lm-eval's `hf`)."""
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
+    if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise choice_error("dtype", dtype, ("auto", *DTYPES))
-    return DTYPES[dtype]
+    return "auto" if check_dtype(dtype) == "auto" else DTYPES[dtype]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -127,26 +71,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     elif resolved.type != "cpu":
         raise LongctxError(f"unsupported device {str(device)!r} (valid: cpu, cuda, cuda:N, auto)")
     return resolved
-
-
-def parse_rope_scaling(value: Any) -> dict[str, Any] | None:
-    """Rope scaling as transformers defines it, from `TYPE:FACTOR` (e.g. `yarn:4`), a mapping with
-    `rope_type` and `factor`, or None / "none" (the checkpoint's own positions)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-        return None
-    if isinstance(value, dict):
-        kind, factor = value.get("rope_type"), value.get("factor")
-    else:
-        kind, _, factor = str(value).partition(":")
-    if kind not in ROPE_TYPES:
-        raise choice_error("rope_scaling type", kind, ROPE_TYPES)
-    try:
-        parsed = float(factor)
-    except (TypeError, ValueError):
-        parsed = float("nan")
-    if not parsed > 1:
-        raise LongctxError(f"rope_scaling factor must be a number above 1, got {factor!r} (e.g. rope_scaling=yarn:4)")
-    return {"rope_type": kind, "factor": parsed}
 
 
 def scale_rope(config: Any, scaling: dict[str, Any]) -> None:

@@ -23,9 +23,8 @@ from longctx.engine.family import check_length, model_family
 from longctx.engine.hf_internals import llama_cache_keyword, mamba_cache_keyword, preallocated_cache
 from longctx.engine.mamba import carry_ssm_state
 from longctx.engine.placement import input_device, is_dispatched
+from longctx.engine.settings import CARRY_CHOICES
 from longctx.engine.state import BindsState, SequenceState
-
-CARRY_CHOICES = ("chunk", "reset")
 
 
 @dataclass

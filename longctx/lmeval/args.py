@@ -19,9 +19,8 @@ from typing import Any
 import torch
 
 from longctx.core.errors import LongctxError, choice_error, positive_int
-from longctx.engine.bases import parse_rope_scaling
 from longctx.engine.placement import hf_device_map_args
-from longctx.engine.runner import CARRY_CHOICES
+from longctx.engine.settings import CARRY_CHOICES, TRUNCATION_CHOICES, parse_rope_scaling
 from longctx.lmeval import harness
 from longctx.lmeval.parallel import launched_processes
 
@@ -29,7 +28,6 @@ LOGGER = logging.getLogger(harness.MODEL_LOGGER)
 OWN_ARGS = ("adapter", "method", "chunk_size", "ssm_carry", "seed", "rope_scaling", "attn_implementation")
 # the installed lm-eval's HFLM.__init__ keywords, then `device_map` (hf passes it on to from_pretrained)
 HF_ARGS = (*harness.hflm_parameters(), "device_map")
-TRUNCATION_CHOICES = ("refuse", "left", "middle")
 _GPTQ = "a GPTQ model's linear layers are quantised kernels, not the layers adapters go into; give a float checkpoint"
 # hf argument -> (values that change nothing, why any other cannot apply to ssmlora)
 REFUSED = {
@@ -89,7 +87,7 @@ class ModelArgs:
     truncation: str = "refuse"
     seed: int = 0
     device: str | None = None
-    rope_scaling: dict[str, Any] | None = None  # `engine.bases.parse_rope_scaling`'s form
+    rope_scaling: dict[str, Any] | None = None  # `engine.settings.parse_rope_scaling`'s form
     gguf_file: str | None = None
     trust_remote_code: bool = False
     add_bos_token: bool | None = None

@@ -31,8 +31,9 @@ from longctx.engine.bases import load_base
 from longctx.engine.family import check_length, length_error, position_limit
 from longctx.engine.placement import input_device
 from longctx.engine.runner import greedy_generate, score_tokens, token_tensor
+from longctx.engine.settings import TRUNCATION_CHOICES
 from longctx.lmeval import harness, parallel
-from longctx.lmeval.args import TRUNCATION_CHOICES, VALID_ARGS, ModelArgs, parse_model_args
+from longctx.lmeval.args import VALID_ARGS, ModelArgs, parse_model_args
 from longctx.lmeval.harness import HFLM
 from longctx.lmeval.stats import RequestLog
 from longctx.lmeval.tasks.glue import REFUSED_GENERATION, load_tokenizer

@@ -27,7 +27,8 @@ from longctx.lmeval.model import SsmloraLM
 from longctx.sweep import child
 from longctx.sweep.group import GroupPlan
 from longctx.tasks import haystack_for
-from longctx.training.train import TrainConfig, train_adapter
+from longctx.training.config import TrainConfig
+from longctx.training.train import train_adapter
 
 
 def evaluate_length(lm: Any, job: GroupPlan, length: int, cell_id: str) -> dict[str, Any]:

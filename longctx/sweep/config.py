@@ -14,16 +14,14 @@ from typing import Any
 
 import yaml
 
-from longctx.adapters import ADAPTERS, load_recipe
-from longctx.adapters.base import Recipe
+from longctx.adapters import ADAPTERS
+from longctx.adapters.recipe import Recipe, load_recipe
 from longctx.core.errors import LongctxError, choice_error, positive_int
 from longctx.core.fetch import ESSAYS, require
 from longctx.core.resources import preset_dir
 from longctx.core.typecheck import check_fields
-from longctx.engine.bases import parse_dtype, parse_rope_scaling
 from longctx.engine.gguf import REAL_BASES
-from longctx.engine.runner import CARRY_CHOICES
-from longctx.lmeval.args import TRUNCATION_CHOICES
+from longctx.engine.settings import CARRY_CHOICES, TRUNCATION_CHOICES, check_dtype, parse_rope_scaling
 from longctx.sweep.executors import parse_executor
 from longctx.tasks import HAYSTACKS, TASKS, _check_depths, check_length_value, haystack_for
 
@@ -129,7 +127,7 @@ def _check_settings(cfg: SweepConfig) -> None:
         for size in train_chunk_sizes(cfg, method):
             if size is not None:
                 positive_int(f"train_chunk_size of {method}", size)
-    parse_dtype(cfg.dtype)
+    check_dtype(cfg.dtype)
     scaling = parse_rope_scaling(cfg.rope_scaling)
     if scaling and scaling["rope_type"] == "dynamic" and cfg.chunk_size is not None:
         raise LongctxError("rope_scaling dynamic cannot be chunked (its frequencies follow each forward's longest "

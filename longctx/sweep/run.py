@@ -30,19 +30,19 @@ from typing import Any, Iterator
 
 from tqdm import tqdm
 
-from longctx.adapters import load_recipe
+from longctx.adapters.recipe import load_recipe
 from longctx.core import identity
 from longctx.core.errors import LongctxError
 from longctx.core.resources import source_checkout, task_dir
-from longctx.engine.bases import parse_rope_scaling, resolve_base
 from longctx.engine.gguf import gguf_sha256, is_gguf
+from longctx.engine.settings import parse_rope_scaling, resolve_base
 from longctx.sweep.cluster import dispatch, status_rows
 from longctx.sweep.config import SweepConfig, load_config, parse_config, train_chunk_sizes  # noqa: F401  (re-exported)
 from longctx.sweep.executors import ENGINES, parse_executor, run_local_groups
 from longctx.sweep.group import Cell, Group, GroupPlan
 from longctx.sweep.results import FAILED, STATUSES, archive_rows, read_rows, repair, row_id, write_csv
 from longctx.tasks import haystack_for
-from longctx.training.train import TrainConfig
+from longctx.training.config import TrainConfig
 
 REPO = source_checkout()
 

@@ -13,49 +13,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from longctx.adapters import ADAPTERS, wrap
-from longctx.core.errors import LongctxError, choice_error, positive_int
+from longctx.adapters import wrap
+from longctx.core.errors import LongctxError
 from longctx.core.fileio import atomic_write_text
-from longctx.engine.bases import load_base, parse_dtype
+from longctx.engine.bases import load_base
 from longctx.engine.hf_internals import TRAINER_STATE_NAME, printer_callback
 from longctx.engine.runner import score_continuation
-from longctx.tasks import TASKS, generate
+from longctx.tasks import generate
 from longctx.training.chunked import chunked_training_loss
-
-
-@dataclass
-class TrainConfig:
-    method: str
-    task: str
-    train_length: int
-    out: str
-    base: str = "longctx-tiny"
-    steps: int = 100
-    batch_size: int = 4
-    learning_rate: float | None = None  # None: the recipe's
-    seed: int = 0
-    n_validation: int = 16
-    eval_every: int = 50
-    dtype: str = "float32"  # the base's: auto (the checkpoint's own) or a models.DTYPES name; adapters stay float32
-    chunk_size: int | None = None  # chunked training with carried state (`longctx.training.chunked`); None: whole
-    overrides: dict[str, Any] = field(default_factory=dict)  # recipe fields (rank, alpha, …)
-
-    def validate(self) -> None:
-        if self.method not in ADAPTERS:
-            raise choice_error("method", self.method, ADAPTERS)
-        if self.task not in TASKS:
-            raise choice_error("task", self.task, TASKS)
-        parse_dtype(self.dtype)  # one-line error naming the choices
-        for name in ("train_length", "steps", "batch_size", "n_validation", "eval_every"):
-            positive_int(name, getattr(self, name))
-        if self.chunk_size is not None:
-            positive_int("chunk_size", self.chunk_size)
+from longctx.training.config import TrainConfig
 
 
 def encode_examples(tokenizer: Any, examples: list[Any]) -> list[dict[str, list[int]]]:

@@ -179,7 +179,8 @@ def test_greedy_generation_follows_float32(base_dirs, family, dtype):
 def test_training_on_a_bf16_base(base_dirs, tmp_path, family, method):
     """`longctx train --dtype bfloat16`: finite losses, adapter weights that moved and stayed float32
     (dense: the base's own, bf16), and a saved directory that loads back on the bf16 base."""
-    from longctx.training.train import TrainConfig, train_adapter
+    from longctx.training.config import TrainConfig
+    from longctx.training.train import train_adapter
 
     base = str(base_dirs[family])
     cfg = TrainConfig(method=method, task="passkey", train_length=256, out=str(tmp_path / "run"), base=base,
@@ -202,7 +203,7 @@ def test_training_on_a_bf16_base(base_dirs, tmp_path, family, method):
 
 
 def test_train_refuses_an_unknown_dtype(tmp_path):
-    from longctx.training.train import TrainConfig
+    from longctx.training.config import TrainConfig
 
     cfg = TrainConfig(method="lora", task="passkey", train_length=128, out=str(tmp_path), dtype="float8")
     with pytest.raises(LongctxError, match="unknown dtype 'float8'; valid choices: auto, float32, fp32, bfloat16"):

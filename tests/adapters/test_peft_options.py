@@ -131,7 +131,8 @@ def test_lm_eval_model_with_a_peft_adapter_equals_hf_with_peft(tmp_path):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from longctx.engine.bases import default_base_path, load_base
+    from longctx.engine.bases import load_base
+    from longctx.engine.settings import default_base_path
     from longctx.lmeval.model import SsmloraLM
 
     save_peft_adapter(load_base("longctx-tiny")[0], {"use_rslora": True, "rank_pattern": {"v_proj": 4}},

@@ -25,7 +25,8 @@ def smollm2():
 @pytest.mark.parametrize("method", LLAMA_METHODS)
 def test_every_llama_method_wraps_trains_and_round_trips_on_the_real_base(method, smollm2, tmp_path):
     from longctx.adapters import load_adapter
-    from longctx.training.train import TrainConfig, train_adapter
+    from longctx.training.config import TrainConfig
+    from longctx.training.train import train_adapter
 
     out = train_adapter(TrainConfig(method=method, task="passkey", train_length=128, out=str(tmp_path / "run"),
                                     base="smollm2-135m", steps=1, batch_size=1, n_validation=1, eval_every=1,

@@ -13,18 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import perturb, random_ids, tiny_llama
+from conftest import perturb, random_ids, tiny_llama, tiny_mamba
 from safetensors.torch import load_file
-from conftest import tiny_mamba
 
 from longctx.adapters import load_adapter, load_recipe, wrap
-from longctx.adapters.base import METHOD_FIELDS
+from longctx.adapters.recipe import METHOD_FIELDS
 from longctx.adapters.sdlora import n_trained
 from longctx.core.errors import LongctxError
 from longctx.core.resources import recipe_dir
 from longctx.sweep.group import Group
 from longctx.sweep.run import group_adapter_key, parse_config
-from longctx.training.train import TrainConfig, train_adapter
+from longctx.training.config import TrainConfig
+from longctx.training.train import train_adapter
 
 # (method, field, the value adapters were made with before it was a field, another valid value)
 KNOBS = [("sdlora", "channel_freeze", 0.99, 0.9), ("sdlora", "state_freeze", 0.75, 0.5),
@@ -69,13 +69,13 @@ def _recipes_with(tmp_path: Path, method: str, name: str, value) -> Path:
 @pytest.mark.parametrize("method, name, legacy, other", KNOBS, ids=IDS)
 def test_the_sweep_retrains_when_a_knob_changes_and_reuses_when_it_does_not(method, name, legacy, other,
                                                                             tmp_path, monkeypatch):
-    import longctx.adapters.base  # where load_recipe reads the recipe folder from
+    import longctx.adapters.recipe  # where load_recipe reads the recipe folder from
 
     original = _key(method)
     assert _key(method, {name: other}) != original  # overridden in the sweep: a new adapter directory
-    monkeypatch.setattr(longctx.adapters.base, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, legacy))
+    monkeypatch.setattr(longctx.adapters.recipe, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, legacy))
     assert _key(method) == original  # the same recipe: the same key, the adapter is reused
-    monkeypatch.setattr(longctx.adapters.base, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, other))
+    monkeypatch.setattr(longctx.adapters.recipe, "recipe_dir", lambda: _recipes_with(tmp_path, method, name, other))
     assert _key(method) != original  # the recipe's own value edited: retrained too
 
 

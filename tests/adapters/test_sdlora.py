@@ -129,7 +129,8 @@ def test_params_reports_what_trains_after_selection(mamba_base, capsys):
 def test_train_runs_the_warm_up_selects_and_logs_it(tmp_path, mamba_base, capsys):
     import json
 
-    from longctx.training.train import TrainConfig, train_adapter
+    from longctx.training.config import TrainConfig
+    from longctx.training.train import train_adapter
 
     cfg = TrainConfig(method="sdlora", task="passkey", train_length=256, out=str(tmp_path / "run"),
                       base=str(mamba_base), steps=3, batch_size=2, n_validation=1, eval_every=3)

@@ -8,8 +8,9 @@ from torch import nn
 
 from longctx.core.errors import LongctxError
 from longctx.core.identity import fingerprint
-from longctx.engine.bases import choose_attn_implementation, default_base_path, load_base, meta_model
+from longctx.engine.bases import choose_attn_implementation, load_base, meta_model
 from longctx.engine.family import check_length, model_family, position_limit
+from longctx.engine.settings import default_base_path
 
 
 def test_auto_attention_is_sdpa_without_cuda_and_bad_choice_is_named():

@@ -19,8 +19,9 @@ import torch
 from longctx.core import fetch
 from longctx.core.errors import LongctxError
 from longctx.engine import gguf as gguf_bases
-from longctx.engine.bases import load_base, parse_rope_scaling, resolve_base
+from longctx.engine.bases import load_base
 from longctx.engine.family import position_limit
+from longctx.engine.settings import parse_rope_scaling, resolve_base
 from longctx.lmeval.fidelity import task_requests
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -101,7 +101,7 @@ def test_length_equal_to_the_position_limit_runs_in_both_forms(add_bos_token, ba
 
 
 def test_longctx_tiny_runs_at_its_limit_of_4096_in_both_forms():
-    from longctx.engine.bases import default_base_path
+    from longctx.engine.settings import default_base_path
     from longctx.lmeval.model import SsmloraLM
 
     base = str(default_base_path())

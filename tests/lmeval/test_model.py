@@ -15,7 +15,7 @@ import pytest
 
 from longctx.core.errors import LongctxError
 from longctx.core.resources import task_dir
-from longctx.engine.bases import default_base_path
+from longctx.engine.settings import default_base_path
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK_DIR = str(task_dir())

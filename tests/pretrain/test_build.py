@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from longctx.core.errors import LongctxError
-from longctx.engine.bases import EMBEDDED_BASES, default_base_path
+from longctx.engine.settings import EMBEDDED_BASES, default_base_path
 from longctx.pretrain.build import check_out_dir, pretrain
-from longctx.pretrain.recipe import resolve_recipe
 from longctx.pretrain.data import copy_blocks, mqar_blocks
 from longctx.pretrain.probes import evaluate_capability
+from longctx.pretrain.recipe import resolve_recipe
 
 
 @pytest.fixture(scope="module", params=sorted(EMBEDDED_BASES))
@@ -170,7 +170,7 @@ def test_table_blocks_label_exactly_the_answers_of_the_recall_probe_format():
 
     from transformers import AutoTokenizer
 
-    from longctx.engine.bases import default_base_path
+    from longctx.engine.settings import default_base_path
     from longctx.pretrain.data import table_blocks
 
     tok = AutoTokenizer.from_pretrained(default_base_path("longctx-tiny-mamba"))
@@ -230,8 +230,8 @@ def test_recall_curriculum_grows_the_number_of_pairs():
 def test_adaptive_curriculum_moves_on_only_when_held_out_recall_is_good_enough():
     from types import SimpleNamespace
 
-    from longctx.pretrain.stages import ADVANCE_CHECK_STEPS, _advance_callback
     from longctx.pretrain.data import RecallCurriculum
+    from longctx.pretrain.stages import ADVANCE_CHECK_STEPS, _advance_callback
 
     curriculum = RecallCurriculum(64 * 6, 80, 16, (3, 4096), seed=0, adaptive=True)  # levels 4, 8, 16
     rows = iter(curriculum)

@@ -316,7 +316,7 @@ def test_cell_identity_is_a_stable_hash_of_its_inputs():
 
 def test_base_identity_follows_the_files_not_the_name(tmp_path, monkeypatch):
     from longctx.core import identity
-    from longctx.engine.bases import default_base_path
+    from longctx.engine.settings import default_base_path
     from longctx.sweep import run as sweep
 
     copy = tmp_path / "tiny"

@@ -17,7 +17,13 @@ from longctx.core.resources import preset_dir
 from longctx.sweep.results import COLUMNS, cell_key, read_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-LONGCTX = [sys.executable, "-m", "longctx.cli"]
+# `longctx ARGS` as the console script runs it; a `sweep` also checks that its process (the driver:
+# config, plan, dispatch, the table) never imported torch, exiting 99 if it did (its cells run in
+# child processes, which do).
+DRIVER = ("import sys\nfrom longctx.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
+          "except SystemExit as exit_:\n    code = exit_.code\n"
+          "sys.exit(99 if sys.argv[1] == 'sweep' and 'torch' in sys.modules else code)")
+LONGCTX = [sys.executable, "-c", DRIVER]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SMOKE = SWEEP_SMOKE
 
@@ -35,7 +41,7 @@ def _longctx(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_training_loss_covers_answer_tokens_only():
     from transformers import AutoTokenizer
 
-    from longctx.engine.bases import default_base_path
+    from longctx.engine.settings import default_base_path
     from longctx.tasks import generate
     from longctx.training.train import encode_examples, pad_batch
 
@@ -51,7 +57,8 @@ def test_training_loss_covers_answer_tokens_only():
 
 @pytest.mark.slow
 def test_train_writes_adapter_and_log_and_resumes_from_its_checkpoint(tmp_path):
-    from longctx.training.train import TrainConfig, train_adapter
+    from longctx.training.config import TrainConfig
+    from longctx.training.train import train_adapter
 
     cfg = TrainConfig(method="lora", task="passkey", train_length=128, out=str(tmp_path / "run"), steps=4,
                       batch_size=2, n_validation=2, eval_every=2)
@@ -72,7 +79,8 @@ def test_train_writes_adapter_and_log_and_resumes_from_its_checkpoint(tmp_path):
     ({"method": "base"}, "no trainable parameters"),
 ])
 def test_train_refuses_bad_input(change, message, tmp_path):
-    from longctx.training.train import TrainConfig, train_adapter
+    from longctx.training.config import TrainConfig
+    from longctx.training.train import train_adapter
 
     cfg = TrainConfig(**{"method": "lora", "task": "passkey", "train_length": 128, "out": str(tmp_path / "r"),
                          **change})
@@ -188,8 +196,8 @@ def test_quick_demo_runs_both_bases_and_reports_them(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")) + sorted(preset_dir().glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_example_configs_and_presets_parse(path):
-    from longctx.engine.bases import EMBEDDED_BASES
     from longctx.engine.gguf import REAL_BASES
+    from longctx.engine.settings import EMBEDDED_BASES
     from longctx.sweep.run import load_config
 
     cfg = load_config(path)

@@ -157,7 +157,7 @@ def test_importing_the_tasks_reads_no_essays(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_lm():
     """The `ssmlora` lm-eval model of the embedded base (method `base`), and the base's path."""
-    from longctx.engine.bases import default_base_path
+    from longctx.engine.settings import default_base_path
     from longctx.lmeval.model import SsmloraLM
 
     base = str(default_base_path())

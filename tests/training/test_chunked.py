@@ -146,7 +146,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_chunked_training_trains_ssmlora_C_and_whole_sequences_do_not(tmp_path):
     """The issue's reproducer, smaller (`longctx train --method ssmlora` is this TrainConfig): whole
     sequences leave every C at 0; `chunk_size` moves every C. Both logs record the chunk size."""
-    from longctx.training.train import TrainConfig, train_adapter
+    from longctx.training.config import TrainConfig
+    from longctx.training.train import train_adapter
 
     for name, chunk in (("whole", None), ("chunked", 32)):
         train_adapter(TrainConfig(method="ssmlora", task="passkey", train_length=96, out=str(tmp_path / name),

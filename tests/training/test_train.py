@@ -12,7 +12,8 @@ import pytest
 from test_cli import assert_one_line_error, longctx_here  # noqa: F401  (a fixture)
 
 from longctx.core.errors import LongctxError
-from longctx.training.train import CHECKPOINT_STATE, SETTINGS_NAME, TrainConfig, last_complete_checkpoint, train_adapter
+from longctx.training.config import TrainConfig
+from longctx.training.train import CHECKPOINT_STATE, SETTINGS_NAME, last_complete_checkpoint, train_adapter
 
 
 # The run the fixture trains, as `longctx train` arguments (n_validation and eval_every are not

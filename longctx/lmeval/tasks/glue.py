@@ -41,7 +41,7 @@ from lm_eval.api.task import ConfigurableTask
 from transformers import AutoTokenizer
 
 from longctx.core.errors import LongctxError, choice_error
-from longctx.engine.bases import base_source
+from longctx.engine.settings import base_source
 from longctx.lmeval.args import MODEL_KEYS, flag
 from longctx.tasks import check_length_value, generate
 
