@@ -81,6 +81,17 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
     return paths
 
 
+MARKERS = "osD^vP*X"
+
+
+def _style(index: int) -> dict[str, Any]:
+    """How the `index`-th method is drawn: its colour, a marker of its own, and markers and lines
+    that shrink with the index, so methods with equal values (several at accuracy 1.0) stay visible
+    one inside the other instead of the last one hiding the others."""
+    return {"color": f"C{index}", "marker": MARKERS[index % len(MARKERS)], "markersize": max(3.0, 8.0 - 1.2 * index),
+            "linewidth": max(1.0, 2.6 - 0.4 * index)}
+
+
 def accuracy_vs_length(frame: Any, out: Path) -> list[Path]:
     """Accuracy (and, where recorded, the answer's NLL per token) vs length, a column per task."""
     import matplotlib.pyplot as plt
@@ -99,11 +110,11 @@ def accuracy_vs_length(frame: Any, out: Path) -> list[Path]:
             if cells.empty:
                 continue
             band = [wilson(a, int(n)) for a, n in zip(cells["acc"], cells["n"])]
-            axes[0][col].plot(cells["length"], cells["acc"], marker="o", label=method, color=f"C{index}")
+            axes[0][col].plot(cells["length"], cells["acc"], label=method, **_style(index))
             axes[0][col].fill_between(cells["length"], [b[0] for b in band], [b[1] for b in band], alpha=0.15,
                                       color=f"C{index}")
             if has_nll:
-                axes[1][col].plot(cells["length"], cells["nll"], marker="o", label=method, color=f"C{index}")
+                axes[1][col].plot(cells["length"], cells["nll"], label=method, **_style(index))
         axes[0][col].set_title(task)
         axes[0][col].set_ylim(-0.03, 1.03)
         for ax in axes[:, col]:
@@ -140,8 +151,7 @@ def memory_vs_length(frame: Any, out: Path) -> list[Path]:
             if rows.empty:
                 continue
             label = f"{method} ({'chunked' if chunked else 'unchunked'})"
-            ax.plot(rows["length"], rows[column] / 2**20, style, marker="o", label=label,
-                    color=f"C{index}", alpha=0.85)
+            ax.plot(rows["length"], rows[column] / 2**20, style, label=label, alpha=0.85, **_style(index))
     _length_axis(ax, lengths)
     ax.set_ylabel("request's own peak memory (MiB)" if column == "request_memory_bytes"
                   else "process peak memory per request (MiB)")
