@@ -12,7 +12,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "default_base_path": "longctx.engine.bases",
+    "default_base_path": "longctx.engine.settings",
     "load_base": "longctx.engine.bases",
     "wrap": "longctx.adapters",
     "load_adapter": "longctx.adapters",

@@ -4,6 +4,7 @@ longctx module (a deferred import is allowed only for a heavy optional third-par
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,12 @@ def test_the_module_graph_has_no_circles():
                                            ({"a": {"b", "c"}, "b": {"c"}, "c": set()}, False)])
 def test_the_circle_finder_finds_a_circle_and_only_a_circle(graph, circle):
     assert (_cycle(graph) is not None) is circle
+
+
+@pytest.mark.parametrize("package", ["longctx", "longctx.adapters"])
+def test_every_lazily_re_exported_name_resolves(package):
+    """The packages re-export names from their modules on first use (a fixed table, so importing
+    them stays free of torch): a name whose module moved must fail here, not in a user's hands."""
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        assert getattr(module, name) is not None, f"{package}.{name}"

@@ -137,7 +137,7 @@ def test_splits_share_no_needles(tokenizers):
 
 
 def test_same_seed_gives_byte_identical_documents_in_two_processes(tmp_path):
-    script = ("import json,sys; from transformers import AutoTokenizer; from longctx.engine.bases import default_base_path;"
+    script = ("import json,sys; from transformers import AutoTokenizer; from longctx.engine.settings import default_base_path;"
               "from longctx.tasks import TASKS, generate; tok = AutoTokenizer.from_pretrained(default_base_path());"
               "print(json.dumps([e.to_dict() for t in sorted(TASKS) for e in generate(t, tok, 700, n=2, seed=3)]))")
     outs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,

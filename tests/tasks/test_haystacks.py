@@ -85,7 +85,7 @@ def test_paul_graham_examples_are_deterministic(essays, tokenizers):
     assert first == again
     other = generate("niah_single", tokenizers["bpe"], 2048, n=2, haystack="essay")
     assert [e["input"] for e in first] != [e.input for e in other]
-    script = ("import json; from transformers import AutoTokenizer; from longctx.engine.bases import default_base_path;"
+    script = ("import json; from transformers import AutoTokenizer; from longctx.engine.settings import default_base_path;"
               "from longctx.tasks import generate; tok = AutoTokenizer.from_pretrained(default_base_path());"
               "out = generate('niah_single', tok, 2048, n=2, haystack='paul-graham');"
               "print(json.dumps([e.to_dict() for e in out]))")
