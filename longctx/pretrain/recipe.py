@@ -54,6 +54,7 @@ class PretrainRecipe:
     warmup_steps: int = 100
     seed: int = 0
     threads: int = 2
+    probe_blocks: int = 64  # held-out blocks per accuracy the log records at each logging step (not trained on)
     device: str = "cpu"
     precision: str = "bf16"  # on CUDA: "bf16" autocast or "fp32" (CPU always trains in float32)
 

@@ -127,10 +127,11 @@ def run_stages(model: nn.Module, recipe: PretrainRecipe, tokenizer: Any, prose: 
                 progress: bool, limit: TimeLimit) -> list[dict]:
     """Build each stage's rows and held-out probes, train the stages in order; the joint log."""
     vocab = (len(SPECIAL_TOKENS), len(tokenizer))
-    probes = {"copy": copy_blocks(64, recipe.induction_len, recipe.induction_copies, *vocab,
+    probes = {"copy": copy_blocks(recipe.probe_blocks, recipe.induction_len, recipe.induction_copies, *vocab,
                                   torch.Generator().manual_seed(99))}
     if recipe.recall_steps or recipe.mixed_blocks != "copy":
-        probes.update({f"mqar_{p}": mqar_blocks(64, recipe.recall_len, p, *vocab, torch.Generator().manual_seed(98))
+        probes.update({f"mqar_{p}": mqar_blocks(recipe.probe_blocks, recipe.recall_len, p, *vocab,
+                                                torch.Generator().manual_seed(98))
                        for p in (8, recipe.recall_pairs)})
     recall = RecallCurriculum(recipe.recall_steps * recipe.recall_batch, recipe.recall_len, recipe.recall_pairs,
                               vocab, recipe.seed + 4, adaptive=recipe.recall_advance > 0)

@@ -79,7 +79,8 @@ def test_manifest_reports_the_bases_measured_capability(tiny):
 
 
 SMALL = dict(steps=3, seq_len=96, batch_size=4, hidden_size=64, induction_steps=3, induction_batch=4, induction_len=64,
-             recall_steps=2, recall_batch=4, recall_len=64, recall_pairs=8, pool_tokens=5000, progress=False)
+             recall_steps=2, recall_batch=4, recall_len=64, recall_pairs=8, pool_tokens=5000, probe_blocks=4,
+             progress=False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mamba"])
