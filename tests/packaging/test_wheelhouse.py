@@ -183,8 +183,10 @@ def test_wheelhouse_then_offline_install(tmp_path):
 
     # --editable from a checkout, then --bench with its arguments (a stand-in bench.py).
     project = tmp_path / "project"
-    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".git", ".venv", ".whl", "wheelhouse", "runs", "build",
-                                                                 "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    # The checkout without what is not the project's: dot-folders (.git, .venv, compat.sh's .compat of
+    # several GB ...), built and run outputs.
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".*", "wheelhouse", "runs", "build", "*.egg-info",
+                                                                 "__pycache__"))
     (project / "benchmarks" / "gpu").mkdir(parents=True, exist_ok=True)
     (project / "benchmarks" / "gpu" / "bench.py").write_text(
         "import os, sys\nprint('BENCH', os.getcwd(), sys.argv[1:])\n")
