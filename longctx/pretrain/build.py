@@ -23,6 +23,7 @@ thread count: identical weights. The output directory is written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,7 +31,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import transformers
@@ -111,6 +112,21 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@contextlib.contextmanager
+def recipe_torch_settings(threads: int) -> Iterator[None]:
+    """The recipe's thread count and deterministic algorithms while a base is built; the caller's
+    own afterwards (a library call must not leave the process's torch changed)."""
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+
+
 def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed: int = 0,
              seq_len: int | None = None, progress: bool = True, device: str = "cpu", measure: bool = True,
              time_limit_minutes: float | None = None, **overrides: Any) -> Path:
@@ -128,35 +144,36 @@ def pretrain(out_dir: Path, arch: str = "llama", steps: int | None = None, seed:
     check_out_dir(Path(out_dir))
     if time_limit_minutes is not None and not time_limit_minutes > 0:
         raise LongctxError(f"time limit: {time_limit_minutes} is not a positive number of minutes")
-    torch.set_num_threads(recipe.threads)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    started = time.perf_counter()
-    limit = TimeLimit(time.time() + 60 * time_limit_minutes if time_limit_minutes else None)
-    prose = python_prose()
-    words = word_list(prose)
-    tokenizer = train_tokenizer([prose, *synthetic_documents(2000, recipe.seed + 7, words, prose)], recipe.vocab_size)
-    model = ARCHS[arch](recipe, tokenizer)
-    history = run_stages(model, recipe, tokenizer, prose, words, progress, limit)
-    model = model.float().cpu().eval()  # capability is measured on CPU in float32, as tests re-measure it
-    samples = PROBE_SAMPLES if recipe.steps >= 100 else 2
-    capability = evaluate_capability(model, tokenizer, n=samples) if measure else None
-    check_out_dir(Path(out_dir))  # again: anything put there while training is kept as well
-    with atomic_directory(Path(out_dir)) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        manifest = {"name": EMBEDDED_NAME if arch == "llama" else f"{EMBEDDED_NAME}-{arch}",
-                    "recipe": dataclasses.asdict(recipe),
-                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                 "transformers": transformers.__version__},
-                    "device": torch.cuda.get_device_name() if recipe.device == "cuda" else f"cpu ({platform.machine()})",
-                    "threads": torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - started, 1),
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                    "final_loss": history[-1]["loss"] if history else None, "loss_log": history,
-                    "stopped_early": limit.stopped and {**limit.stopped, "time_limit_minutes": time_limit_minutes},
-                    "capability": capability, "capability_samples": samples,
-                    "capability_measured": f"on CPU in float32, torch {torch.__version__}",
-                    "model_sha256": _sha256(tmp / "model.safetensors"),
-                    "files": sorted([*(p.name for p in tmp.iterdir()), "manifest.json"])}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    with recipe_torch_settings(recipe.threads):
+        started = time.perf_counter()
+        limit = TimeLimit(time.time() + 60 * time_limit_minutes if time_limit_minutes else None)
+        prose = python_prose()
+        words = word_list(prose)
+        documents = [prose, *synthetic_documents(2000, recipe.seed + 7, words, prose)]
+        tokenizer = train_tokenizer(documents, recipe.vocab_size)
+        model = ARCHS[arch](recipe, tokenizer)
+        history = run_stages(model, recipe, tokenizer, prose, words, progress, limit)
+        model = model.float().cpu().eval()  # capability is measured on CPU in float32, as tests re-measure it
+        samples = PROBE_SAMPLES if recipe.steps >= 100 else 2
+        capability = evaluate_capability(model, tokenizer, n=samples) if measure else None
+        check_out_dir(Path(out_dir))  # again: anything put there while training is kept as well
+        with atomic_directory(Path(out_dir)) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            manifest = {"name": EMBEDDED_NAME if arch == "llama" else f"{EMBEDDED_NAME}-{arch}",
+                        "recipe": dataclasses.asdict(recipe),
+                        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                     "transformers": transformers.__version__},
+                        "device": (torch.cuda.get_device_name() if recipe.device == "cuda"
+                                   else f"cpu ({platform.machine()})"),
+                        "threads": torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - started, 1),
+                        "parameters": sum(p.numel() for p in model.parameters()),
+                        "final_loss": history[-1]["loss"] if history else None, "loss_log": history,
+                        "stopped_early": limit.stopped and {**limit.stopped, "time_limit_minutes": time_limit_minutes},
+                        "capability": capability, "capability_samples": samples,
+                        "capability_measured": f"on CPU in float32, torch {torch.__version__}",
+                        "model_sha256": _sha256(tmp / "model.safetensors"),
+                        "files": sorted([*(p.name for p in tmp.iterdir()), "manifest.json"])}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return Path(out_dir)

@@ -80,7 +80,7 @@ def test_manifest_reports_the_bases_measured_capability(tiny):
 
 SMALL = dict(steps=3, seq_len=96, batch_size=4, hidden_size=64, induction_steps=3, induction_batch=4, induction_len=64,
              recall_steps=2, recall_batch=4, recall_len=64, recall_pairs=8, pool_tokens=5000, probe_blocks=4,
-             progress=False)
+             threads=1, progress=False)  # one thread: the test's worker has one core (README's `-n 2` on 2 cores)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mamba"])
@@ -331,3 +331,12 @@ def test_an_output_from_before_manifests_listed_their_files_is_recognised(tmp_pa
     (old / "README.md").write_text("mine")
     with pytest.raises(LongctxError, match="holds 'README.md', which longctx pretrain did not write"):
         check_out_dir(old)
+
+
+def test_pretrain_builds_with_the_recipes_threads_and_leaves_the_process_as_it_found_it(tmp_path):
+    """The recipe's thread count and deterministic algorithms hold while the base is built; the
+    caller's own settings come back after (a test worker, a notebook keep theirs)."""
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    out = pretrain(tmp_path / "m", **{**TINY, "threads": before[0] + 1})
+    assert json.loads((out / "manifest.json").read_text())["threads"] == before[0] + 1
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
