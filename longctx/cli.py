@@ -1,8 +1,8 @@
 """`longctx` command line: long-context evaluation of parameter-efficient adapters.
 
 The arguments of every command are parsed here. The commands that load no model (`sweep`, whose
-cells run in child processes, `plot`, `fetch`) run from here too, in a process that never imports
-torch; the others are `longctx.commands.cmd_<name>`, imported only once their arguments have parsed
+cells run in child processes, `plot`, `fetch`) run from here too, without torch at start-up (a
+sweep's driver never imports it; `fetch` does only to dequantise a real base); the others are `longctx.commands.cmd_<name>`, imported only once their arguments have parsed
 (torch, transformers and lm-eval take seconds), so `--help` and a bad argument answer at once.
 
 Bad input is reported as one line on stderr (`longctx: error: ...`) with exit status 2.
@@ -123,8 +123,8 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--retry-failed", action="store_true", help="rerun cells recorded as error, oom or timeout")
 
 
-# The commands that load no model (a sweep's cells run in child processes): run from here, so the
-# process never imports torch. The others are `longctx.commands.cmd_<name>`.
+# The commands that load no model (a sweep's cells run in child processes): run from here, without
+# torch at start-up. The others are `longctx.commands.cmd_<name>`.
 LIGHT_COMMANDS = {"fetch": cmd_fetch, "sweep": cmd_sweep, "plot": cmd_plot}
 
 
