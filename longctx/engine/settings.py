@@ -7,11 +7,11 @@ command line validate and resolve these in a process that never imports torch.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from longctx.core.errors import LongctxError, choice_error
+from longctx.core.fetch import cache_root
 from longctx.core.resources import assets_dir
 from longctx.engine.gguf import converted_dir, is_gguf
 
@@ -41,7 +41,7 @@ def default_base_path(name: str = "longctx-tiny") -> Path:
     committed = ASSETS_DIR / name
     if (committed / "config.json").is_file():
         return committed
-    cache = Path(os.environ.get("LONGCTX_CACHE", Path.home() / ".cache" / "longctx")) / name
+    cache = cache_root() / name
     if not (cache / "config.json").is_file():
         raise LongctxError(f"embedded base {name!r} is missing from {committed} and {cache}; build it with "
                            f"`longctx pretrain --arch {EMBEDDED_BASES[name]} --out {cache}`")
