@@ -21,7 +21,7 @@ from longctx.core.fetch import ASSETS, fetch
 from longctx.core.tables import format_table
 from longctx.engine.gguf import REAL_BASES, converted_dir
 from longctx.plots import plot_all
-from longctx.sweep.run import load_config, run_sweep, sweep_outcome, sweep_status
+from longctx.sweep.run import load_config, report_outcome, run_sweep, sweep_status
 
 # Set before the command modules are imported, because huggingface_hub, datasets and
 # transformers read them once, at import: nothing reaches the network unless asked, no progress
@@ -66,10 +66,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     out = run_sweep(cfg, args.out or cfg.out, progress=not args.quiet, retry_failed=args.retry_failed,
                     executor=args.executor)
     print(f"results: {out / 'results.jsonl'} and {out / 'results.csv'}")
-    ok, failures = sweep_outcome(out)
-    if failures:
-        print(f"longctx: {failures}", file=sys.stderr)
-    if not ok:
+    if not report_outcome(out):
         raise SystemExit(1)
 
 

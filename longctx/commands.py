@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from longctx.lmeval.harness import run_cli
 from longctx.lmeval.plugin import register
 from longctx.pretrain.build import EMBEDDED_NAME, pretrain, recipe_overrides
 from longctx.reports import forward_rows, params_rows
-from longctx.sweep.run import sweep_outcome
+from longctx.sweep.run import report_outcome
 from longctx.training.config import TrainConfig
 from longctx.training.train import train_adapter
 
@@ -94,13 +93,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """The README's main command: a small sweep on each embedded base, then plots and a summary.
     As `longctx sweep`: a line on stderr for each part with cells not ok; exit status 1 when a part
     has no ok cell."""
-    empty = False
-    for results in run_demo(args.out, quick=args.quick, retry_failed=args.retry_failed):
-        ok, failures = sweep_outcome(results)
-        if failures:
-            print(f"longctx: {failures}", file=sys.stderr)
-        empty = empty or ok == 0
-    if empty:
+    parts = run_demo(args.out, quick=args.quick, retry_failed=args.retry_failed)
+    if not all([report_outcome(results) for results in parts]):  # a list: every part's line is printed
         raise SystemExit(1)
 
 

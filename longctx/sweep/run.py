@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -252,3 +253,12 @@ def sweep_outcome(out: Path) -> tuple[int, str | None]:
     failed = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: order.get(kv[0], 99)))
     return ok, (f"sweep finished with {ok} of {len(rows)} cells ok" + (f" ({failed})" if failed else "")
                 + f"; see {Path(out) / 'results.jsonl'}")
+
+
+def report_outcome(out: Path) -> int:
+    """`sweep_outcome`'s line on stderr (`longctx: …`) when some cell is not ok; the cells that are
+    (a command exits 1 when none is)."""
+    ok, failures = sweep_outcome(out)
+    if failures:
+        print(f"longctx: {failures}", file=sys.stderr)
+    return ok
